@@ -1,0 +1,92 @@
+"""Plain records describing a retrieval dataset: what every reader returns.
+
+A reader (Market-1501, DukeMTMC-reID, COCO-JSON fashion, folder-per-identity, synthetic)
+turns files on disk into a `RetrievalDataset`; the samplers, the grain pipeline and the
+evaluation only ever see these records, never the on-disk layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a dataset as parallel arrays (length N each).
+
+    Attributes:
+      paths: (N,) str, absolute or dataset-relative image paths.
+      pids: (N,) int64 identity labels. Training splits are relabelled to
+        0..num_classes-1; query/gallery splits keep raw identity values.
+      camids: (N,) int64 camera ids, 0-based.
+    """
+
+    paths: np.ndarray
+    pids: np.ndarray
+    camids: np.ndarray
+
+    def __post_init__(self):
+        n = len(self.paths)
+        if len(self.pids) != n or len(self.camids) != n:
+            raise ValueError(
+                f"Split arrays differ in length: paths {n}, pids {len(self.pids)}, "
+                f"camids {len(self.camids)}"
+            )
+
+    @classmethod
+    def from_lists(cls, paths, pids, camids) -> Split:
+        return cls(
+            paths=np.asarray(paths, dtype=str),
+            pids=np.asarray(pids, dtype=np.int64),
+            camids=np.asarray(camids, dtype=np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_ids(self) -> int:
+        return len(np.unique(self.pids))
+
+    @property
+    def num_cams(self) -> int:
+        return len(np.unique(self.camids))
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalDataset:
+    """Train / query / gallery splits of one dataset.
+
+    Attributes:
+      name: dataset name, e.g. "market1501".
+      train: training split, pids relabelled to 0..num_classes-1.
+      query: query split, raw pids.
+      gallery: gallery split, raw pids.
+    """
+
+    name: str
+    train: Split
+    query: Split
+    gallery: Split
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.train.pids.max()) + 1 if len(self.train) else 0
+
+    def statistics_table(self) -> str:
+        """The dataset statistics table the original code prints."""
+        rows = [("train", self.train), ("query", self.query), ("gallery", self.gallery)]
+        lines = [
+            f"Dataset statistics: {self.name}",
+            "  ----------------------------------------",
+            "  subset   | # ids | # images | # cameras",
+            "  ----------------------------------------",
+        ]
+        for label, split in rows:
+            lines.append(
+                f"  {label:<8} | {split.num_ids:5d} | {len(split):8d} | {split.num_cams:9d}"
+            )
+        lines.append("  ----------------------------------------")
+        return "\n".join(lines)
