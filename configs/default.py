@@ -1,0 +1,88 @@
+"""Default config: the synthetic re-ID CPU demo (small ResNet, small images, minutes on 2 cores).
+
+Every other config starts from this one and changes a few visible lines. Field groups:
+`data` (dataset and input pipeline), `model`, `loss`, `solver` (optimiser, schedule, epochs),
+`train` (logging, checkpoints, periodic evaluation), `eval` (evaluation modes).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "default"
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder.
+    data.name = "synthetic"
+    # Folder holding the dataset (for market1501/dukemtmc: the folder *containing*
+    # market1501/ or DukeMTMC-reID/; for synthetic: the dataset folder itself).
+    data.root = "data/synthetic_reid"
+    # "folder": read images straight from the dataset folders; "tfds": read a prepared
+    # TensorFlow Datasets build from `tfds_data_dir`.
+    data.source = "folder"
+    data.tfds_data_dir = ""
+    # COCO-style JSON files of the fashion datasets (relative to root when not absolute).
+    data.train_json = ""
+    data.query_json = ""
+    data.gallery_json = ""
+    data.height = 64
+    data.width = 32
+    data.num_identities = 8  # P
+    data.num_instances = 4  # M
+    data.flip_prob = 0.5
+    data.pad = 10
+    data.erasing_prob = 0.5
+    # "original": erase with the constants (0.485, 0.456, 0.406) after normalisation, as
+    # the original code does; "zero": erase with the dataset mean (0 after normalisation).
+    data.erasing_fill = "original"
+    data.worker_count = 0
+    data.prefetch_buffer = 2
+    data.skip_unreadable = True
+    data.eval_batch_size = 128
+
+    config.model = model = ml_collections.ConfigDict()
+    model.arch = "resnet18"
+    model.last_stride = 1
+    # None: automatic (no ReLU after the stem BN for plain ResNets, as the original;
+    # ReLU for IBN-a). Set True/False to force.
+    model.stem_relu = config_dict.placeholder(bool)
+    model.dtype = "float32"  # "bfloat16" on accelerators: bf16 compute, f32 parameters.
+    model.fast_1x1 = True  # 1x1 convolutions as matrix products (much faster on XLA CPU).
+    # A ctl_jax checkpoint (e.g. converted ImageNet weights) to initialise from; "" = random.
+    model.init_checkpoint = ""
+
+    config.loss = loss = ml_collections.ConfigDict()
+    loss.triplet_weight = 1.0
+    loss.ce_weight = 1.0
+    loss.center_weight = 5e-4
+    loss.centroid_weight = 1.0  # 0 turns the centroid triplet loss off (the BNNeck baseline).
+    loss.margin = 0.5
+    loss.soft_margin = False
+    loss.distance = "euclidean"  # or "cosine"
+    loss.label_smoothing = 0.1
+    loss.center_lr = 0.5
+
+    config.solver = solver = ml_collections.ConfigDict()
+    solver.base_lr = 3.5e-4
+    solver.weight_decay = 5e-4
+    solver.beta1 = 0.9
+    solver.beta2 = 0.999
+    solver.eps = 1e-8
+    solver.warmup_epochs = 3
+    solver.milestones = (16, 22)
+    solver.gamma = 0.1
+    solver.num_epochs = 25
+
+    config.train = train = ml_collections.ConfigDict()
+    train.log_every_steps = 10
+    train.checkpoint_every_steps = 200  # plus one at the end of every epoch
+    train.keep_checkpoints = 2  # the latest N; the best by `monitor` is kept as well
+    train.eval_every_epochs = 5
+    train.monitor = "centroid_camera/mAP"
+
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.modes = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
+    return config

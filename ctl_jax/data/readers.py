@@ -1,0 +1,337 @@
+"""Readers that turn a dataset on disk into a `RetrievalDataset`.
+
+Supported layouts:
+
+- Market-1501 style (Market-1501, DukeMTMC-reID, the synthetic set): folders
+  `bounding_box_train/` (train), `query/`, `bounding_box_test/` (gallery) of images named
+  `PPPP_cC...jpg`. Person and camera ids are parsed from the file name (not the full path)
+  with the regex `([-\\d]+)_c(\\d)`; pid -1 is junk and dropped; pid 0 (background
+  distractors) is kept; cameras are 1-based in names and 0-based in the records.
+- COCO-style JSON per split (Street2Shop, DeepFashion consumer-to-shop), images under
+  `<root>/{train,query,gallery}/<file_name>` as in the original code.
+- One folder per identity: `<root>/{train,query,gallery}/<identity>/<images>`.
+
+A file whose name does not follow the Market naming rule is an error (listing a few
+examples), not silently skipped: a stray file usually means a wrong folder. Pass
+`skip_unparsable=True` to skip such files with a warning instead. Every problem with the
+input raises `DatasetError`, whose message names the offending file or folder.
+
+`Split.paths` holds absolute paths, so `dataset.query.paths[i]` is the image of query i.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ctl_jax.data.records import RetrievalDataset, Split
+
+MARKET_NAME_PATTERN = re.compile(r"([-\d]+)_c(\d)")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MARKET_SPLIT_FOLDERS = {
+    "train": "bounding_box_train",
+    "query": "query",
+    "gallery": "bounding_box_test",
+}
+# Folder under `root` for each Market-style dataset; `None` means `root` itself.
+MARKET_STYLE_DIRS = {"market1501": "market1501", "dukemtmc": "DukeMTMC-reID", "synthetic": None}
+FASHION_SPLITS = ("train", "query", "gallery")
+
+_MARKET_LAYOUT = (
+    "expected layout: <dataset dir>/{bounding_box_train,query,bounding_box_test}/"
+    "PPPP_cC*.jpg (e.g. 0002_c1s1_000451_00.jpg)"
+)
+_FOLDER_LAYOUT = "expected layout: <root>/{train,query,gallery}/<identity>/<images>"
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset on disk is missing, malformed or inconsistent."""
+
+
+def parse_market_name(file_name: str) -> tuple[int, int] | None:
+    """(pid, 0-based camera id) from a Market-style file name, or None if it does not match."""
+    match = MARKET_NAME_PATTERN.search(os.path.basename(file_name))
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)) - 1
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Sorted absolute paths of the jpg/jpeg/png files directly inside `folder`."""
+    folder = Path(folder)
+    return sorted(
+        str(p.resolve())
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _require_dir(folder: Path, layout: str) -> None:
+    if not folder.is_dir():
+        raise DatasetError(f"Folder not found: {folder} ({layout})")
+
+
+def _relabel(pids: np.ndarray) -> np.ndarray:
+    """Map raw pids to 0..K-1 in sorted order of the raw values."""
+    _, labels = np.unique(pids, return_inverse=True)
+    return labels.astype(np.int64)
+
+
+def _read_market_folder(folder: Path, relabel: bool, skip_unparsable: bool) -> Split:
+    _require_dir(folder, _MARKET_LAYOUT)
+    paths, pids, camids, bad = [], [], [], []
+    for path in list_images(folder):
+        parsed = parse_market_name(path)
+        if parsed is None or parsed[1] < 0:
+            bad.append(os.path.basename(path))
+            continue
+        pid, camid = parsed
+        if pid == -1:  # junk
+            continue
+        if pid < -1:
+            bad.append(os.path.basename(path))
+            continue
+        paths.append(path)
+        pids.append(pid)
+        camids.append(camid)
+    if bad:
+        message = (
+            f"{len(bad)} file(s) in {folder} do not follow the naming rule "
+            f"'{MARKET_NAME_PATTERN.pattern}' with a camera >= 1, e.g. {bad[:3]}"
+        )
+        if not skip_unparsable:
+            raise DatasetError(f"{message}; {_MARKET_LAYOUT}")
+        log.warning("Skipping %s", message)
+    if not paths:
+        raise DatasetError(f"No usable images in {folder} ({_MARKET_LAYOUT})")
+    split = Split.from_lists(paths, pids, camids)
+    if relabel:
+        split = Split(paths=split.paths, pids=_relabel(split.pids), camids=split.camids)
+    return split
+
+
+def market_style_dir(root: str | os.PathLike, name: str) -> Path:
+    """The folder that directly holds `bounding_box_train/` etc. for dataset `name`.
+
+    `<root>/market1501`, `<root>/DukeMTMC-reID`, or `root` itself for "synthetic". When the
+    named sub-folder is absent but `root` itself has the three split folders, `root` is used.
+    """
+    if name not in MARKET_STYLE_DIRS:
+        raise DatasetError(
+            f"Unknown Market-style dataset {name!r}; known: {sorted(MARKET_STYLE_DIRS)}"
+        )
+    root = Path(root).expanduser()
+    sub = MARKET_STYLE_DIRS[name]
+    if sub is None:
+        return root
+    candidate = root / sub
+    if not candidate.is_dir() and all((root / f).is_dir() for f in MARKET_SPLIT_FOLDERS.values()):
+        return root
+    return candidate
+
+
+def read_market_style(
+    root: str | os.PathLike, name: str = "market1501", *, skip_unparsable: bool = False
+) -> RetrievalDataset:
+    """Reads Market-1501 (`<root>/market1501/`), DukeMTMC-reID (`<root>/DukeMTMC-reID/`) or
+    the synthetic set (`root` itself) into a `RetrievalDataset`.
+
+    Train pids are relabelled to 0..num_classes-1 (sorted raw pids); query and gallery keep
+    raw pids. Junk (pid -1) is dropped everywhere; pid 0 stays. Paths are sorted.
+    """
+    base = market_style_dir(root, name)
+    _require_dir(base, f"dataset {name!r}: {_MARKET_LAYOUT}")
+    splits = {
+        split: _read_market_folder(base / folder, split == "train", skip_unparsable)
+        for split, folder in MARKET_SPLIT_FOLDERS.items()
+    }
+    return RetrievalDataset(name=name, **splits)
+
+
+# --------------------------------------------------------------------------------------
+# COCO-style fashion datasets.
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"Annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"Invalid JSON in {path}: {e}") from e
+    expected = (
+        "a COCO-style object with 'images' [{id, file_name}] and "
+        "'annotations' [{image_id, pair_id, source}]"
+    )
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{path}: expected {expected}; 'images' list missing")
+    if not isinstance(data.get("annotations"), list):
+        raise DatasetError(f"{path}: expected {expected}; 'annotations' list missing")
+    for key, fields in (("images", ("id", "file_name")), ("annotations", ("image_id", "pair_id"))):
+        for i, item in enumerate(data[key]):
+            if not isinstance(item, dict) or any(f not in item for f in fields):
+                raise DatasetError(
+                    f"{path}: {key}[{i}] lacks one of {fields} (expected {expected}): "
+                    f"{str(item)[:100]}"
+                )
+    return data
+
+
+def _resolve_json_paths(root: Path, json_paths) -> dict[str, Path]:
+    if json_paths is None:
+        return {s: root / f"{s}.json" for s in FASHION_SPLITS}
+    if isinstance(json_paths, (str, os.PathLike)):
+        # As the original: the query/gallery files are named like the train file.
+        train = Path(json_paths)
+        if "train" not in train.name:
+            raise DatasetError(f"Cannot derive query/gallery JSON names from {train}")
+        return {s: train.with_name(train.name.replace("train", s)) for s in FASHION_SPLITS}
+    if not isinstance(json_paths, Mapping) or set(json_paths) != set(FASHION_SPLITS):
+        raise DatasetError(f"json_paths must map exactly {FASHION_SPLITS} to files")
+    return {s: Path(json_paths[s]) for s in FASHION_SPLITS}
+
+
+def _read_coco_split(json_path: Path, image_dir: Path, split: str, check_files: bool) -> Split:
+    data = _load_json(json_path)
+    file_of = {img["id"]: img["file_name"] for img in data["images"]}
+    entries, unknown = [], 0  # (pair_id, annotation order, file_name)
+    for order, ann in enumerate(data["annotations"]):
+        if ann["image_id"] not in file_of:
+            unknown += 1  # the original skips these silently
+            continue
+        pair_id = ann["pair_id"]
+        if not isinstance(pair_id, int) or pair_id < 0:
+            raise DatasetError(f"{json_path}: annotation {order} has invalid pair_id {pair_id!r}")
+        entries.append((pair_id, order, file_of[ann["image_id"]]))
+    if unknown:
+        log.warning("%s: skipped %d annotations with unknown image_id", json_path, unknown)
+    if split == "train":
+        counts: dict[int, int] = {}
+        for pair_id, _, _ in entries:
+            counts[pair_id] = counts.get(pair_id, 0) + 1
+        entries = [e for e in entries if counts[e[0]] > 1]
+    entries.sort()  # by pair id, then annotation order, as the original
+    if not entries:
+        raise DatasetError(f"{json_path}: no usable annotations for split {split!r}")
+    paths = [str((image_dir / name).resolve()) for _, _, name in entries]
+    if check_files:
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DatasetError(
+                f"{json_path}: {len(missing)} referenced image(s) missing under {image_dir}, "
+                f"e.g. {missing[:3]}"
+            )
+    pids = np.array([e[0] for e in entries], dtype=np.int64)
+    if split == "train":
+        pids = _relabel(pids)
+    camids = np.full(len(paths), 1 if split == "gallery" else 0, dtype=np.int64)
+    return Split(paths=np.asarray(paths, dtype=str), pids=pids, camids=camids)
+
+
+def read_coco_fashion(
+    root: str | os.PathLike,
+    json_paths: Mapping[str, str | os.PathLike] | str | os.PathLike | None = None,
+    *,
+    name: str = "fashion",
+    check_files: bool = True,
+) -> RetrievalDataset:
+    """Reads a COCO-JSON fashion dataset (Street2Shop, DeepFashion consumer-to-shop).
+
+    Args:
+      root: folder with `train/`, `query/`, `gallery/` image folders; each JSON's
+        `file_name` is relative to the folder of its split.
+      json_paths: {"train","query","gallery"} -> JSON file; or only the train JSON, whose
+        name has "train" replaced to find the others (as the original); or None for
+        `<root>/{split}.json`.
+      name: dataset name stored in the records.
+      check_files: raise `DatasetError` if an image referenced by a JSON is missing.
+
+    Every annotation is one sample (its image path, pair_id). Train identities with a
+    single sample are removed and train pids relabelled; camera 0 for train and query,
+    1 for gallery. Samples are ordered by pair_id, then annotation order.
+    """
+    root = Path(root).expanduser()
+    paths = _resolve_json_paths(root, json_paths)
+    splits = {}
+    for split in FASHION_SPLITS:
+        image_dir = root / split
+        _require_dir(image_dir, "expected layout: <root>/{train,query,gallery}/<file_name>")
+        splits[split] = _read_coco_split(paths[split], image_dir, split, check_files)
+    return RetrievalDataset(name=name, **splits)
+
+
+# --------------------------------------------------------------------------------------
+# One folder per identity.
+
+
+def read_folder_per_identity(root: str | os.PathLike, *, name: str = "folder") -> RetrievalDataset:
+    """Reads `<root>/{train,query,gallery}/<identity>/<images>` (jpg/jpeg/png).
+
+    Identities: train ids are relabelled to 0..K-1 in sorted order of folder names. For
+    query and gallery, if every identity folder name is an integer that integer is the pid;
+    otherwise pids are positions in the sorted union of query and gallery folder names, so
+    equal names mean equal pids across the two splits.
+
+    Cameras: taken from a Market-style file name (`..._c3...` -> 2) when the name matches;
+    otherwise 0 for train and query and 1 for gallery, so that the same-camera filter of
+    the evaluation removes nothing.
+    """
+    root = Path(root).expanduser()
+    folders = {}
+    for split in FASHION_SPLITS:
+        split_dir = root / split
+        _require_dir(split_dir, _FOLDER_LAYOUT)
+        ids = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        if not ids:
+            raise DatasetError(f"No identity folders in {split_dir} ({_FOLDER_LAYOUT})")
+        folders[split] = ids
+    test_names = sorted(set(folders["query"]) | set(folders["gallery"]))
+    if all(re.fullmatch(r"-?\d+", n) for n in test_names):
+        test_pid = {n: int(n) for n in test_names}
+    else:
+        test_pid = {n: i for i, n in enumerate(test_names)}
+    splits = {}
+    for split in FASHION_SPLITS:
+        default_cam = 1 if split == "gallery" else 0
+        paths, pids, camids = [], [], []
+        for label, identity in enumerate(folders[split]):
+            for path in list_images(root / split / identity):
+                parsed = parse_market_name(path)
+                paths.append(path)
+                pids.append(label if split == "train" else test_pid[identity])
+                camids.append(parsed[1] if parsed and parsed[1] >= 0 else default_cam)
+        if not paths:
+            raise DatasetError(f"No images under {root / split} ({_FOLDER_LAYOUT})")
+        splits[split] = Split.from_lists(paths, pids, camids)
+    train = splits["train"]
+    splits["train"] = Split(train.paths, _relabel(train.pids), train.camids)
+    return RetrievalDataset(name=name, **splits)
+
+
+DATASET_NAMES = ("market1501", "dukemtmc", "synthetic", "street2shop", "deepfashion", "folder")
+
+
+def open_dataset(name: str, root: str | os.PathLike, **kwargs) -> RetrievalDataset:
+    """Reads dataset `name` from `root`.
+
+    Names: "market1501" (`<root>/market1501/`), "dukemtmc" (`<root>/DukeMTMC-reID/`),
+    "synthetic" (`root` holds `bounding_box_train/` etc.), "street2shop" and "deepfashion"
+    (`read_coco_fashion`; pass `json_paths=`), "folder" (`read_folder_per_identity`).
+    Extra keyword arguments go to the reader.
+    """
+    if name in MARKET_STYLE_DIRS:
+        return read_market_style(root, name, **kwargs)
+    if name in ("street2shop", "deepfashion"):
+        return read_coco_fashion(root, name=name, **kwargs)
+    if name == "folder":
+        return read_folder_per_identity(root, **kwargs)
+    raise DatasetError(f"Unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")

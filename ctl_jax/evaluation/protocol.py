@@ -1,0 +1,105 @@
+"""`evaluate`: the search gallery of each mode, then CMC/mAP of the queries against it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctl_jax.evaluation.centroids import build_search_gallery
+from ctl_jax.evaluation.ranking import DEFAULT_RANKS, rank_metrics
+
+MODES = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
+DEFAULT_MODES = ("instance", "centroid_camera")
+
+
+def evaluate(
+    query_emb: np.ndarray,
+    query_pids: np.ndarray,
+    query_camids: np.ndarray,
+    gallery_emb: np.ndarray,
+    gallery_pids: np.ndarray,
+    gallery_camids: np.ndarray,
+    modes: tuple[str, ...] | list[str] | str = DEFAULT_MODES,
+    ranks: tuple[int, ...] = DEFAULT_RANKS,
+) -> dict[str, dict]:
+    """Evaluates query embeddings against a gallery in each of `modes`.
+
+    Args:
+      query_emb: (Q, D) query embeddings (BNNeck output, normalised or not).
+      query_pids, query_camids: (Q,) int identities and 0-based cameras.
+      gallery_emb: (G, D) un-normalised gallery embeddings (centroids are means of these).
+      gallery_pids, gallery_camids: (G,) int identities and 0-based cameras.
+      modes: names from `MODES` (a comma-separated string is accepted too).
+      ranks: the k of the reported CMC@k.
+
+    Returns:
+      {mode: {"mAP", "rank<k>"..., "num_query", "num_gallery"}} in the order of `modes`;
+      see `rank_metrics` for the definitions.
+    """
+    modes = _check_modes(modes)
+    q_emb = _check_embeddings(query_emb, "query")
+    g_emb = _check_embeddings(gallery_emb, "gallery")
+    if q_emb.shape[1] != g_emb.shape[1]:
+        raise ValueError(
+            f"query and gallery embeddings differ in dimension: {q_emb.shape[1]} vs "
+            f"{g_emb.shape[1]}"
+        )
+    q_pids = _check_labels(query_pids, len(q_emb), "query pids")
+    q_cams = _check_labels(query_camids, len(q_emb), "query camids")
+    g_pids = _check_labels(gallery_pids, len(g_emb), "gallery pids")
+    g_cams = _check_labels(gallery_camids, len(g_emb), "gallery camids")
+
+    results = {}
+    for mode in modes:
+        gallery = build_search_gallery(mode, g_emb, g_pids, g_cams, q_pids, q_cams)
+        metrics = rank_metrics(
+            q_emb,
+            q_pids,
+            gallery.query_cams,
+            gallery.embeddings,
+            gallery.pids,
+            gallery.cam_masks,
+            ranks=ranks,
+        )
+        metrics["num_gallery"] = len(gallery)
+        results[mode] = metrics
+    return results
+
+
+def _check_modes(modes) -> tuple[str, ...]:
+    if isinstance(modes, str):
+        modes = [m.strip() for m in modes.split(",") if m.strip()]
+    modes = tuple(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(
+            f"unknown evaluation mode(s) {unknown or list(modes)}; valid modes: {', '.join(MODES)}"
+        )
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"evaluation modes repeated: {list(modes)}")
+    return modes
+
+
+def _check_embeddings(emb, what) -> np.ndarray:
+    emb = np.asarray(emb)
+    if emb.ndim != 2:
+        raise ValueError(f"{what} embeddings must be 2-D (N, D), got shape {emb.shape}")
+    if not np.issubdtype(emb.dtype, np.floating):
+        raise ValueError(f"{what} embeddings must be floating point, got {emb.dtype}")
+    if not np.isfinite(emb).all():
+        raise ValueError(f"{what} embeddings contain NaN or infinite values")
+    return emb.astype(np.float32, copy=False)
+
+
+def _check_labels(labels, n, what) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(
+            f"{what} must be a 1-D array of length {n} (one per embedding), got shape "
+            f"{labels.shape}"
+        )
+    integral = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and np.array_equal(labels, np.round(labels))
+    )
+    if labels.size and not integral:
+        raise ValueError(f"{what} must be integers, got dtype {labels.dtype}")
+    return labels.astype(np.int64)

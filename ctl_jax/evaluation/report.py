@@ -1,0 +1,115 @@
+"""Metrics reports: the metrics JSON file (INTERFACES.md) and a terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+_RANK_COLUMNS = ("rank1", "rank5", "rank10", "rank20", "rank50")
+
+
+def format_table(results: dict) -> str:
+    """A readable table of `{mode: metrics}`, one row per mode, metrics as percentages.
+
+    A "meta" entry, if present, is ignored. Ranks beyond the default ones are shown too.
+    """
+    rows = {mode: m for mode, m in results.items() if mode != "meta"}
+    ranks = list(_RANK_COLUMNS)
+    for metrics in rows.values():
+        for key in metrics:
+            if key.startswith("rank") and key[4:].isdigit() and key not in ranks:
+                ranks.append(key)
+    ranks.sort(key=lambda k: int(k[4:]))
+    header = ["mode", "mAP"] + [f"R{k[4:]}" for k in ranks] + ["queries", "gallery"]
+    body = []
+    for mode, m in rows.items():
+        cells = [mode, _percent(m.get("mAP"))]
+        cells += [_percent(m.get(k)) for k in ranks]
+        cells += [_count(m.get("num_query")), _count(m.get("num_gallery"))]
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+
+    def line(cells):
+        first = cells[0].ljust(widths[0])
+        return "  ".join([first] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])])
+
+    sep = "-" * len(line(header))
+    return "\n".join([line(header), sep] + [line(r) for r in body])
+
+
+def write_metrics_json(
+    path: str | os.PathLike,
+    results: dict,
+    meta: dict | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Writes `{mode: metrics, "meta": meta}` as JSON, atomically.
+
+    Non-finite numbers (a mode with no counted query has NaN metrics) are written as null.
+    Parent directories are created.
+
+    Raises:
+      FileExistsError: `path` exists and `overwrite` is False.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass --overwrite to replace it or choose another --output"
+        )
+    payload = {mode: m for mode, m in results.items() if mode != "meta"}
+    if meta is None:
+        meta = results.get("meta")
+    if meta is not None:
+        payload["meta"] = meta
+    text = json.dumps(_to_json(payload), indent=2, allow_nan=False) + "\n"
+    _atomic_write(path, text.encode("utf-8"))
+    return path
+
+
+def _to_json(obj):
+    """Plain-Python copy of `obj` (numpy scalars/arrays converted, NaN/inf -> None)."""
+    if isinstance(obj, dict):
+        return {str(k): _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _to_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    """Writes `data` to a temporary file next to `path`, then renames it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _percent(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{100.0 * float(value):.1f}"
+
+
+def _count(value) -> str:
+    return "n/a" if value is None else str(int(value))

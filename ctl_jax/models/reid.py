@@ -1,0 +1,129 @@
+"""Re-ID model: ResNet backbone -> global average pool -> BNNeck -> bias-free classifier.
+
+Parameter tree (a contract for weight import): `backbone/...` (see `resnet.py`),
+`bnneck/scale` (no `bias`: the BNNeck shift is zero by construction), `classifier/kernel`
+of shape (C, num_classes); batch statistics under `batch_stats` with the same paths.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ctl_jax.models import resnet
+
+_ARCHS: dict[str, Callable[..., resnet.ResNet]] = {
+    "resnet18": resnet.ResNet18,
+    "resnet34": resnet.ResNet34,
+    "resnet50": resnet.ResNet50,
+    "resnet101": resnet.ResNet101,
+    "resnet152": resnet.ResNet152,
+    "resnet50_ibn_a": resnet.ResNet50IBNa,
+    "resnet101_ibn_a": resnet.ResNet101IBNa,
+}
+ARCH_NAMES: tuple[str, ...] = tuple(_ARCHS)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def feature_dim(arch: str) -> int:
+    """Width C of the pooled feature f for `arch` (512 for ResNet-18/34, else 2048)."""
+    _check_arch(arch)
+    return 512 if arch in ("resnet18", "resnet34") else 2048
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(ARCH_NAMES)}")
+
+
+class ReidModel(nn.Module):
+    """BNNeck re-ID model with named outputs.
+
+    Attributes:
+      backbone: a callable building the trunk, e.g. `functools.partial(ResNet50, last_stride=1)`;
+        it is called with `dtype=` and `name="backbone"`.
+      num_classes: number of training identities.
+      dtype: compute dtype of the backbone; the head always computes in float32.
+    """
+
+    backbone: Callable[..., nn.Module]
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, images: jax.Array, *, train: bool, valid: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
+        """Runs the model.
+
+        Args:
+          images: (N, H, W, 3) normalised images.
+          train: batch statistics (updating `batch_stats`, which must then be mutable) if True,
+            running averages if False.
+          valid: optional (N,) bool; padded rows (False) are left out of every batch statistic.
+            Their outputs are computed but meaningless.
+
+        Returns:
+          dict with float32 `features` (N, C) = pooled feature f (triplet, CTL, center losses),
+          `bn_features` (N, C) = BNNeck output (retrieval embedding), `logits` (N, num_classes).
+        """
+        fmap = self.backbone(dtype=self.dtype, name="backbone")(images, train=train, valid=valid)
+        features = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+        bn_features = resnet.BatchNorm(use_bias=False, dtype=jnp.float32, name="bnneck")(
+            features, train=train, valid=valid
+        )
+        logits = nn.Dense(
+            self.num_classes,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(stddev=0.001),
+            name="classifier",
+        )(bn_features)
+        return {"features": features, "bn_features": bn_features, "logits": logits}
+
+
+def build_model(model_cfg: Any, num_classes: int) -> ReidModel:
+    """Builds a `ReidModel` from a config group.
+
+    Args:
+      model_cfg: object with `arch` (one of `ARCH_NAMES`), `last_stride` (int), `stem_relu`
+        (None = the architecture's original choice: False for plain ResNets, True for IBN-a),
+        `dtype` ('float32' or 'bfloat16') and `fast_1x1` (bool).
+      num_classes: number of training identities (classifier width).
+
+    Returns:
+      An unbound `ReidModel`.
+    """
+    arch = model_cfg.arch
+    _check_arch(arch)
+    if model_cfg.dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {model_cfg.dtype!r}; valid: {', '.join(_DTYPES)}")
+    kwargs: dict[str, Any] = {
+        "last_stride": int(model_cfg.last_stride),
+        "fast_1x1": bool(model_cfg.fast_1x1),
+    }
+    if model_cfg.stem_relu is not None:
+        kwargs["stem_relu"] = bool(model_cfg.stem_relu)
+    backbone = functools.partial(_ARCHS[arch], **kwargs)
+    return ReidModel(backbone=backbone, num_classes=num_classes, dtype=_DTYPES[model_cfg.dtype])
+
+
+def init_variables(
+    model: nn.Module, rng: jax.Array, image_shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    """Initialises `model` on one zero image of shape `image_shape` = (H, W, 3).
+
+    Returns:
+      `{"params": ..., "batch_stats": ...}` with real float32 arrays (BN running mean 0,
+      variance 1).
+    """
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    # One compiled program is much faster than running the initialisers op by op.
+    init = jax.jit(functools.partial(model.init, train=False))
+    return dict(init(rng, images))

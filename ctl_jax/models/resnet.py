@@ -1,0 +1,320 @@
+"""ResNet backbones (torchvision layout, NHWC) with IBN-a and padding-aware batch norm.
+
+One `ResNet` module; the variants are `functools.partial`s of it, as in flax's imagenet
+example. Parameter names mirror torchvision's state-dict keys so that PyTorch weights map onto
+them mechanically: `conv1`, `bn1`, `layer{i}_{j}/{conv1,bn1,...,downsample_conv,downsample_bn}`;
+an IBN-a block's `bn1` holds `IN` (InstanceNorm) and `BN` (BatchNorm).
+
+Every batch norm takes a per-sample `valid` mask: padded samples are normalised like the others
+but contribute nothing to the batch statistics (SPEC section 3). Under `jax.jit` with the batch
+sharded over a mesh the statistics are reduced over the global batch by XLA itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for every convolution.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BatchNorm(nn.Module):
+    """Batch norm with PyTorch semantics and a per-sample validity mask.
+
+    Differences from `flax.linen.BatchNorm`, all to match `torch.nn.BatchNorm*d` so that
+    trained and imported models behave the same: the running variance is updated with the
+    unbiased batch variance (n / (n - 1)), and the mask is a per-sample (N,) vector rather than
+    an array broadcastable to the input. Statistics are computed in float32 whatever `dtype`.
+
+    Attributes:
+      momentum: weight of the old running value (flax convention; PyTorch momentum 0.1 = 0.9).
+      epsilon: added to the variance.
+      use_bias: whether there is a learned shift `bias` (the BNNeck has none).
+      dtype: dtype of the output; parameters and statistics are float32.
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, valid: jax.Array | None = None):
+        """Normalises `x` of shape (N, ..., C) over all axes but the last.
+
+        Args:
+          x: (N, ..., C) input.
+          train: use (and update the running averages from) batch statistics if True, else
+            the running averages.
+          valid: optional (N,) bool; rows with False are excluded from the batch statistics.
+
+        Returns:
+          (N, ..., C) array of `self.dtype`.
+        """
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+        bias = (
+            self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+        if train:
+            mean, var, count = _masked_moments(x, valid)
+            if not self.is_initializing():
+                # PyTorch feeds the unbiased variance to the running average; a batch without
+                # any valid row (count 0) leaves the running averages untouched.
+                unbiased = var * (count / jnp.maximum(count - 1.0, 1.0))
+                m = self.momentum
+                new_mean = m * ra_mean.value + (1.0 - m) * mean
+                new_var = m * ra_var.value + (1.0 - m) * unbiased
+                ra_mean.value = jnp.where(count > 0, new_mean, ra_mean.value)
+                ra_var.value = jnp.where(count > 0, new_var, ra_var.value)
+        else:
+            mean, var = ra_mean.value, ra_var.value
+
+        # Fold everything into one multiply-add per element.
+        mul = scale.astype(jnp.float32) * lax.rsqrt(var + self.epsilon)
+        shift = -mean * mul
+        if bias is not None:
+            shift = shift + bias.astype(jnp.float32)
+        y = x.astype(jnp.float32) * mul + shift
+        return y.astype(self.dtype)
+
+
+def _masked_moments(x: jax.Array, valid: jax.Array | None):
+    """Mean, biased variance and element count per channel of (N, ..., C) over valid rows."""
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    per_row = math.prod(x.shape[1:-1])
+    if valid is None:
+        count = jnp.asarray(float(x.shape[0] * per_row), jnp.float32)
+        mean = jnp.mean(xf, axes)
+        var = jnp.mean(jnp.square(xf - mean), axes)
+        return mean, var, count
+    mask = valid.astype(bool).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    count = jnp.sum(valid.astype(jnp.float32)) * per_row
+    denom = jnp.maximum(count, 1.0)
+    # `where` rather than multiplying by the mask, so that non-finite values in padded rows
+    # cannot leak into the statistics.
+    mean = jnp.sum(jnp.where(mask, xf, 0.0), axes) / denom
+    var = jnp.sum(jnp.where(mask, jnp.square(xf - mean), 0.0), axes) / denom
+    return mean, var, count
+
+
+class Conv1x1(nn.Module):
+    """1x1 convolution, optionally computed as a matrix product (much faster on XLA CPU).
+
+    Same parameter as `nn.Conv(features, (1, 1), strides, use_bias=False)`: `kernel` of shape
+    (1, 1, Cin, Cout). With `fast=True` the strided input is subsampled first, which is exactly
+    what a 1x1 convolution with stride s and no padding computes.
+    """
+
+    features: int
+    strides: int = 1
+    fast: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Any = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, Cin) -> (N, ceil(H/s), ceil(W/s), Cout)."""
+        cin = x.shape[-1]
+        kernel = self.param(
+            "kernel", self.kernel_init, (1, 1, cin, self.features), self.param_dtype
+        )
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        s = self.strides
+        if not self.fast:
+            return lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(s, s),
+                padding="VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=self.precision,
+            )
+        if s > 1:
+            x = x[:, ::s, ::s, :]
+        n, h, w, _ = x.shape
+        y = jnp.dot(
+            x.reshape(n * h * w, cin), kernel.reshape(cin, self.features), precision=self.precision
+        )
+        return y.reshape(n, h, w, self.features)
+
+
+class IBN(nn.Module):
+    """IBN-a normalisation: InstanceNorm on channels [0:half], BatchNorm on the rest."""
+
+    half: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, valid: jax.Array | None = None):
+        """(N, H, W, C) -> (N, H, W, C); instance norm is per sample, so needs no mask."""
+        x_in = nn.InstanceNorm(epsilon=1e-5, dtype=self.dtype, name="IN")(x[..., : self.half])
+        x_bn = BatchNorm(dtype=self.dtype, name="BN")(x[..., self.half :], train=train, valid=valid)
+        return jnp.concatenate([x_in.astype(self.dtype), x_bn], axis=-1)
+
+
+class _Block(nn.Module):
+    """Fields shared by both residual blocks."""
+
+    planes: int
+    strides: int = 1
+    ibn: bool = False
+    fast_1x1: bool = True
+    dtype: Dtype = jnp.float32
+
+    def conv3x3(self, features: int, strides: int, name: str) -> nn.Conv:
+        return nn.Conv(
+            features,
+            (3, 3),
+            (strides, strides),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=conv_kernel_init,
+            name=name,
+        )
+
+    def conv1x1(self, features: int, strides: int, name: str) -> Conv1x1:
+        return Conv1x1(features, strides, fast=self.fast_1x1, dtype=self.dtype, name=name)
+
+    def bn(self, name: str) -> BatchNorm:
+        return BatchNorm(dtype=self.dtype, name=name)
+
+    def shortcut(self, x, out_features: int, train: bool, valid):
+        if self.strides == 1 and x.shape[-1] == out_features:
+            return x
+        y = self.conv1x1(out_features, self.strides, "downsample_conv")(x)
+        return self.bn("downsample_bn")(y, train=train, valid=valid)
+
+
+class BasicBlock(_Block):
+    """torchvision BasicBlock: 3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU."""
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, valid=None):
+        """(N, H, W, Cin) -> (N, H/s, W/s, planes)."""
+        if self.ibn:
+            raise ValueError("IBN-a is only defined for bottleneck blocks here")
+        y = self.conv3x3(self.planes, self.strides, "conv1")(x)
+        y = nn.relu(self.bn("bn1")(y, train=train, valid=valid))
+        y = self.conv3x3(self.planes, 1, "conv2")(y)
+        y = self.bn("bn2")(y, train=train, valid=valid)
+        return nn.relu(y + self.shortcut(x, self.planes, train, valid))
+
+
+class Bottleneck(_Block):
+    """torchvision Bottleneck (v1.5: the stride sits on the 3x3 conv); IBN-a optional."""
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, valid=None):
+        """(N, H, W, Cin) -> (N, H/s, W/s, 4 * planes)."""
+        out_features = self.planes * self.expansion
+        y = self.conv1x1(self.planes, 1, "conv1")(x)
+        if self.ibn:
+            y = IBN(self.planes // 2, dtype=self.dtype, name="bn1")(y, train=train, valid=valid)
+        else:
+            y = self.bn("bn1")(y, train=train, valid=valid)
+        y = nn.relu(y)
+        y = self.conv3x3(self.planes, self.strides, "conv2")(y)
+        y = nn.relu(self.bn("bn2")(y, train=train, valid=valid))
+        y = self.conv1x1(out_features, 1, "conv3")(y)
+        y = self.bn("bn3")(y, train=train, valid=valid)
+        return nn.relu(y + self.shortcut(x, out_features, train, valid))
+
+
+class ResNet(nn.Module):
+    """ResNet trunk without the classifier; returns the last feature map.
+
+    Attributes:
+      stage_sizes: number of blocks in each of the 4 stages.
+      block_cls: `BasicBlock` or `Bottleneck`.
+      last_stride: stride of stage 4 (1 keeps a 16x8 map for 256x128 input; torchvision: 2).
+      stem_relu: ReLU after the stem batch norm. The original CTL plain ResNet has none; the
+        IBN-a backbone (and torchvision) has one.
+      ibn: IBN-a normalisation in the first BN of the bottlenecks of stages 1-3.
+      dtype: compute dtype (e.g. bfloat16); parameters and BN statistics stay float32.
+      fast_1x1: compute 1x1 convolutions as matrix products (same result, faster on CPU).
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: type[_Block]
+    last_stride: int = 1
+    stem_relu: bool = False
+    ibn: bool = False
+    dtype: Dtype = jnp.float32
+    fast_1x1: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, valid: jax.Array | None = None):
+        """Computes the feature map.
+
+        Args:
+          x: (N, H, W, 3) images.
+          train: batch statistics (and running-average updates) if True, else running averages.
+          valid: optional (N,) bool; False rows (padding) are left out of every batch statistic.
+
+        Returns:
+          (N, H/16, W/16, C) for last_stride 1 (H/32, W/32 for 2); C = 512 * expansion.
+        """
+        x = jnp.asarray(x, self.dtype)
+        x = nn.Conv(
+            64,
+            (7, 7),
+            (2, 2),
+            padding=((3, 3), (3, 3)),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=conv_kernel_init,
+            name="conv1",
+        )(x)
+        x = BatchNorm(dtype=self.dtype, name="bn1")(x, train=train, valid=valid)
+        if self.stem_relu:
+            x = nn.relu(x)
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, num_blocks in enumerate(self.stage_sizes):
+            planes = 64 * 2**i
+            stage_stride = 1 if i == 0 else (self.last_stride if i == 3 else 2)
+            for j in range(num_blocks):
+                x = self.block_cls(
+                    planes=planes,
+                    strides=stage_stride if j == 0 else 1,
+                    ibn=self.ibn and i < 3,
+                    fast_1x1=self.fast_1x1,
+                    dtype=self.dtype,
+                    name=f"layer{i + 1}_{j}",
+                )(x, train=train, valid=valid)
+        return x
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck)
+ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck)
+ResNet50IBNa = functools.partial(ResNet50, ibn=True, stem_relu=True)
+ResNet101IBNa = functools.partial(ResNet101, ibn=True, stem_relu=True)

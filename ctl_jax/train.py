@@ -1,0 +1,34 @@
+"""Train a CTL model: `python -m ctl_jax.train [--config=configs/<name>.py] [--workdir=DIR]
+[--config.<key>=<value> ...]`. Resumes from the latest checkpoint in the work directory."""
+
+from __future__ import annotations
+
+import pathlib
+
+from absl import flags
+from ml_collections import config_flags
+
+from ctl_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/default.py", "Config file (configs/<name>.py[:variant]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    from ctl_jax.evaluation.report import format_table
+    from ctl_jax.training.loop import train_and_evaluate
+
+    config = _CONFIG.value
+    workdir = pathlib.Path(_WORKDIR.value or f"runs/{config.name}")
+    results = train_and_evaluate(config, workdir)
+    if results:
+        print(format_table(results))
+    print(f"work directory: {workdir}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

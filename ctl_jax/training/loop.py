@@ -1,0 +1,300 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Resumes by itself from the latest checkpoint in `workdir` (model, optimiser, centers, epoch
+and the input pipeline's position), logs to the terminal, `metrics.jsonl` and TensorBoard,
+evaluates periodically, and on Ctrl-C / SIGTERM saves a checkpoint before it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ctl_jax import configs as config_lib
+from ctl_jax.data import pipeline
+from ctl_jax.data.source import load_dataset
+from ctl_jax.models.reid import build_model, feature_dim
+from ctl_jax.training import sharding
+from ctl_jax.training.checkpoints import CheckpointStore
+from ctl_jax.training.evaluator import Evaluator
+from ctl_jax.training.initialisation import initial_variables
+from ctl_jax.training.logbook import MetricsLog, flatten_eval
+from ctl_jax.training.optimizer import make_optimizer
+from ctl_jax.training.state import TrainState, create_train_state
+from ctl_jax.training.step import make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+class WorkdirMismatchError(ValueError):
+    """The work directory holds checkpoints of a different config."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM arrived; a checkpoint was saved first."""
+
+
+def pipeline_config(config) -> pipeline.TrainPipelineConfig:
+    d = config.data
+    return pipeline.TrainPipelineConfig(
+        height=d.height,
+        width=d.width,
+        P=d.num_identities,
+        M=d.num_instances,
+        seed=config.seed,
+        flip_prob=d.flip_prob,
+        pad=d.pad,
+        erasing_prob=d.erasing_prob,
+        erasing_fill=d.erasing_fill,
+        worker_count=d.worker_count,
+        prefetch_buffer=d.prefetch_buffer,
+        skip_unreadable=d.skip_unreadable,
+    )
+
+
+def prepare_workdir(config, workdir: pathlib.Path) -> None:
+    """Creates the work directory, or checks that the run in it is this config's."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved_path = workdir / "config.json"
+    current = json.loads(config_lib.config_to_json(config))
+    if saved_path.exists() and (workdir / "checkpoints").is_dir():
+        saved = json.loads(saved_path.read_text())
+        diffs = config_lib.identity_differences(saved, current)
+        if diffs:
+            raise WorkdirMismatchError(
+                f"work directory {workdir} holds checkpoints of a different config "
+                f"({'; '.join(diffs[:3])}); use another --workdir to start a new run"
+            )
+    if jax.process_index() == 0:
+        tmp = saved_path.with_suffix(".json.tmp")
+        tmp.write_text(config_lib.config_to_json(config))
+        tmp.replace(saved_path)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turns SIGINT/SIGTERM into a flag the loop polls between steps, so the step in flight
+    finishes and a checkpoint is written before the process exits."""
+    flag = {"signal": None}
+
+    def handler(signum, _frame):
+        if flag["signal"] is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        flag["signal"] = signum
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not in the main thread (e.g. a notebook worker): no handler
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+    loss_values = {k: float(v) for k, v in metrics.items() if k.endswith("loss")}
+    if not all(math.isfinite(v) for v in loss_values.values()):
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(loss_values.items()))
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: {shown}. Lower solver.base_lr or check the data."
+        )
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints) and evaluates.
+
+    Returns:
+      The final evaluation results {mode: metrics} (empty if no evaluation mode is set).
+    """
+    workdir = pathlib.Path(workdir)
+    prepare_workdir(config, workdir)
+    dataset, readers = load_dataset(config.data)
+    if jax.process_index() == 0:
+        log(dataset.statistics_table())
+    num_classes = dataset.num_classes
+
+    mesh = sharding.make_mesh()
+    sharding.check_batch_layout(config.data.num_identities, config.data.num_instances, mesh)
+    model = build_model(config.model, num_classes)
+    tx = make_optimizer(config.solver)
+    image_shape = (config.data.height, config.data.width, 3)
+
+    def init_state():
+        rng_model, rng_centers = jax.random.split(jax.random.key(config.seed))
+        variables = initial_variables(model, config.model, rng_model, image_shape, log=log)
+        dim = feature_dim(config.model.arch)
+        return create_train_state(variables, tx, num_classes, dim, rng_centers)
+
+    store = CheckpointStore(workdir, config.train.keep_checkpoints, config.train.monitor)
+    state_sharding = sharding.replicated(mesh)
+    if store.latest_step() is not None:
+        abstract = jax.eval_shape(
+            lambda: create_train_state(
+                jax.eval_shape(lambda: _abstract_variables(model, image_shape)),
+                tx,
+                num_classes,
+                feature_dim(config.model.arch),
+                jax.random.key(0),
+            )
+        )
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding), abstract
+        )
+        state, data_position, _ = store.restore(abstract)
+        log(f"resumed from {store.directory} at step {int(state.step)}")
+    else:
+        state = sharding.replicate(init_state(), mesh)
+        data_position = {"epoch": 0, "iterator": None}
+
+    meta = {"config": json.loads(config_lib.config_to_json(config)), "num_classes": num_classes}
+    step_fn = jax.jit(
+        make_train_step(model, tx, config),
+        in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
+        out_shardings=(state_sharding, state_sharding),
+        donate_argnums=0,
+    )
+    evaluator = Evaluator(model, dataset, readers, config, mesh)
+    metrics_log = MetricsLog(workdir)
+    pcfg = pipeline_config(config)
+    train_pids = dataset.train.pids
+    num_epochs = config.solver.num_epochs
+    results = {}
+    try:
+        with stop_requests() as stop:
+            step = int(state.step)
+            for epoch in range(int(data_position["epoch"]), num_epochs):
+                state = state.replace(epoch=sharding.replicate(jnp.int32(epoch), mesh))
+                iterator = pipeline.make_train_iterator(
+                    dataset.train,
+                    readers["train"],
+                    pcfg,
+                    epoch,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                )
+                done = 0
+                if data_position.get("iterator") is not None:
+                    iterator.set_state(data_position["iterator"])
+                    done = int(data_position.get("batches_done", 0))
+                data_position = {"epoch": epoch, "iterator": None}
+                total = pipeline.train_batches_per_epoch(
+                    train_pids, pcfg.P, pcfg.M, config.seed, epoch
+                )
+                state, step = _run_epoch(
+                    step_fn,
+                    state,
+                    iterator,
+                    mesh,
+                    config,
+                    epoch,
+                    done,
+                    total,
+                    store,
+                    meta,
+                    metrics_log,
+                    stop,
+                )
+                eval_due = (epoch + 1) % config.train.eval_every_epochs == 0
+                eval_metrics = None
+                if config.eval.modes and (eval_due or epoch + 1 == num_epochs):
+                    results = evaluator.run(state, config.eval.modes)
+                    eval_metrics = flatten_eval(results)
+                    metrics_log.write("eval", step, eval_metrics, epoch=epoch + 1)
+                    log(f"epoch {epoch + 1} evaluation:\n{evaluator.table(results)}")
+                store.save(step, state, {"epoch": epoch + 1, "iterator": None}, meta, eval_metrics)
+            if not results and config.eval.modes:
+                results = evaluator.run(state, config.eval.modes)
+    finally:
+        store.close()
+        metrics_log.close()
+    return results
+
+
+def _abstract_variables(model, image_shape):
+    from ctl_jax.models.reid import init_variables
+
+    variables = init_variables(model, jax.random.key(0), image_shape)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def _run_epoch(
+    step_fn, state, iterator, mesh, config, epoch, done, total, store, meta, metrics_log, stop
+) -> tuple[TrainState, int]:
+    """Runs the remaining steps of one epoch; returns the new state and step count.
+
+    Metrics of step t are fetched to the host only after step t+1 was dispatched, so the
+    finiteness check and logging never stall the device.
+    """
+    step = int(state.step)
+    pending = None  # (step, device metrics) of the previous step
+    images_per_step = config.data.num_identities * config.data.num_instances
+    bar = tqdm(
+        total=total,
+        initial=done,
+        desc=f"epoch {epoch + 1}/{config.solver.num_epochs}",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    t_last, n_last = time.perf_counter(), 0
+    try:
+        for batch in iterator:
+            state, metrics = step_fn(state, sharding.put_batch(batch, mesh))
+            step += 1
+            done += 1
+            bar.update(1)
+            if pending is not None:
+                _log_step(*pending, config, metrics_log, bar, epoch)
+            pending = (step, metrics)
+            n_last += 1
+            if step % config.train.log_every_steps == 0:
+                now = time.perf_counter()
+                bar.set_postfix_str(
+                    f"img/s={n_last * images_per_step / max(now - t_last, 1e-9):.0f}", refresh=False
+                )
+                t_last, n_last = now, 0
+            interrupted = stop["signal"] is not None
+            if interrupted or step % config.train.checkpoint_every_steps == 0:
+                position = {"epoch": epoch, "iterator": iterator.get_state(), "batches_done": done}
+                store.save(step, state, position, meta)
+            if interrupted:
+                store.wait()
+                raise TrainingInterrupted(
+                    f"stopped at step {step} (epoch {epoch + 1}); checkpoint saved in "
+                    f"{store.directory}. Run the same command again to resume."
+                )
+        if pending is not None:
+            _log_step(*pending, config, metrics_log, bar, epoch)
+    finally:
+        bar.close()
+    return state, step
+
+
+def _log_step(step, metrics, config, metrics_log, bar, epoch) -> None:
+    host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    _check_finite(step, host)
+    if step % config.train.log_every_steps == 0:
+        metrics_log.write("train", step, host, epoch=epoch + 1)
+        shown = {
+            k: host[k]
+            for k in ("total_loss", "triplet_loss", "centroid_loss", "ce_loss")
+            if k in host
+        }
+        bar.set_description_str(
+            f"epoch {epoch + 1}/{config.solver.num_epochs} "
+            + " ".join(f"{k.replace('_loss', '')}={v:.3f}" for k, v in shown.items())
+        )
