@@ -8,7 +8,7 @@ import pathlib
 import sys
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 # Failures a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -55,6 +55,8 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     """`absl.app.run(main)` with clean errors for bad flags and for user errors in `main`."""
 
     def guarded(argv):
+        # orbax and grain log every save and restore at INFO through absl; keep warnings.
+        logging.set_verbosity(logging.WARNING)
         enable_compilation_cache()
         try:
             return main(argv)

@@ -19,14 +19,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: runs/<
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ctl_jax.evaluation.report import format_table
     from ctl_jax.training.loop import train_and_evaluate
 
     config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value or f"runs/{config.name}")
-    results = train_and_evaluate(config, workdir)
-    if results:
-        print(format_table(results))
+    train_and_evaluate(config, workdir)  # logs the evaluation tables itself
     print(f"work directory: {workdir}")
 
 

@@ -174,6 +174,27 @@ def test_conv1x1_fast_matches_conv(strides):
     np.testing.assert_allclose(slow.apply(params, x), y_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("hw", [(4, 2), (2, 1), (5, 2), (6, 4)])
+def test_conv3x3_matches_flax_conv_on_small_maps(strides, hw):
+    """Maps smaller than the kernel take the patches path; outputs and gradients unchanged."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, *hw, 5)).astype(np.float32))
+    ours = resnet.Conv3x3(7, strides)
+    params = ours.init(jax.random.key(2), x)
+    assert params["params"]["kernel"].shape == (3, 3, 5, 7)
+    ref = nn.Conv(7, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False)
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+
+    def loss(module, p, inputs):
+        return jnp.sum(jnp.sin(module.apply(p, inputs)))
+
+    g_ours = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
+    g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_fast_1x1_same_outputs_and_gradients():
     x = _images(4)
     variables = _backbone_variables(SmallBottleneck)

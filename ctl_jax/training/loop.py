@@ -226,6 +226,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
 
 
 def _abstract_variables(model, image_shape):
+    """Model variables; the caller traces this under `jax.eval_shape` (nothing computed)."""
     from ctl_jax.models.reid import init_variables
 
     variables = init_variables(model, jax.random.key(0), image_shape)
@@ -268,7 +269,9 @@ def _run_epoch(
                 )
                 t_last, n_last = now, 0
             interrupted = stop["signal"] is not None
-            if interrupted or step % config.train.checkpoint_every_steps == 0:
+            # The end-of-epoch checkpoint (saved by the caller) covers the last step.
+            periodic = step % config.train.checkpoint_every_steps == 0 and done < total
+            if interrupted or periodic:
                 position = {"epoch": epoch, "iterator": iterator.get_state(), "batches_done": done}
                 store.save(step, state, position, meta)
             if interrupted:
