@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from ctl_jax.errors import CheckpointError
+
 # Failures a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
@@ -18,6 +20,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     ValueError,
     KeyError,
+    FloatingPointError,  # a non-finite training loss
+    CheckpointError,
 )
 
 

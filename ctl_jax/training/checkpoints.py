@@ -18,9 +18,7 @@ import pathlib
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the model being built."""
+from ctl_jax.errors import CheckpointError  # noqa: F401  (re-exported)
 
 
 class CheckpointStore:

@@ -275,6 +275,7 @@ def _run_epoch(
                 position = {"epoch": epoch, "iterator": iterator.get_state(), "batches_done": done}
                 store.save(step, state, position, meta)
             if interrupted:
+                _log_step(*pending, config, metrics_log, bar, epoch)
                 store.wait()
                 raise TrainingInterrupted(
                     f"stopped at step {step} (epoch {epoch + 1}); checkpoint saved in "

@@ -101,7 +101,7 @@ def make_train_step(
         params = jax.tree.map(lambda p, d: p - lr * d, state.params, direction)
         centers = state.centers - loss_cfg.center_lr * center_grads
 
-        metrics.update(grad_norm=optax.global_norm(grads), learning_rate=lr)
+        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=lr)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
