@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from ctl_jax.errors import CheckpointError
 
@@ -41,6 +42,42 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _one_line(error: BaseException) -> str:
+    """ml_collections wraps KeyErrors in reprs with embedded newlines; make them readable."""
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    text = text.replace("\\n", " ").replace("\\", "").replace("'", "")
+    return " ".join(text.split())
+
+
+def define_config_flag(default: str | None, help_text: str) -> Callable[[], object]:
+    """`--config=FILE[:variant]` with `--config.<key>=<value>` overrides; returns a getter.
+
+    ml_collections applies overrides while the flag is defined (at import) and reports a
+    config file that fails to load only when the value is first read; both become one line.
+    """
+    try:
+        holder = config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+    except (AttributeError, KeyError) as e:
+        fail(f"unknown config key in an override: {_one_line(e)}")
+    except (TypeError, ValueError) as e:
+        fail(f"bad config override: {_one_line(e)}")
+
+    def value():
+        try:
+            config = holder.value
+            if config is not None:
+                config.keys()  # a file that failed to load raises on first attribute access
+            return config
+        except OSError as e:
+            fail(f"cannot load the config file: {_one_line(e)}")
+        except (AttributeError, KeyError) as e:
+            fail(f"unknown config key in an override: {_one_line(e)}")
+        except (TypeError, ValueError) as e:
+            fail(f"bad config override: {_one_line(e)}")
+
+    return value
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
@@ -59,8 +96,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     """`absl.app.run(main)` with clean errors for bad flags and for user errors in `main`."""
 
     def guarded(argv):
-        # orbax and grain log every save and restore at INFO through absl; keep warnings.
-        logging.set_verbosity(logging.WARNING)
+        # orbax and grain log every save and restore through absl (INFO), and warn about
+        # routine things such as opening a checkpoint read-only; our own errors are explicit.
+        logging.set_verbosity(logging.ERROR)
         enable_compilation_cache()
         try:
             return main(argv)

@@ -8,13 +8,10 @@ import pathlib
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from ctl_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file; default: the one saved with the checkpoint.", lock_config=True
-)
+_CONFIG = cli.define_config_flag(None, "Config file; default: the one saved with the checkpoint.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training work directory or converted checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _QUERY = flags.DEFINE_string("query", None, "Query embeddings .npz (instead of --workdir).")
@@ -89,7 +86,7 @@ def main(argv):
             cli.fail("give either --workdir or --query/--gallery, not both")
         results, meta = evaluate_embedding_files(_QUERY.value, _GALLERY.value, modes or MODES)
     elif _WORKDIR.value:
-        results, meta = evaluate_checkpoint(_WORKDIR.value, _CONFIG.value, _STEP.value, modes)
+        results, meta = evaluate_checkpoint(_WORKDIR.value, _CONFIG(), _STEP.value, modes)
     else:
         cli.fail("give --workdir=DIR, or --query=Q.npz and --gallery=G.npz")
     meta["seconds"] = round(time.time() - start, 2)

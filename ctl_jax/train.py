@@ -6,13 +6,10 @@ from __future__ import annotations
 import pathlib
 
 from absl import flags
-from ml_collections import config_flags
 
 from ctl_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Config file (configs/<name>.py[:variant]).", lock_config=True
-)
+_CONFIG = cli.define_config_flag("configs/default.py", "Config file (configs/<name>.py[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config name>).")
 
 
@@ -21,7 +18,7 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from ctl_jax.training.loop import train_and_evaluate
 
-    config = _CONFIG.value
+    config = _CONFIG()
     workdir = pathlib.Path(_WORKDIR.value or f"runs/{config.name}")
     train_and_evaluate(config, workdir)  # logs the evaluation tables itself
     print(f"work directory: {workdir}")
