@@ -298,3 +298,16 @@ def test_workdir_of_another_config_is_refused(tiny_dataset, uninterrupted):
         loop.train_and_evaluate(config, uninterrupted, log=lambda *_: None)
     saved = json.loads((uninterrupted / "config.json").read_text())
     assert saved["model"]["arch"] == "resnet18"
+
+
+def test_bfloat16_step_keeps_float32_state_and_finite_losses():
+    config = _config()
+    config.model.dtype = "bfloat16"
+    mesh = sharding.make_mesh(2)
+    _, _, state, step = _setup(config, mesh)
+    for i in range(2):
+        state, metrics = step(state, sharding.put_batch(_batch(i), mesh))
+    assert all(math.isfinite(float(v)) for v in jax.device_get(metrics).values())
+    for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state, state.centers)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32
