@@ -337,6 +337,15 @@ def test_training_initialises_from_converted_imagenet_weights(converted, base_co
     assert 0 < classifier.std() < 0.01
     assert "params/classifier/kernel" in logs[0]
 
+    # Even when the class count equals ImageNet's, the ImageNet fc is not a re-ID classifier.
+    imagenet_classes = converted_state["params"]["classifier"]["kernel"].shape[-1]
+    model = build_model(config.model, imagenet_classes)
+    variables = initialisation.initial_variables(
+        model, config.model, jax.random.key(0), (HEIGHT, WIDTH, 3), log=logs.append
+    )
+    classifier = np.asarray(variables["params"]["classifier"]["kernel"])
+    assert 0 < classifier.std() < 0.01
+
 
 def test_output_directory_is_not_overwritten_silently(converted, base_config, tmp_path):
     _, output, _, _ = converted("resnet18-torchvision-zip")

@@ -13,6 +13,10 @@ from ctl_jax.models.reid import init_variables
 from ctl_jax.training.checkpoints import CheckpointError, CheckpointStore
 
 
+# `converted_from` values of `ctl_jax.convert` checkpoints that hold ImageNet backbones.
+IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a")
+
+
 def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
     """{"params", "batch_stats"} of the latest checkpoint in a ctl_jax work/checkpoint dir."""
     path = pathlib.Path(path)
@@ -23,7 +27,12 @@ def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
         )
     store = CheckpointStore(path, read_only=True)
     state = store.restore_raw()
-    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    params = dict(state["params"])
+    if store.read_meta().get("converted_from") in IMAGENET_LAYOUTS:
+        # An ImageNet classifier (1000 classes) is never a re-ID classifier, even for a
+        # dataset that happens to have 1000 identities.
+        params.pop("classifier", None)
+    return {"params": params, "batch_stats": state.get("batch_stats", {})}
 
 
 def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str], list[str]]:
