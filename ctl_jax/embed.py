@@ -1,0 +1,71 @@
+"""Embed images: `python -m ctl_jax.embed (--workdir=DIR | --checkpoint=DIR) --images=PATH
+--output=FILE.npz [--step=N] [--batch_size=N] [--overwrite]`.
+
+`--images` is one image or a folder, searched recursively for .jpg/.jpeg/.png files (other
+files are skipped and counted). Each image gets the model's test-time preprocessing (resize
+to the training input size, ImageNet normalisation) and the BNNeck embedding is written,
+not normalised, to the embeddings .npz of INTERFACES.md; pid and camera are parsed from
+Market-style names (`0002_c1s1_...jpg`), -1 otherwise.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+from absl import flags
+
+from ctl_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training work directory holding checkpoints/.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Converted checkpoint directory (ctl_jax.convert output)."
+)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_IMAGES = flags.DEFINE_string("images", None, "An image, or a folder searched recursively.")
+_OUTPUT = flags.DEFINE_string("output", None, "Embeddings .npz to write.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Images per batch (default: the config's data.eval_batch_size)."
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    from ctl_jax.retrieval.images import model_directory
+
+    directory = model_directory(_WORKDIR.value, _CHECKPOINT.value)
+    if not _IMAGES.value:
+        cli.fail("give --images=PATH (an image or a folder of images)")
+    if not _OUTPUT.value:
+        cli.fail("give --output=FILE.npz")
+    output = pathlib.Path(_OUTPUT.value)
+    if output.exists() and not _OVERWRITE.value:
+        cli.fail(f"{output} exists; pass --overwrite to replace it or choose another --output")
+    if output.is_dir():
+        cli.fail(f"--output={output} is a folder; give a file name such as {output}/emb.npz")
+    if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:
+        cli.fail(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
+
+    from ctl_jax.retrieval.images import embed_images, list_images
+    from ctl_jax.training.restore import restore_model
+
+    list_images(_IMAGES.value)  # fail on a bad --images before loading the model
+    start = time.time()
+    restored = restore_model(directory, step=_STEP.value)
+    embeddings, report = embed_images(
+        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value
+    )
+    embeddings.save(output, overwrite=_OVERWRITE.value)
+    known = int((embeddings.pids >= 0).sum())
+    print(
+        f"{report.summary()} with {directory} (step {restored.step}) in "
+        f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings, {known:,} with a "
+        f"Market-style identity, written to {output}"
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

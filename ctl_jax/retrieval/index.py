@@ -1,0 +1,490 @@
+"""Search indexes over a gallery of instances or identity centroids, and their file format.
+
+A gallery is built from an embeddings file (INTERFACES.md):
+
+* `instance`: one item per gallery image.
+* `centroid`: one item per identity (SPEC section 1): the mean of the identity's
+  UN-normalised embeddings, normalised afterwards. The centroids come from
+  `ctl_jax.evaluation.centroids.build_search_gallery("centroid", ...)`, the code evaluation
+  uses, so search and evaluation agree. Images of unknown identity (pid < 0) cannot join a
+  centroid and are left out (the count is reported).
+
+Every item is searched by cosine similarity: vectors are stored L2-normalised and queries
+are normalised before the inner product.
+
+`ExactIndex` is an exact search written in JAX: one jitted program per chunk of queries that
+walks the gallery in fixed-size chunks (`lax.fori_loop`), keeps a running top-k and never
+materialises more than a (query chunk x gallery chunk) similarity block, so memory stays
+bounded whatever the gallery size. On a 2-core CPU this is ~2.5x faster than a NumPy matmul
+plus `argpartition` (XLA's matmul is faster and the top-k is fused), and faster than
+faiss's flat index on batches of queries (see `benchmarks/retrieval.py`). Ties are broken by
+gallery position (lowest first). The approximate faiss indexes live in `approximate.py`.
+
+Index file (`.npz`, read with allow_pickle=False):
+  format: str scalar "ctl_jax.index"; version: int scalar (1).
+  kind: "instance" or "centroid"; method: "exact" or a faiss method of `approximate.METHODS`.
+  pids (N,) int64, -1 where unknown; camids (N,) int64, -1 where unknown or for centroids;
+  paths (N,) str: the image of an instance; for a centroid its representative image (the
+    member closest to the centroid), used only to draw it;
+  counts (N,) int64: images behind each item (1 for instances);
+  source: str, the embeddings file the gallery came from;
+  vectors (N, D) float32, L2-normalised (method "exact");
+  faiss_index (B,) uint8, the serialised faiss index, and params: JSON str of its build and
+    search parameters (faiss methods).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import tempfile
+import zipfile
+from typing import Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ctl_jax.evaluation.centroids import build_search_gallery
+from ctl_jax.evaluation.ranking import l2_normalize
+from ctl_jax.retrieval.embedding_file import Embeddings
+
+KINDS = ("instance", "centroid")
+FORMAT = "ctl_jax.index"
+VERSION = 1
+
+# Bytes of the per-step working set of exact search: the (query chunk x gallery chunk)
+# similarity block plus the gallery chunk XLA slices out. 64 MB keeps the matmul efficient
+# (large blocks) while bounding memory independently of the gallery size.
+_CHUNK_BYTES = 64 * 1024 * 1024
+_MAX_QUERY_CHUNK = 256  # more queries per step no longer speed up the matmul on CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class GalleryItems:
+    """What each of the N searchable items is.
+
+    Attributes:
+      kind: "instance" (gallery images) or "centroid" (one item per identity).
+      pids: (N,) int64 identities, -1 where unknown.
+      camids: (N,) int64 0-based cameras, -1 where unknown (always -1 for centroids).
+      paths: (N,) str image path (instances) or representative image path (centroids).
+      counts: (N,) int64 number of gallery images behind each item.
+      source: the embeddings file the gallery was built from ("" if none).
+    """
+
+    kind: str
+    pids: np.ndarray
+    camids: np.ndarray
+    paths: np.ndarray
+    counts: np.ndarray
+    source: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"gallery kind must be one of {KINDS}, got {self.kind!r}")
+        arrays = {
+            "pids": np.asarray(self.pids, np.int64),
+            "camids": np.asarray(self.camids, np.int64),
+            "paths": np.asarray(self.paths).astype(str),
+            "counts": np.asarray(self.counts, np.int64),
+        }
+        lengths = {key: len(value) for key, value in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"gallery item arrays differ in length: {lengths}")
+        for key, value in arrays.items():
+            object.__setattr__(self, key, value)
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.pids, self.camids, self.paths, self.counts))
+
+    def describe(self) -> str:
+        """E.g. "1,204 centroids" or "15,913 images"."""
+        unit = "centroid" if self.kind == "centroid" else "image"
+        return f"{len(self):,} {unit}{'' if len(self) == 1 else 's'}"
+
+
+class SearchIndex(Protocol):
+    """What `search.py` needs from an exact or approximate index."""
+
+    items: GalleryItems
+    method: str
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def gallery_vectors(
+    embeddings: Embeddings, centroids: bool, source: str = ""
+) -> tuple[GalleryItems, np.ndarray, int]:
+    """The items of a gallery and their L2-normalised vectors.
+
+    Args:
+      embeddings: the gallery's embeddings file contents (N images, un-normalised).
+      centroids: one item per identity (mean of its un-normalised embeddings, normalised)
+        instead of one per image.
+      source: recorded as `GalleryItems.source`.
+
+    Returns:
+      (items, vectors (K, D) float32 normalised, number of images left out). Only centroid
+      galleries leave images out: those of unknown identity (pid < 0).
+
+    Raises:
+      ValueError: empty gallery, or `centroids` without any known identity.
+    """
+    name = source or "the gallery"
+    if len(embeddings) == 0:
+        raise ValueError(f"{name} holds no embeddings; nothing to search")
+    if not centroids:
+        items = GalleryItems(
+            "instance",
+            embeddings.pids,
+            embeddings.camids,
+            embeddings.paths,
+            np.ones(len(embeddings), np.int64),
+            source,
+        )
+        return items, l2_normalize(embeddings.embeddings), 0
+
+    known = embeddings.pids >= 0
+    dropped = int((~known).sum())
+    if not known.any():
+        raise ValueError(
+            f"--centroids needs identities, but every pid in {name} is unknown (-1); "
+            "name the images PPPP_cC*.jpg (Market-style) or search without --centroids"
+        )
+    if dropped:
+        embeddings = embeddings.select(known)
+    no_queries = np.zeros(0, np.int64)
+    gallery = build_search_gallery(
+        "centroid",
+        embeddings.embeddings,
+        embeddings.pids,
+        np.zeros(len(embeddings), np.int64),
+        no_queries,
+        no_queries,
+    )
+    vectors = l2_normalize(gallery.embeddings)
+    # build_search_gallery lists centroids by ascending pid, like np.unique.
+    pids, member_item, counts = np.unique(embeddings.pids, return_inverse=True, return_counts=True)
+    if not np.array_equal(pids, gallery.pids):
+        raise AssertionError("centroid order differs from np.unique(pids)")
+    representative = _representatives(embeddings.embeddings, member_item, vectors)
+    items = GalleryItems(
+        "centroid",
+        pids,
+        np.full(len(pids), -1, np.int64),
+        embeddings.paths[representative],
+        counts,
+        source,
+    )
+    return items, vectors, dropped
+
+
+def _representatives(
+    embeddings: np.ndarray, member_item: np.ndarray, centroids: np.ndarray
+) -> np.ndarray:
+    """Per centroid, the index of its member image closest to it (cosine), lowest on ties.
+
+    Args:
+      embeddings: (N, D) un-normalised member embeddings.
+      member_item: (N,) index of each image's centroid.
+      centroids: (K, D) normalised centroids.
+
+    Returns:
+      (K,) int64 image indices.
+    """
+    cosine = np.empty(len(embeddings), np.float32)
+    step = 65536  # rows at a time: the gathered centroids would double memory otherwise
+    for start in range(0, len(embeddings), step):
+        rows = slice(start, start + step)
+        member = l2_normalize(embeddings[rows])
+        cosine[rows] = np.einsum("ij,ij->i", member, centroids[member_item[rows]])
+    order = np.lexsort((-cosine, member_item))  # by centroid, then best first (stable)
+    first = np.ones(len(order), bool)
+    first[1:] = member_item[order][1:] != member_item[order][:-1]
+    return order[first]
+
+
+def check_queries(queries: np.ndarray, dim: int, k: int, size: int, what: str) -> np.ndarray:
+    """Validates a (Q, D) query array and `k` against an index; returns float32 queries."""
+    queries = np.asarray(queries, np.float32)
+    if queries.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D (Q, D) array, got shape {queries.shape}")
+    if queries.shape[1] != dim:
+        raise ValueError(
+            f"{what} have dimension {queries.shape[1]} but the gallery index has {dim}; "
+            "embed queries and gallery with the same model"
+        )
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {k}")
+    if k > size:
+        raise ValueError(
+            f"--top_k={k} is larger than the gallery ({size:,} items); use --top_k <= {size}"
+        )
+    return queries
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactIndex:
+    """Exact cosine top-k over normalised vectors (see the module docstring).
+
+    Attributes:
+      items: what each row is.
+      vectors: (N, D) float32, L2-normalised. On CPU a read-only view of the device array
+        searched, so the index holds one copy of the gallery.
+    """
+
+    items: GalleryItems
+    vectors: np.ndarray
+    method: str = dataclasses.field(default="exact", init=False)
+
+    def __post_init__(self):
+        import jax
+
+        vectors = np.asarray(self.vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(self.items):
+            raise ValueError(
+                f"index vectors must be ({len(self.items)}, D), got shape {vectors.shape}"
+            )
+        device = jax.device_put(vectors)
+        object.__setattr__(self, "_device", device)
+        # Zero-copy on CPU: drop the host copy so the gallery is held once.
+        object.__setattr__(self, "vectors", np.asarray(device))
+
+    @classmethod
+    def from_embeddings(cls, embeddings: Embeddings, centroids: bool = False, source: str = ""):
+        """(index, number of images left out) of an instance or centroid gallery."""
+        items, vectors, dropped = gallery_vectors(embeddings, centroids, source)
+        return cls(items, vectors), dropped
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the normalised vectors and the item arrays."""
+        return self.vectors.nbytes + self.items.nbytes
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        query_chunk: int | None = None,
+        gallery_chunk: int | None = None,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k gallery items of each query by cosine similarity.
+
+        Args:
+          queries: (Q, D) query embeddings, normalised here (raw BNNeck output is fine).
+          k: results per query, 1 <= k <= len(self).
+          query_chunk, gallery_chunk: rows per step (defaults bound the working set to
+            about 64 MB); exposed for tests and benchmarks.
+          progress: show a progress bar over query chunks.
+
+        Returns:
+          scores (Q, k) float32 cosine similarities, best first; indices (Q, k) int64 rows
+          of the gallery. Equal scores are ordered by gallery row.
+        """
+        queries = l2_normalize(check_queries(queries, self.dim, k, len(self), "query embeddings"))
+        num_q, num_g = len(queries), len(self)
+        k = int(k)
+        if num_q == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        qc = query_chunk or min(_MAX_QUERY_CHUNK, 1 << (num_q - 1).bit_length())
+        gc = gallery_chunk or _CHUNK_BYTES // (4 * (qc + self.dim))
+        gc = int(min(max(gc, k), num_g))
+        fn = _topk_fn(k, gc)
+
+        scores = np.empty((num_q, k), np.float32)
+        indices = np.empty((num_q, k), np.int64)
+        starts = range(0, num_q, qc)
+
+        def dispatch(start):
+            rows = queries[start : start + qc]
+            # Every chunk padded to one shape: compiled once. A fresh buffer per chunk, as
+            # the previous one may still be in flight.
+            padded = np.zeros((qc, self.dim), np.float32)
+            padded[: len(rows)] = rows
+            return start, len(rows), fn(padded, self._device)
+
+        # XLA runs asynchronously: chunk i+1 is dispatched before chunk i is fetched.
+        pending = dispatch(0)
+        bar = tqdm(starts, desc="searching", disable=not progress or len(starts) < 2, leave=False)
+        for i, _ in enumerate(bar):
+            current = pending
+            if i + 1 < len(starts):
+                pending = dispatch(starts[i + 1])
+            start, n, (s, j) = current
+            scores[start : start + n] = np.asarray(s)[:n]
+            indices[start : start + n] = np.asarray(j)[:n]
+        return scores, indices
+
+
+@functools.cache
+def _topk_fn(k: int, gallery_chunk: int):
+    """Jitted (queries (q, D), gallery (N, D)) -> (scores (q, k), indices (q, k) int32).
+
+    The gallery is walked in `gallery_chunk`-row blocks (a remainder block at the end);
+    each block's top-k is merged into the running top-k. `lax.top_k` puts the lower index
+    first on ties and the running top-k (earlier, lower rows) precedes each new block in
+    the merge, so ties resolve to the lowest gallery row.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def block_topk(q, block, offset):
+        sim = jnp.matmul(q, block.T, precision=jax.lax.Precision.HIGHEST)
+        kk = min(k, block.shape[0])
+        s, i = jax.lax.top_k(sim, kk)
+        if kk < k:  # a remainder block smaller than k: pad with never-chosen entries
+            s = jnp.pad(s, ((0, 0), (0, k - kk)), constant_values=-jnp.inf)
+            i = jnp.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
+        return s, i + offset
+
+    def merge(best, new):
+        s = jnp.concatenate([best[0], new[0]], axis=1)
+        i = jnp.concatenate([best[1], new[1]], axis=1)
+        top, pos = jax.lax.top_k(s, k)
+        return top, jnp.take_along_axis(i, pos, axis=1)
+
+    @jax.jit
+    def fn(q, g):
+        num_g = g.shape[0]
+        full = num_g // gallery_chunk
+
+        def body(c, best):
+            block = jax.lax.dynamic_slice_in_dim(g, c * gallery_chunk, gallery_chunk)
+            return merge(best, block_topk(q, block, c * gallery_chunk))
+
+        best = block_topk(q, g[:gallery_chunk], 0)
+        best = jax.lax.fori_loop(1, full, body, best)
+        if num_g % gallery_chunk:
+            tail = full * gallery_chunk
+            best = merge(best, block_topk(q, g[tail:], tail))
+        return best
+
+    return fn
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def save_index(index: SearchIndex, path: str | os.PathLike, overwrite: bool = False):
+    """Writes an exact or faiss index atomically (exactly at `path`, no suffix added).
+
+    Raises:
+      FileExistsError: `path` exists and `overwrite` is False.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass --overwrite to replace it or choose another --save_index"
+        )
+    items = index.items
+    arrays = {
+        "format": np.asarray(FORMAT),
+        "version": np.asarray(VERSION, np.int64),
+        "kind": np.asarray(items.kind),
+        "method": np.asarray(index.method),
+        "pids": items.pids,
+        "camids": items.camids,
+        "paths": items.paths,
+        "counts": items.counts,
+        "source": np.asarray(items.source),
+    }
+    if index.method == "exact":
+        arrays["vectors"] = index.vectors
+    else:
+        from ctl_jax.retrieval import approximate
+
+        arrays["faiss_index"] = approximate.serialize(index)
+        arrays["params"] = np.asarray(json.dumps(index.params, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_index(path: str | os.PathLike, search_params: dict | None = None) -> SearchIndex:
+    """Reads an index written by `save_index`.
+
+    Args:
+      path: the index file.
+      search_params: faiss search-time settings to change (e.g. {"nprobe": 32}); ignored
+        for exact indexes.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not an index file (or a damaged one); the message names the file.
+      ImportError: a faiss index while faiss is not installed (the message says how).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index file {path} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"index file {path} is not a readable .npz: {e}") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"index file {path} is not an index .npz (it holds a single array)")
+    with data:
+        if "format" not in data.files or str(data["format"]) != FORMAT:
+            hint = (
+                " (it looks like an embeddings file: pass it as --gallery)"
+                if "embeddings" in data.files
+                else ""
+            )
+            raise ValueError(f"{path} is not a ctl_jax index file{hint}")
+        version = int(data["version"])
+        if version != VERSION:
+            raise ValueError(
+                f"index file {path} has format version {version}; this ctl_jax reads "
+                f"version {VERSION}: rebuild it with --save_index"
+            )
+        method = str(data["method"])
+        needed = ["vectors"] if method == "exact" else ["faiss_index", "params"]
+        missing = [key for key in needed if key not in data.files]
+        if missing:
+            raise ValueError(f"index file {path} ({method}) is missing {missing}")
+        items = GalleryItems(
+            str(data["kind"]),
+            data["pids"],
+            data["camids"],
+            data["paths"],
+            data["counts"],
+            str(data["source"]),
+        )
+        if method == "exact":
+            return ExactIndex(items, data["vectors"])
+        blob, params = data["faiss_index"], json.loads(str(data["params"]))
+    from ctl_jax.retrieval import approximate
+
+    return approximate.deserialize(items, method, blob, params, search_params, path)

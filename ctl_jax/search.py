@@ -1,0 +1,244 @@
+"""Search a gallery: `python -m ctl_jax.search (--gallery=G.npz [--centroids] | --index=I.npz)
+(--query=Q.npz | --images=PATH (--workdir=DIR | --checkpoint=DIR)) [--top_k=10]
+--output=FILE.json [--visualize=DIR] [--save_index=I.npz] [--method=exact|flat|ivf_flat|
+ivf_pq|hnsw] [--overwrite]`.
+
+The gallery holds the images of an embeddings file, or with --centroids one centroid per
+identity (mean of its un-normalised embeddings, then normalised; SPEC section 1). Queries
+come from an embeddings file or are embedded on the fly from images. Each query gets its
+top-k gallery items by cosine similarity, written as the search-results JSON of
+INTERFACES.md. `--save_index` stores the built index (exact vectors or a faiss index) so
+later searches can start from it with `--index`; with only `--gallery` and `--save_index`
+the command just builds and saves. The faiss methods need `pip install -e '.[faiss]'`;
+`--check_recall` also runs the exact search and reports the approximate recall@k.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+from absl import flags
+
+from ctl_jax import cli
+
+_GALLERY = flags.DEFINE_string("gallery", None, "Gallery embeddings .npz to build the index from.")
+_INDEX = flags.DEFINE_string("index", None, "Index file saved earlier with --save_index.")
+_CENTROIDS = flags.DEFINE_bool(
+    "centroids", False, "Search identity centroids instead of gallery images."
+)
+_QUERY = flags.DEFINE_string("query", None, "Query embeddings .npz.")
+_IMAGES = flags.DEFINE_string("images", None, "Query image or folder, embedded on the fly.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training work directory (with --images).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint (with --images).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per batch with --images.")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "Matches per query.")
+_OUTPUT = flags.DEFINE_string("output", None, "Search results .json to write.")
+_VISUALIZE = flags.DEFINE_string("visualize", None, "Folder for one ranked-results PNG per query.")
+_SAVE_INDEX = flags.DEFINE_string("save_index", None, "Write the built index to this .npz.")
+_METHOD = flags.DEFINE_enum(
+    "method",
+    "exact",
+    ["exact", "flat", "ivf_flat", "ivf_pq", "hnsw"],
+    "exact (ours, chunked) or a faiss index: flat (exact), ivf_flat, ivf_pq, hnsw.",
+)
+_NLIST = flags.DEFINE_integer("nlist", 0, "IVF cells (0: about sqrt(gallery size)).")
+_NPROBE = flags.DEFINE_integer("nprobe", 0, "IVF cells visited per query (0: nlist / 8).")
+_PQ_M = flags.DEFINE_integer("pq_m", 0, "PQ sub-vectors (0: dimension / 16).")
+_PQ_BITS = flags.DEFINE_integer("pq_bits", 0, "Bits per PQ code (0: 8, fewer on tiny data).")
+_HNSW_M = flags.DEFINE_integer("hnsw_m", 0, "HNSW neighbours per node (0: 32).")
+_EF_CONSTRUCTION = flags.DEFINE_integer("ef_construction", 0, "HNSW build beam (0: 40).")
+_EF_SEARCH = flags.DEFINE_integer("ef_search", 0, "HNSW search beam (0: 64, at least top_k).")
+_CHECK_RECALL = flags.DEFINE_bool(
+    "check_recall", False, "With a faiss --method: also search exactly and report recall@k."
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing existing output files.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def _faiss_params() -> dict:
+    return {
+        "nlist": _NLIST.value,
+        "nprobe": _NPROBE.value,
+        "pq_m": _PQ_M.value,
+        "pq_bits": _PQ_BITS.value,
+        "hnsw_m": _HNSW_M.value,
+        "ef_construction": _EF_CONSTRUCTION.value,
+        "ef_search": _EF_SEARCH.value,
+    }
+
+
+def _check_flags() -> None:
+    """Every flag combination problem, before any work is done."""
+    if bool(_GALLERY.value) == bool(_INDEX.value):
+        cli.fail("give the gallery: either --gallery=G.npz or --index=INDEX.npz")
+    if _QUERY.value and _IMAGES.value:
+        cli.fail("give either --query=Q.npz or --images=PATH, not both")
+    has_queries = bool(_QUERY.value or _IMAGES.value)
+    if not has_queries and not _SAVE_INDEX.value:
+        cli.fail("give queries (--query=Q.npz or --images=PATH), or --save_index to only build")
+    if has_queries and not (_OUTPUT.value or _VISUALIZE.value):
+        cli.fail("give --output=FILE.json (and/or --visualize=DIR) for the results")
+    if not has_queries and (_OUTPUT.value or _VISUALIZE.value):
+        cli.fail("--output/--visualize need queries: --query=Q.npz or --images=PATH")
+    if _IMAGES.value and not (_WORKDIR.value or _CHECKPOINT.value):
+        cli.fail("--images needs the model: --workdir=DIR or --checkpoint=DIR")
+    if (_WORKDIR.value or _CHECKPOINT.value) and not _IMAGES.value:
+        cli.fail("--workdir/--checkpoint are only used with --images")
+    if _TOP_K.value < 1:
+        cli.fail(f"--top_k must be >= 1, got {_TOP_K.value}")
+    if _INDEX.value and _SAVE_INDEX.value:
+        cli.fail("--save_index builds from --gallery; the --index file is already saved")
+    if _INDEX.value and _METHOD.present:
+        cli.fail("--method applies when building from --gallery; an --index keeps its method")
+    if _CHECK_RECALL.value and (_METHOD.value == "exact" or _INDEX.value):
+        cli.fail("--check_recall compares a faiss --method built from --gallery with exact search")
+    for flag in (_OUTPUT, _SAVE_INDEX):
+        path = flag.value and pathlib.Path(flag.value)
+        if path and path.exists() and not _OVERWRITE.value:
+            cli.fail(
+                f"{path} exists; pass --overwrite to replace it or choose another --{flag.name}"
+            )
+
+
+def _load_or_build_index():
+    """(index, exact index for --check_recall or None, description line)."""
+    from ctl_jax.retrieval import index as index_lib
+    from ctl_jax.retrieval.embedding_file import Embeddings
+
+    if _INDEX.value:
+        index = index_lib.load_index(_INDEX.value, search_params=_faiss_params())
+        kind = index.items.kind
+        if _CENTROIDS.present and _CENTROIDS.value != (kind == "centroid"):
+            cli.fail(
+                f"--index={_INDEX.value} holds {kind} items; "
+                f"{'omit --centroids' if kind == 'instance' else 'it was built with --centroids'}"
+            )
+        return index, None, f"{index.items.describe()} from index {_INDEX.value} ({index.method})"
+
+    embeddings = Embeddings.load(_GALLERY.value)
+    items, vectors, dropped = index_lib.gallery_vectors(
+        embeddings, _CENTROIDS.value, source=str(_GALLERY.value)
+    )
+    note = f" ({dropped:,} image(s) of unknown identity left out)" if dropped else ""
+    if _CENTROIDS.value:
+        note = f" of {int(items.counts.sum()):,} images" + note
+    exact = None
+    if _METHOD.value == "exact":
+        index = index_lib.ExactIndex(items, vectors)
+    else:
+        from ctl_jax.retrieval import approximate
+
+        index = approximate.build(
+            items, vectors, _METHOD.value, progress=_PROGRESS.value, **_faiss_params()
+        )
+        if _CHECK_RECALL.value:
+            exact = index_lib.ExactIndex(items, vectors)
+    described = f"{items.describe()}{note} from {_GALLERY.value} ({index.method})"
+    return index, exact, described
+
+
+def _queries():
+    """The query Embeddings, from --query or by embedding --images."""
+    from ctl_jax.retrieval.embedding_file import Embeddings
+
+    if _QUERY.value:
+        return Embeddings.load(_QUERY.value), f"{_QUERY.value}"
+    from ctl_jax.retrieval.images import embed_images, list_images, model_directory
+    from ctl_jax.training.restore import restore_model
+
+    directory = model_directory(_WORKDIR.value, _CHECKPOINT.value)
+    list_images(_IMAGES.value)  # fail on a bad --images before loading the model
+    restored = restore_model(directory, step=_STEP.value)
+    queries, report = embed_images(
+        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value
+    )
+    print(f"queries: {report.summary()} with {directory} (step {restored.step})")
+    return queries, f"{_IMAGES.value}"
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    _check_flags()
+    from ctl_jax.retrieval import index as index_lib
+    from ctl_jax.retrieval import results
+
+    start = time.time()
+    index, exact, described = _load_or_build_index()
+    print(f"gallery: {described}, {index.dim}-d")
+    if _SAVE_INDEX.value:
+        index_lib.save_index(index, _SAVE_INDEX.value, overwrite=_OVERWRITE.value)
+        print(f"index written to {_SAVE_INDEX.value}")
+    if not (_QUERY.value or _IMAGES.value):
+        return
+
+    queries, query_source = _queries()
+    top_k = _TOP_K.value
+    # Checked here too (search checks again) so the message names the query file.
+    index_lib.check_queries(
+        queries.embeddings, index.dim, top_k, len(index), f"query embeddings ({query_source})"
+    )
+    search_start = time.time()
+    scores, indices = index.search(queries.embeddings, top_k, progress=_PROGRESS.value)
+    seconds = time.time() - search_start
+    meta = {
+        "gallery": index.items.source or None,
+        "index": _INDEX.value,
+        "queries": query_source,
+        "kind": index.items.kind,
+        "method": index.method,
+        "num_gallery": len(index),
+        "num_queries": len(queries),
+        "top_k": top_k,
+        "search_seconds": round(seconds, 4),
+    }
+    if index.method != "exact":
+        meta["params"] = dict(index.params)
+    lines = [
+        f"searched {len(queries):,} queries in {seconds:.2f} s "
+        f"({1e3 * seconds / max(1, len(queries)):.2f} ms/query, top_k={top_k})"
+    ]
+    if exact is not None:
+        from ctl_jax.retrieval.approximate import recall_at_k
+
+        _, exact_indices = exact.search(queries.embeddings, top_k)
+        meta[f"recall_at_{top_k}"] = round(recall_at_k(indices, exact_indices), 6)
+        lines.append(
+            f"recall@{top_k} of {index.method} against exact search: "
+            f"{meta[f'recall_at_{top_k}']:.4f}"
+        )
+    known = (queries.pids >= 0) & (indices[:, 0] >= 0)
+    if known.any():
+        top1 = index.items.pids[indices[known, 0]] == queries.pids[known]
+        lines.append(
+            f"top-1 match has the query's identity for {int(top1.sum()):,} of "
+            f"{int(known.sum()):,} queries with known identity (no camera filtering)"
+        )
+    if _OUTPUT.value:
+        document = results.results_document(
+            queries.paths, queries.pids, scores, indices, index.items, meta
+        )
+        results.write_json(_OUTPUT.value, document, overwrite=_OVERWRITE.value)
+        lines.append(f"results written to {_OUTPUT.value}")
+    if _VISUALIZE.value:
+        from ctl_jax.retrieval.visualize import write_strips
+
+        files = write_strips(
+            _VISUALIZE.value,
+            queries.paths,
+            queries.pids,
+            indices,
+            scores,
+            index.items,
+            overwrite=_OVERWRITE.value,
+            progress=_PROGRESS.value,
+        )
+        lines.append(f"{len(files):,} result picture(s) written to {_VISUALIZE.value}")
+    lines.append(f"total {time.time() - start:.1f} s")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    cli.run(main)

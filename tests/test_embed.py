@@ -1,0 +1,206 @@
+"""Embedding image files: folder listing, equality with the model applied directly, the embed
+command and searching with query images embedded on the fly."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from ctl_jax import configs
+from ctl_jax.data import transforms
+from ctl_jax.models.reid import build_model, init_variables
+from ctl_jax.retrieval.embedding_file import Embeddings
+from ctl_jax.retrieval.images import embed_images, list_images, model_directory
+from ctl_jax.training.checkpoints import CheckpointStore
+from ctl_jax.training.restore import restore_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+H, W, NUM_CLASSES = 64, 32, 5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, image_folder):
+    """A converted-checkpoint-style directory with a random resnet18 (nothing trained)."""
+    config = configs.load_config(str(REPO / "configs" / "default.py"))
+    config.data.height, config.data.width = H, W
+    config.data.eval_batch_size = 4
+    model = build_model(config.model, NUM_CLASSES)
+    variables = init_variables(model, jax.random.key(0), (H, W, 3))
+    # Running variances away from 1, so that a forward pass in training mode would differ.
+    rng = np.random.default_rng(0)
+    batch_stats = jax.tree.map(
+        lambda x: np.asarray(x) * rng.uniform(0.5, 2.0, np.shape(x)).astype(np.float32),
+        variables["batch_stats"],
+    )
+    # Pooled features after ReLU share a large positive component: with the BNNeck
+    # statistics of these images (as training would set them) the embeddings differ enough
+    # to tell the images apart.
+    state = {"params": variables["params"], "batch_stats": batch_stats}
+    features = np.asarray(
+        model.apply(state, preprocessed(image_folder[1]), train=False)["features"]
+    )
+    batch_stats["bnneck"] = {"mean": features.mean(0), "var": features.var(0) + 1e-6}
+    directory = tmp_path_factory.mktemp("checkpoint")
+    store = CheckpointStore(directory)
+    meta = {"config": json.loads(configs.config_to_json(config)), "num_classes": NUM_CLASSES}
+    store.save(0, state, {"epoch": 0}, meta)
+    store.close()
+    return directory, model, state
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Images of several sizes and formats in a tree, plus files to skip."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    files = {
+        "a/0001_c1s1_000001_00.jpg": (70, 40),
+        "a/0001_c2s1_000002_00.png": (64, 32),
+        "b/c/0002_c3s1_000003_00.jpg": (128, 64),
+        "b/c/no_identity.png": (50, 50),
+        "z.JPEG": (80, 30),
+    }
+    for name, (h, w) in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    (root / "notes.txt").write_text("not an image")
+    (root / "a" / "labels.json").write_text("{}")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / ".hidden.jpg").write_bytes(b"ignored")
+    return root, sorted(str((root / name).resolve()) for name in files)
+
+
+def preprocessed(paths):
+    """(N, H, W, 3) test-time transform of image files, without the input pipeline."""
+    return np.stack(
+        [transforms.eval_transform(np.asarray(Image.open(p).convert("RGB")), H, W) for p in paths]
+    )
+
+
+def direct_embeddings(model, state, paths):
+    """The model applied directly to the test-time transform of each image."""
+    return np.asarray(model.apply(state, preprocessed(paths), train=False)["bn_features"])
+
+
+def normalized(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_list_images_recurses_skips_and_explains(image_folder, tmp_path):
+    root, images = image_folder
+    listing = list_images(root)
+    assert listing.paths == sorted(images + [str((root / "broken.jpg").resolve())])
+    assert listing.skipped == {".txt": 1, ".json": 1}
+    assert listing.skipped_summary() == "2 non-image file(s) (.txt: 1, .json: 1)"
+    assert list_images(images[0]).paths == [images[0]]
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no \.jpg/\.jpeg/\.png images under .*empty$"):
+        list_images(tmp_path / "empty")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"\(skipped 1 non-image file\(s\) \(\.txt: 1\)\)"):
+        list_images(tmp_path / "text")
+    with pytest.raises(ValueError, match=r"notes.txt is not a \.jpg/\.jpeg/\.png image"):
+        list_images(root / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="not both"):
+        model_directory("a", "b")
+
+
+def test_embed_folder_matches_model_applied_directly(checkpoint, image_folder):
+    directory, model, state = checkpoint
+    root, images = image_folder
+    restored = restore_model(directory)
+    assert restored.num_classes == NUM_CLASSES and restored.step == 0
+    embeddings, report = embed_images(restored, root, batch_size=3, progress=False)
+
+    assert embeddings.paths.tolist() == images  # the broken image is left out
+    assert report.num_embedded == 5 and report.listing.num_skipped == 2
+    assert report.unreadable == [str((root / "broken.jpg").resolve())]
+    assert "skipped 1 unreadable image(s)" in report.summary()
+    assert embeddings.pids.tolist() == [1, 1, 2, -1, -1]
+    assert embeddings.camids.tolist() == [0, 1, 2, -1, -1]
+    want = direct_embeddings(model, state, images)
+    assert embeddings.embeddings.shape == want.shape == (5, 512)
+    np.testing.assert_allclose(embeddings.embeddings, want, rtol=1e-4, atol=1e-4)
+    # The images are told apart (so the comparison above would catch a mix-up).
+    cosine = normalized(want) @ normalized(want).T
+    assert (cosine[~np.eye(5, dtype=bool)] < 0.9).all()
+    # A single image gives the same embedding as inside the folder.
+    single, _ = embed_images(restored, images[2], progress=False)
+    np.testing.assert_allclose(single.embeddings[0], want[2], rtol=1e-4, atol=1e-4)
+
+
+def test_nothing_readable_is_an_error(checkpoint, tmp_path):
+    restored = restore_model(checkpoint[0])
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"none of the 1 image\(s\) under .* could be decoded"):
+        embed_images(restored, tmp_path, progress=False)
+
+
+def run_cli(module, *args):
+    env = dict(os.environ)
+    env.setdefault("CTL_JAX_COMPILATION_CACHE", str(REPO / ".cache" / "jax"))
+    return subprocess.run(
+        [sys.executable, "-m", module, "--noprogress", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_embed_and_search_images_commands(checkpoint, image_folder, tmp_path):
+    directory, model, state = checkpoint
+    root, images = image_folder
+    out = tmp_path / "emb.npz"
+    done = run_cli(
+        "ctl_jax.embed", f"--checkpoint={directory}", f"--images={root}", f"--output={out}"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "embedded 5 image(s)" in done.stdout and "skipped 2 non-image" in done.stdout
+    embeddings = Embeddings.load(out)
+    assert embeddings.paths.tolist() == images
+    np.testing.assert_allclose(
+        embeddings.embeddings, direct_embeddings(model, state, images), rtol=1e-4, atol=1e-4
+    )
+
+    again = run_cli(
+        "ctl_jax.embed", f"--checkpoint={directory}", f"--images={root}", f"--output={out}"
+    )
+    assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = run_cli(
+        "ctl_jax.embed", f"--workdir={directory}", f"--images={empty}", f"--output={out}.2"
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --images: no .jpg/.jpeg/.png")
+
+    # Query images embedded on the fly find themselves first in the gallery they came from.
+    results = tmp_path / "r.json"
+    done = run_cli(
+        "ctl_jax.search",
+        f"--gallery={out}",
+        f"--images={root / 'a'}",
+        f"--checkpoint={directory}",
+        "--top_k=2",
+        f"--output={results}",
+    )
+    assert done.returncode == 0, done.stderr
+    queries = json.loads(results.read_text())["queries"]
+    assert [q["path"] for q in queries] == images[:2]
+    assert [q["pid"] for q in queries] == [1, 1]
+    for q in queries:
+        assert q["matches"][0]["path"] == q["path"]
+        assert q["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
