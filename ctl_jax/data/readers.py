@@ -56,12 +56,19 @@ class DatasetError(ValueError):
     """A dataset on disk is missing, malformed or inconsistent."""
 
 
-def parse_market_name(file_name: str) -> tuple[int, int] | None:
-    """(pid, 0-based camera id) from a Market-style file name, or None if it does not match."""
-    match = MARKET_NAME_PATTERN.search(os.path.basename(file_name))
+def parse_market_name(file_name: str | os.PathLike) -> tuple[int, int] | None:
+    """(pid, 0-based camera id) from a Market-style file name, or None if it does not match.
+
+    Only the base name is looked at (`0002_c1s1_000451_03.jpg` -> (2, 0)).
+    """
+    match = MARKET_NAME_PATTERN.search(os.path.basename(os.fspath(file_name)))
     if match is None:
         return None
-    return int(match.group(1)), int(match.group(2)) - 1
+    try:
+        pid = int(match.group(1))
+    except ValueError:  # e.g. "--_c1": digits and dashes but not a number
+        return None
+    return pid, int(match.group(2)) - 1
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:

@@ -10,29 +10,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import re
 import tempfile
 import zipfile
 
 import numpy as np
 
+from ctl_jax.data import readers
+
 REQUIRED_KEYS = ("embeddings", "pids", "camids", "paths")
-_MARKET_NAME = re.compile(r"([-\d]+)_c(\d)")
 
 
 def parse_market_name(filename: str | os.PathLike) -> tuple[int, int]:
-    """(pid, 0-based camid) from a Market-1501 / DukeMTMC-style name like `0002_c1s1_...jpg`.
-
-    Only the base name is looked at. Returns (-1, -1) when it does not match.
-    """
-    match = _MARKET_NAME.search(os.path.basename(os.fspath(filename)))
-    if match is None:
-        return -1, -1
-    try:
-        pid = int(match.group(1))
-    except ValueError:  # e.g. "--_c1": digits and dashes but not a number
-        return -1, -1
-    return pid, int(match.group(2)) - 1
+    """(pid, 0-based camid) from a Market-1501 / DukeMTMC-style name like `0002_c1s1_...jpg`;
+    (-1, -1), the embeddings file's "unknown", when it does not match."""
+    return readers.parse_market_name(filename) or (-1, -1)
 
 
 @dataclasses.dataclass(frozen=True)
