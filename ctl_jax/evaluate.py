@@ -9,9 +9,10 @@ import time
 
 from absl import flags
 
-from ctl_jax import cli
+from ctl_jax import cli, distributed
 
 _CONFIG = cli.define_config_flag(None, "Config file; default: the one saved with the checkpoint.")
+flags.adopt_module_key_flags(distributed)  # --help lists the multi-process flags
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training work directory or converted checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _QUERY = flags.DEFINE_string("query", None, "Query embeddings .npz (instead of --workdir).")
@@ -51,7 +52,8 @@ def evaluate_checkpoint(workdir: str, config=None, step=None, modes=None) -> tup
     restored = restore_model(workdir, step=step, config=config)
     config = restored.config
     dataset, readers = load_dataset(config.data)
-    print(dataset.statistics_table())
+    if distributed.is_primary():
+        print(dataset.statistics_table())
     evaluator = Evaluator(restored.model, dataset, readers, config, sharding.make_mesh())
     results = evaluator.run(restored.variables, modes or tuple(config.eval.modes))
     meta = {
@@ -66,6 +68,7 @@ def evaluate_checkpoint(workdir: str, config=None, step=None, modes=None) -> tup
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    distributed.maybe_initialize()  # multi-process run: joins the others (see --distributed)
     from ctl_jax.evaluation import MODES
     from ctl_jax.evaluation.report import format_table, write_metrics_json
 
@@ -91,6 +94,8 @@ def main(argv):
         cli.fail("give --workdir=DIR, or --query=Q.npz and --gallery=G.npz")
     meta["seconds"] = round(time.time() - start, 2)
     meta["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if not distributed.is_primary():  # every process computed the same results
+        return
     print(format_table(results))
     if _OUTPUT.value:
         write_metrics_json(_OUTPUT.value, results, meta=meta, overwrite=_OVERWRITE.value)

@@ -69,7 +69,8 @@ def embed_split(
     )
     result = None
     total = -(-len(split) // batch_size)
-    bar = tqdm(iterator, total=total, desc=description, disable=not progress, leave=False)
+    show = progress and jax.process_index() == 0
+    bar = tqdm(iterator, total=total, desc=description, disable=not show, leave=False)
     for batch in bar:
         local = {"images": batch["images"], "index": batch["index"]}
         placed = sharding.put_batch(local, mesh)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import pathlib
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -60,8 +62,15 @@ class CheckpointStore:
             read_only=read_only,
             enable_async_checkpointing=True,
         )
+        # Handlers given explicitly (not just item names) so that `item_metadata` can
+        # describe the state item without restoring it (see `restore_raw`).
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
         self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "data", "meta"), options=options
+            self.directory, item_handlers=handlers, options=options
         )
 
     def latest_step(self) -> int | None:
@@ -115,14 +124,21 @@ class CheckpointStore:
         return restored["state"], restored["data"], restored["meta"]
 
     def restore_raw(self, step: int | None = None) -> dict:
-        """The `state` item as plain nested dicts of numpy arrays, without a target.
+        """The `state` item as plain nested dicts of numpy arrays (no abstract state needed).
 
-        Used to take weights from a checkpoint whose model differs (initialisation).
+        Used to take weights from a checkpoint whose model differs (initialisation), and by
+        evaluation and embedding. The arrays are read as host numpy arrays whatever devices
+        and processes saved them, so a checkpoint written by a TPU pod or several processes
+        opens on one CPU (without a target orbax would recreate the saved device layout,
+        and fail with a topology mismatch), and every process of a multi-process run reads
+        its own full copy.
         """
         step = self._resolve(step)
         try:
+            metadata = self._manager.item_metadata(step)["state"]
+            target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )
         except Exception as e:
             raise CheckpointError(

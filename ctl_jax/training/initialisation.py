@@ -12,7 +12,6 @@ from flax import traverse_util
 from ctl_jax.models.reid import init_variables
 from ctl_jax.training.checkpoints import CheckpointError, CheckpointStore
 
-
 # `converted_from` values of `ctl_jax.convert` checkpoints that hold ImageNet backbones.
 IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a")
 

@@ -122,10 +122,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
       The final evaluation results {mode: metrics} (empty if no evaluation mode is set).
     """
     workdir = pathlib.Path(workdir)
+    if jax.process_index() != 0:  # in a multi-process run, process 0 speaks for all
+        log = _silent
     prepare_workdir(config, workdir)
     dataset, readers = load_dataset(config.data)
-    if jax.process_index() == 0:
-        log(dataset.statistics_table())
+    log(dataset.statistics_table())
     num_classes = dataset.num_classes
 
     mesh = sharding.make_mesh()
@@ -162,8 +163,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
         data_position = {"epoch": 0, "iterator": None}
 
     meta = {"config": json.loads(config_lib.config_to_json(config)), "num_classes": num_classes}
+    train_step = make_train_step(model, tx, config)
+    if jax.process_count() > 1:
+        train_step = _with_stop_vote(train_step)
     step_fn = jax.jit(
-        make_train_step(model, tx, config),
+        train_step,
         in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
         out_shardings=(state_sharding, state_sharding),
         donate_argnums=0,
@@ -225,6 +229,33 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
     return results
 
 
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+# Batch key and metric of the multi-process stop vote (see `_with_stop_vote`).
+STOP_VOTE = "stop_vote"
+
+
+def _with_stop_vote(train_step):
+    """Wraps the step for multi-process runs so that the processes agree on when to stop.
+
+    Ctrl-C or a SIGTERM (e.g. a TPU preemption) may reach the processes at different steps,
+    but a checkpoint save is collective: every process must save the same step. Each process
+    adds its request (0 or 1, one per batch row) to its rows of the batch; the step returns
+    the maximum over the global batch as a replicated metric, so every process reads the same
+    verdict for the same step and all of them save and stop together.
+    """
+
+    def step(state, batch):
+        batch = dict(batch)
+        vote = batch.pop(STOP_VOTE)
+        state, metrics = train_step(state, batch)
+        return state, {**metrics, STOP_VOTE: jnp.max(vote)}
+
+    return step
+
+
 def _abstract_variables(model, image_shape):
     """Model variables; the caller traces this under `jax.eval_shape` (nothing computed)."""
     from ctl_jax.models.reid import init_variables
@@ -239,7 +270,9 @@ def _run_epoch(
     """Runs the remaining steps of one epoch; returns the new state and step count.
 
     Metrics of step t are fetched to the host only after step t+1 was dispatched, so the
-    finiteness check and logging never stall the device.
+    finiteness check and logging never stall the device. In a multi-process run a stop
+    request is acted on one step later, when the vote in step t's metrics is read: then
+    every process stops after the same step t+1.
     """
     step = int(state.step)
     pending = None  # (step, device metrics) of the previous step
@@ -252,14 +285,20 @@ def _run_epoch(
         dynamic_ncols=True,
     )
     t_last, n_last = time.perf_counter(), 0
+    voting = jax.process_count() > 1
+    stop_agreed = False
     try:
         for batch in iterator:
+            if voting:
+                requested = stop["signal"] is not None
+                batch[STOP_VOTE] = np.full(len(batch["labels"]), requested, np.int32)
             state, metrics = step_fn(state, sharding.put_batch(batch, mesh))
             step += 1
             done += 1
             bar.update(1)
             if pending is not None:
-                _log_step(*pending, config, metrics_log, bar, epoch)
+                host = _log_step(*pending, config, metrics_log, bar, epoch)
+                stop_agreed = voting and host[STOP_VOTE] > 0
             pending = (step, metrics)
             n_last += 1
             if step % config.train.log_every_steps == 0:
@@ -268,10 +307,12 @@ def _run_epoch(
                     f"img/s={n_last * images_per_step / max(now - t_last, 1e-9):.0f}", refresh=False
                 )
                 t_last, n_last = now, 0
-            interrupted = stop["signal"] is not None
+            interrupted = stop_agreed if voting else stop["signal"] is not None
             # The end-of-epoch checkpoint (saved by the caller) covers the last step.
             periodic = step % config.train.checkpoint_every_steps == 0 and done < total
             if interrupted or periodic:
+                # The grain iterator state is the same in every process (the position in
+                # its own share of the epoch), so process 0's copy serves all of them.
                 position = {"epoch": epoch, "iterator": iterator.get_state(), "batches_done": done}
                 store.save(step, state, position, meta)
             if interrupted:
@@ -288,17 +329,24 @@ def _run_epoch(
     return state, step
 
 
-def _log_step(step, metrics, config, metrics_log, bar, epoch) -> None:
+def _log_step(step, metrics, config, metrics_log, bar, epoch) -> dict:
+    """Fetches step `step`'s metrics, checks the losses are finite and logs them.
+
+    Returns:
+      The metrics as floats, including the multi-process stop vote (which is not logged).
+    """
     host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
     _check_finite(step, host)
     if step % config.train.log_every_steps == 0:
-        metrics_log.write("train", step, host, epoch=epoch + 1)
+        logged = {k: v for k, v in host.items() if k != STOP_VOTE}
+        metrics_log.write("train", step, logged, epoch=epoch + 1)
         shown = {
-            k: host[k]
+            k: logged[k]
             for k in ("total_loss", "triplet_loss", "centroid_loss", "ce_loss")
-            if k in host
+            if k in logged
         }
         bar.set_description_str(
             f"epoch {epoch + 1}/{config.solver.num_epochs} "
             + " ".join(f"{k.replace('_loss', '')}={v:.3f}" for k, v in shown.items())
         )
+    return host

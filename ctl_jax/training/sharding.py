@@ -19,11 +19,18 @@ DATA_AXIS = "data"
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over all (or the first `num_devices`) devices, across processes."""
-    devices = jax.devices()
+    """A 1-D mesh over all (or the first `num_devices`) devices, across processes.
+
+    Devices are ordered by process, so process k's devices hold the k-th contiguous block of
+    every batch: exactly the rows its input pipeline reads (`process_index` k of
+    `pipeline.make_train_iterator`), whatever order `jax.devices()` lists them in.
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     if num_devices is not None:
         if num_devices > len(devices):
             raise ValueError(f"asked for {num_devices} devices, only {len(devices)} exist")
+        if jax.process_count() > 1 and num_devices != len(devices):
+            raise ValueError("a multi-process run uses every device of every process")
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
