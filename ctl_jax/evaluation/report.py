@@ -6,9 +6,10 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 
 import numpy as np
+
+from ctl_jax import files
 
 _RANK_COLUMNS = ("rank1", "rank5", "rank10", "rank20", "rank50")
 
@@ -56,18 +57,15 @@ def write_metrics_json(
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
     """
-    path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; pass --overwrite to replace it or choose another --output"
-        )
+    path = files.refuse_overwrite(path, overwrite)
     payload = {mode: m for mode, m in results.items() if mode != "meta"}
     if meta is None:
         meta = results.get("meta")
     if meta is not None:
         payload["meta"] = meta
     text = json.dumps(_to_json(payload), indent=2, allow_nan=False) + "\n"
-    _atomic_write(path, text.encode("utf-8"))
+    with files.atomic_open(path, "w") as f:
+        f.write(text)
     return path
 
 
@@ -86,23 +84,6 @@ def _to_json(obj):
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Writes `data` to a temporary file next to `path`, then renames it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _percent(value) -> str:

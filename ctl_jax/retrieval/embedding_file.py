@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-import tempfile
 import zipfile
 
 import numpy as np
 
+from ctl_jax import files
 from ctl_jax.data import readers
 
 REQUIRED_KEYS = ("embeddings", "pids", "camids", "paths")
@@ -68,30 +68,11 @@ class Embeddings:
         Raises:
           FileExistsError: `path` exists and `overwrite` is False.
         """
-        path = pathlib.Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{path} already exists; pass --overwrite to replace it or choose another --output"
+        path = files.refuse_overwrite(path, overwrite)
+        with files.atomic_open(path) as f:
+            np.savez(
+                f, embeddings=self.embeddings, pids=self.pids, camids=self.camids, paths=self.paths
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    embeddings=self.embeddings,
-                    pids=self.pids,
-                    camids=self.camids,
-                    paths=self.paths,
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     @classmethod

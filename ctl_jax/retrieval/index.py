@@ -40,13 +40,13 @@ import functools
 import json
 import os
 import pathlib
-import tempfile
 import zipfile
 from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from ctl_jax import files
 from ctl_jax.evaluation.centroids import build_search_gallery
 from ctl_jax.evaluation.ranking import l2_normalize
 from ctl_jax.retrieval.embedding_file import Embeddings
@@ -393,11 +393,7 @@ def save_index(index: SearchIndex, path: str | os.PathLike, overwrite: bool = Fa
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
     """
-    path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; pass --overwrite to replace it or choose another --save_index"
-        )
+    path = files.refuse_overwrite(path, overwrite, flag="--save_index")
     items = index.items
     arrays = {
         "format": np.asarray(FORMAT),
@@ -417,19 +413,8 @@ def save_index(index: SearchIndex, path: str | os.PathLike, overwrite: bool = Fa
 
         arrays["faiss_index"] = approximate.serialize(index)
         arrays["params"] = np.asarray(json.dumps(index.params, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with files.atomic_open(path) as f:
+        np.savez(f, **arrays)
     return path
 
 

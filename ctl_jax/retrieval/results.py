@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 
+from ctl_jax import files
 from ctl_jax.retrieval.index import GalleryItems
 
 
@@ -69,21 +69,8 @@ def results_document(
 
 def write_json(path: str | os.PathLike, document: dict, overwrite: bool = False) -> pathlib.Path:
     """Writes `document` atomically. Raises FileExistsError unless `overwrite`."""
-    path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; pass --overwrite to replace it or choose another --output"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = files.refuse_overwrite(path, overwrite)
+    with files.atomic_open(path, "w") as f:
+        json.dump(document, f, indent=1)
+        f.write("\n")
     return path
