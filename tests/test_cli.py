@@ -10,9 +10,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tiny_data import make_tiny_reid
 
 from ctl_jax.configs import config_to_json, load_config
-from ctl_jax.data import synthetic
 from ctl_jax.evaluation import MODES
 from ctl_jax.models.reid import build_model, init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
@@ -117,18 +117,7 @@ def test_evaluate_rejects_bad_embedding_files(tmp_path):
 def checkpoint_dir(tmp_path_factory):
     """A work directory holding one checkpoint of a tiny random model on a tiny dataset."""
     root = tmp_path_factory.mktemp("tiny_data")
-    synthetic.generate(
-        root,
-        seed=5,
-        num_train_ids=6,
-        num_test_ids=4,
-        num_distractors=2,
-        num_background=3,
-        num_junk=2,
-        num_cameras=3,
-        height=32,
-        width=16,
-    )
+    make_tiny_reid(root, seed=5, num_train_ids=6)
     config = load_config("configs/default.py")
     config.data.root = str(root)
     config.data.height, config.data.width = 32, 16

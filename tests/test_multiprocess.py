@@ -25,9 +25,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from tiny_data import make_tiny_reid
 
 from ctl_jax import distributed
-from ctl_jax.data import synthetic
 from ctl_jax.training.checkpoints import CheckpointStore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -117,18 +117,7 @@ def test_multiprocess_settings_errors_are_one_clear_line(env, message):
 def tiny_run(tmp_path_factory):
     """A tiny synthetic dataset (the one of test_training) and a config file for it."""
     root = tmp_path_factory.mktemp("mp_data")
-    synthetic.generate(
-        root / "reid",
-        seed=3,
-        num_train_ids=8,
-        num_test_ids=4,
-        num_distractors=2,
-        num_background=4,
-        num_junk=2,
-        num_cameras=3,
-        height=32,
-        width=16,
-    )
+    make_tiny_reid(root / "reid")
     config_path = root / "tiny_multiprocess.py"
     config_path.write_text(
         CONFIG_TEMPLATE.format(

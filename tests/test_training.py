@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_data import make_tiny_reid
 
 from ctl_jax.configs import load_config
-from ctl_jax.data import synthetic
 from ctl_jax.models.reid import build_model, feature_dim, init_variables
 from ctl_jax.training import loop, sharding
 from ctl_jax.training.checkpoints import CheckpointStore
@@ -215,18 +215,7 @@ def test_non_finite_loss_names_the_step_and_losses():
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_reid")
-    synthetic.generate(
-        root,
-        seed=3,
-        num_train_ids=8,
-        num_test_ids=4,
-        num_distractors=2,
-        num_background=4,
-        num_junk=2,
-        num_cameras=3,
-        height=H,
-        width=W,
-    )
+    make_tiny_reid(root, height=H, width=W)
     return root
 
 
