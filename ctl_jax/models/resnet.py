@@ -158,17 +158,72 @@ class Conv1x1(nn.Module):
         return y.reshape(n, h, w, self.features)
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 4x4 input tile d and the 3x3 kernel g give the
+# 2x2 output tile A^T [(G g G^T) * (B^T d B)] A, 16 multiplies instead of 36.
+#   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+#   G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+#   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+_WINOGRAD_MIN_CIN = 256
+
+
+def _winograd_input_1d(rows: list[jax.Array]) -> list[jax.Array]:
+    d0, d1, d2, d3 = rows
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _winograd_kernel_1d(rows: list[jax.Array]) -> list[jax.Array]:
+    g0, g1, g2 = rows
+    return [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+
+
+def _winograd_output_1d(rows: list[jax.Array]) -> list[jax.Array]:
+    m0, m1, m2, m3 = rows
+    return [m0 + m1 + m2, m1 - m2 - m3]
+
+
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
+    """3x3 convolution, stride 1, padding 1, NHWC x HWIO, by Winograd F(2x2, 3x3)."""
+    n, h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    th, tw = (h + 1) // 2, (w + 1) // 2
+    # Tile (i, j) reads padded rows 2i..2i+3 and columns 2j..2j+3.
+    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+    xp = xp.reshape(n, th + 1, 2, tw + 1, 2, cin)
+    row_taps = [xp[:, u : u + th, a] for u in (0, 1) for a in (0, 1)]  # (n, th, tw+1, 2, cin)
+    v = []
+    for r in _winograd_input_1d(row_taps):
+        v += _winograd_input_1d([r[:, :, u : u + tw, a] for u in (0, 1) for a in (0, 1)])
+    v = jnp.stack(v).reshape(16, n * th * tw, cin)
+    u = []
+    for r in _winograd_kernel_1d([kernel[0], kernel[1], kernel[2]]):
+        u += _winograd_kernel_1d([r[0], r[1], r[2]])
+    u = jnp.stack(u).reshape(16, cin, cout)
+    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
+    m = m.reshape(4, 4, n, th, tw, cout)
+    rows = _winograd_output_1d([m[0], m[1], m[2], m[3]])
+    y = [_winograd_output_1d([r[0], r[1], r[2], r[3]]) for r in rows]
+    y = jnp.stack([jnp.stack(y[0], 3), jnp.stack(y[1], 3)], 2)  # (n, th, 2, tw, 2, cout)
+    return y.reshape(n, 2 * th, 2 * tw, cout)[:, :h, :w, :]
+
+
 class Conv3x3(nn.Module):
     """3x3 convolution with padding 1; same parameter as `nn.Conv(features, (3, 3), ...)`.
 
-    XLA's CPU convolution falls onto a very slow path when a spatial side of the input is
-    smaller than the kernel (a 4x2 map, as small demo images give in stages 3-4): measured
-    0.47 s for 32x4x2x512 -> 512 against 0.004 s for the same product written as patches
-    (im2col) @ kernel. Such maps are computed as patches; all others as a convolution.
+    XLA's CPU convolution falls onto a very slow path when a spatial side of the input or of
+    the output is at most 3 (4x2 or 8x4 -> 4x2 maps, as small demo images give in stages
+    3-4), in the forward pass or in the input gradient. Measured fwd+bwd, batch 32:
+    4x2x256 -> 256 took 320-650 ms against 5 ms as patches; the strided 8x4x128 -> 4x2x256
+    49 ms against 2.7 ms (its input gradient alone 49-81 ms); 3x3x256 -> 256 11 ms against
+    6.6 ms; at 8x4 and up the convolution is as fast or faster. So outputs with a side of at
+    most 3 are computed as patches (im2col) @ kernel, all others as a convolution.
+
+    Attributes:
+      fast: use the patches path on small maps (False: always `lax.conv_general_dilated`).
     """
 
     features: int
     strides: int = 1
+    fast: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -184,7 +239,10 @@ class Conv3x3(nn.Module):
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         s = self.strides
         n, h, w, _ = x.shape
-        if min(h, w) >= 3:
+        ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+        if self.fast and s == 1 and cin >= _WINOGRAD_MIN_CIN and min(ho, wo) > 3:
+            return winograd_conv3x3(x, kernel, self.precision)
+        if not self.fast or min(ho, wo) > 3:
             return lax.conv_general_dilated(
                 x,
                 kernel,
@@ -193,7 +251,6 @@ class Conv3x3(nn.Module):
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 precision=self.precision,
             )
-        ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
         xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         # Patch channels ordered (dy, dx, cin), matching kernel.reshape(9 * cin, cout).
         patches = jnp.concatenate(
@@ -210,6 +267,89 @@ class Conv3x3(nn.Module):
             precision=self.precision,
         )
         return y.reshape(n, ho, wo, self.features)
+
+
+def _pool_phases(x: jax.Array) -> tuple[jax.Array, int, int]:
+    """(N, H, W, C) -> (N, Ho+1, 2, Wo+1, 2, C): -inf padded by 1 and split by row/column
+    parity, so that every tap of a 3x3 stride-2 window is a plain (unstrided) slice."""
+    n, h, w, c = x.shape
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    pad = ((0, 0), (1, 2 * ho + 1 - h), (1, 2 * wo + 1 - w), (0, 0))
+    xp = jnp.pad(x, pad, constant_values=-jnp.inf)
+    return xp.reshape(n, ho + 1, 2, wo + 1, 2, c), ho, wo
+
+
+def _pool_tap(x6: jax.Array, ho: int, wo: int, k: int) -> jax.Array:
+    """Tap k = 3 * dy + dx of every window: x_padded[2i + dy, 2j + dx] as (N, Ho, Wo, C)."""
+    (u, a), (v, b) = divmod(k // 3, 2), divmod(k % 3, 2)
+    return x6[:, u : u + ho, a, v : v + wo, b, :]
+
+
+def _reduce_window_max(x: jax.Array) -> jax.Array:
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_3x3_s2(x: jax.Array, input_hw: tuple[int, int]) -> jax.Array:
+    del input_hw  # only the backward pass needs it
+    return _reduce_window_max(x)
+
+
+def _max_pool_fwd(x, input_hw):
+    y = _reduce_window_max(x)
+    # Index (0..8, row-major in the window) of the first maximum: where the gradient goes.
+    # Taps are scanned last to first so that the earliest equal tap wins, as in XLA's
+    # select-and-scatter and PyTorch (ties are common after a ReLU: several zeros).
+    x6, ho, wo = _pool_phases(x)
+    index = jnp.full(y.shape, 8, jnp.int8)
+    for k in range(7, -1, -1):
+        index = jnp.where(_pool_tap(x6, ho, wo, k) == y, jnp.int8(k), index)
+    return y, index
+
+
+def _max_pool_bwd(input_hw, index, g):
+    h, w = input_hw
+    n, ho, wo, c = g.shape
+    zero = jnp.zeros((), g.dtype)
+
+    def placed(dy: int, dx: int) -> jax.Array:
+        # Gradient of tap (dy, dx), laid out on its parity phase of the padded input: tap 2
+        # of output i lands on row i + 1 of the even phase, taps 0 and 1 on row i.
+        t = jnp.where(index == 3 * dy + dx, g, zero)
+        rows = (1, 0) if dy == 2 else (0, 1)
+        cols = (1, 0) if dx == 2 else (0, 1)
+        return jnp.pad(t, ((0, 0), rows, cols, (0, 0)))
+
+    even_even = placed(0, 0) + placed(0, 2) + placed(2, 0) + placed(2, 2)
+    even_odd = placed(0, 1) + placed(2, 1)
+    odd_even = placed(1, 0) + placed(1, 2)
+    odd_odd = placed(1, 1)
+    full = jnp.stack(
+        [jnp.stack([even_even, even_odd], axis=3), jnp.stack([odd_even, odd_odd], axis=3)],
+        axis=2,
+    ).reshape(n, 2 * ho + 2, 2 * wo + 2, c)
+    return (full[:, 1 : 1 + h, 1 : 1 + w, :],)
+
+
+_max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool_3x3_s2(x: jax.Array, fast: bool = True) -> jax.Array:
+    """3x3 max pool, stride 2, padding 1 (the ResNet stem's), NHWC.
+
+    Same values and gradients as `nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`, ties
+    included (the gradient goes to the first maximum of the window in row-major order). With
+    `fast` the backward pass is a custom VJP: XLA CPU differentiates `reduce_window` through
+    select-and-scatter, which it expands into iotas, a variadic reduce-window and a scatter
+    over the padded input: 160 ms fwd+bwd for 32x64x32x64 and 1.3-1.6 s for 64x128x64x64,
+    against 15-18 ms and 0.22-0.33 s here (the forward alone: 8-13 ms and 50-70 ms). The
+    forward also records the int8 index of each window's maximum (1/16 of the input's
+    size), so the input need not be kept for the backward pass.
+    """
+    if not fast:
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return _max_pool_3x3_s2(x, tuple(x.shape[1:3]))
 
 
 class IBN(nn.Module):
@@ -233,10 +373,11 @@ class _Block(nn.Module):
     strides: int = 1
     ibn: bool = False
     fast_1x1: bool = True
+    fast_ops: bool = True
     dtype: Dtype = jnp.float32
 
     def conv3x3(self, features: int, strides: int, name: str) -> Conv3x3:
-        return Conv3x3(features, strides, dtype=self.dtype, name=name)
+        return Conv3x3(features, strides, fast=self.fast_ops, dtype=self.dtype, name=name)
 
     def conv1x1(self, features: int, strides: int, name: str) -> Conv1x1:
         return Conv1x1(features, strides, fast=self.fast_1x1, dtype=self.dtype, name=name)
@@ -302,6 +443,9 @@ class ResNet(nn.Module):
       ibn: IBN-a normalisation in the first BN of the bottlenecks of stages 1-3.
       dtype: compute dtype (e.g. bfloat16); parameters and BN statistics stay float32.
       fast_1x1: compute 1x1 convolutions as matrix products (same result, faster on CPU).
+      fast_ops: the other CPU rewrites (same parameters, same results to float rounding):
+        the max pool's custom VJP, 3x3 convolutions on small maps as patches @ kernel. False
+        gives the straightforward flax/lax formulation, which the tests compare against.
     """
 
     stage_sizes: Sequence[int]
@@ -311,6 +455,7 @@ class ResNet(nn.Module):
     ibn: bool = False
     dtype: Dtype = jnp.float32
     fast_1x1: bool = True
+    fast_ops: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, valid: jax.Array | None = None):
@@ -339,7 +484,7 @@ class ResNet(nn.Module):
         x = BatchNorm(dtype=self.dtype, name="bn1")(x, train=train, valid=valid)
         if self.stem_relu:
             x = nn.relu(x)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_s2(x, fast=self.fast_ops)
         for i, num_blocks in enumerate(self.stage_sizes):
             planes = 64 * 2**i
             stage_stride = 1 if i == 0 else (self.last_stride if i == 3 else 2)
@@ -349,6 +494,7 @@ class ResNet(nn.Module):
                     strides=stage_stride if j == 0 else 1,
                     ibn=self.ibn and i < 3,
                     fast_1x1=self.fast_1x1,
+                    fast_ops=self.fast_ops,
                     dtype=self.dtype,
                     name=f"layer{i + 1}_{j}",
                 )(x, train=train, valid=valid)

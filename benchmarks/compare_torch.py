@@ -1,0 +1,210 @@
+"""ctl_jax vs the PyTorch reference: training step and embedding throughput, same machine.
+
+    python benchmarks/compare_torch.py                      # the three standard settings
+    python benchmarks/compare_torch.py --settings=resnet18_64x32 --rounds=9 --threads=2
+
+For every setting and task (train, inference) this starts two worker processes, one per
+framework, pinned to the same `--threads` cores (torch also gets `set_num_threads`). Each
+builds its step (ctl_jax compiles; the compile time is measured cold, without the persistent
+cache), runs `--warmup` untimed steps, then the parent asks them for one timed step at a time,
+alternating A, B, B, A, ... so that both see the same load over the same time window; only one
+worker computes at any moment. Medians and minima of the per-step times are reported, and the
+1-minute load average before and after each pair (other work on the machine shows up there).
+
+Prints one JSON object: per setting and task, each framework's images/second (median and
+best step), seconds per step, compile seconds and peak RSS, and `jax_over_torch`, the ratio of
+median images/second (> 1: ctl_jax is faster), plus `jax_over_torch_best` from the minima.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name -> (arch, height, width, P, M, inference batch).
+SETTINGS = {
+    "resnet50_128x64": ("resnet50", 128, 64, 8, 4, 128),
+    "resnet50_256x128": ("resnet50", 256, 128, 16, 4, 128),
+    "resnet18_64x32": ("resnet18", 64, 32, 8, 4, 128),
+    "resnet18_256x128": ("resnet18", 256, 128, 16, 4, 128),
+}
+DEFAULT_SETTINGS = "resnet50_128x64,resnet50_256x128,resnet18_64x32"
+PROTOCOL = "@@ "  # prefix of the worker's protocol lines on stdout (anything else is ignored)
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(v) for v in f.read().split()[:3]]
+
+
+def worker(argv: list[str]) -> None:
+    """Worker process: builds one benchmark, then runs timed steps on request.
+
+    Reads commands from stdin: `run` (one timed step, answers its seconds) and `quit`
+    (answers peak RSS and exits).
+    """
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", choices=("train", "inference"), required=True)
+    task, rest = parser.parse_known_args(argv)
+    import inference
+    import train_step
+
+    module = train_step if task.task == "train" else inference
+    args = module.parse_args(rest)
+    process = train_step.setup_process(args)
+    bench = (module.build_jax if args.framework == "jax" else module.build_torch)(args)
+    train_step.time_steps(bench, 0, args.warmup)
+
+    def say(obj):
+        sys.stdout.write(PROTOCOL + json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    say({"ready": True, "compile_seconds": bench.compile_seconds, **process, **bench.info})
+    for line in sys.stdin:
+        if line.strip() == "run":
+            t0 = time.perf_counter()
+            bench.run()
+            say({"seconds": time.perf_counter() - t0})
+        else:
+            break
+    say({"peak_rss_mb": train_step.peak_rss_mb()})
+
+
+class Worker:
+    """Parent-side handle of one worker process."""
+
+    def __init__(self, task: str, framework: str, args: list[str]):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--task={task}"]
+        cmd += [f"--framework={framework}", *args]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE
+        )
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL) :])
+        raise RuntimeError(f"worker exited with code {self.proc.wait()}")
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> dict:
+        result = self.ask("quit")
+        self.proc.wait()
+        return result
+
+
+def compare(
+    task: str, common: list[str], extra: dict, rounds: int, pause: float, batch: int
+) -> dict:
+    """Interleaved timing of one task for both frameworks; returns the JSON fragment."""
+    import statistics
+
+    load_before = loadavg()
+    workers, ready = {}, {}
+    for framework in ("jax", "torch"):  # built one at a time: compilation sees no rival
+        workers[framework] = Worker(task, framework, common + extra[framework])
+        ready[framework] = workers[framework].read()
+    times = {"jax": [], "torch": []}
+    try:
+        for r in range(rounds):
+            order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
+            for framework in order:
+                time.sleep(pause)  # let the other framework's spinning threads go to sleep
+                times[framework].append(workers[framework].ask("run")["seconds"])
+    finally:
+        peak = {fw: w.close()["peak_rss_mb"] for fw, w in workers.items()}
+    result = {"batch": batch}
+    for framework in ("jax", "torch"):
+        t = times[framework]
+        result[framework] = {
+            "images_per_second": round(batch / statistics.median(t), 2),
+            "images_per_second_best": round(batch / min(t), 2),
+            "seconds_per_step": round(statistics.median(t), 4),
+            "seconds_per_step_min": round(min(t), 4),
+            "seconds_all": [round(v, 4) for v in t],
+            "compile_seconds": round(ready[framework]["compile_seconds"], 2),
+            "peak_rss_mb": peak[framework],
+            "threads": ready[framework]["threads"],
+            "tuned_malloc": ready[framework]["tuned_malloc"],
+        }
+    result["jax_over_torch"] = round(
+        result["jax"]["images_per_second"] / result["torch"]["images_per_second"], 3
+    )
+    result["jax_over_torch_best"] = round(
+        result["jax"]["images_per_second_best"] / result["torch"]["images_per_second_best"], 3
+    )
+    result["loadavg_before"], result["loadavg_after"] = load_before, loadavg()
+    return result
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        worker(argv[1:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=", ".join(SETTINGS))
+    parser.add_argument("--tasks", default="train,inference")
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per framework")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    parser.add_argument("--dtype", default="float32", help="ctl_jax compute dtype")
+    parser.add_argument("--infer_batch", type=int, default=0, help="0: the setting's default")
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds idle before a step")
+    parser.add_argument("--tune_malloc_jax", type=int, default=1, help="see train_step.py")
+    parser.add_argument("--tune_malloc_torch", type=int, default=0)
+    args = parser.parse_args(argv)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    out = {
+        "benchmark": "compare_torch",
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "rounds": args.rounds,
+        "dtype_jax": args.dtype,
+        "loadavg_start": loadavg(),
+        "results": [],
+    }
+    for name in args.settings.split(","):
+        arch, height, width, p, m, infer_batch = SETTINGS[name]
+        infer_batch = args.infer_batch or infer_batch
+        common = [
+            f"--arch={arch}",
+            f"--height={height}",
+            f"--width={width}",
+            f"--threads={threads}",
+            f"--warmup={args.warmup}",
+            f"--dtype={args.dtype}",
+        ]
+        entry = {"setting": name, "arch": arch, "height": height, "width": width, "p": p, "m": m}
+        for task in args.tasks.split(","):
+            if task == "train":
+                extra, batch = [f"--p={p}", f"--m={m}"], p * m
+            else:
+                extra, batch = [f"--batch={infer_batch}"], infer_batch
+            per_framework = {
+                "jax": [f"--tune_malloc={args.tune_malloc_jax}"],
+                "torch": [f"--tune_malloc={args.tune_malloc_torch}"],
+            }
+            entry[task] = compare(
+                task, common + extra, per_framework, args.rounds, args.pause, batch
+            )
+            print(json.dumps({"setting": name, "task": task, **entry[task]}), file=sys.stderr)
+        out["results"].append(entry)
+    out["loadavg_end"] = loadavg()
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Times embedding (inference) throughput: images in, BNNeck embeddings out.
+
+    python benchmarks/inference.py --arch=resnet50 --height=256 --width=128 --batch=128
+    python benchmarks/inference.py --framework=torch ...   # the same model in PyTorch
+
+The ctl_jax path is the one evaluation uses (`ctl_jax.inference.make_embed_fn`: running
+batch-norm statistics, float32 `bn_features` and `features` out); the PyTorch one is
+`torch_reference.ReidNet` in eval mode under `torch.inference_mode()`. Each timed step embeds
+one batch of `--batch` images already in memory and waits for the result on the host. Prints
+one JSON line like `train_step.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import (  # noqa: E402
+    ROOT,
+    Bench,
+    add_common_args,
+    jax_config,
+    peak_rss_mb,
+    setup_process,
+    summary,
+    time_steps,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--batch", type=int, default=128)
+    return parser.parse_args(argv)
+
+
+def fake_images(args) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((args.batch, args.height, args.width, 3)).astype(np.float32)
+
+
+def build_jax(args) -> Bench:
+    """`make_embed_fn` compiled (timed) for one batch shape; `run` embeds one batch."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    sys.path.insert(0, ROOT)
+    from ctl_jax.inference import make_embed_fn
+    from ctl_jax.models.reid import build_model, init_variables
+    from ctl_jax.training import sharding
+
+    config = jax_config(args)
+    model = build_model(config.model, args.num_classes)
+    mesh = sharding.make_mesh(1)
+    variables = init_variables(model, jax.random.key(0), (args.height, args.width, 3))
+    variables = sharding.replicate(variables, mesh)
+    embed = make_embed_fn(model, mesh)
+    host_images = fake_images(args)
+    images = sharding.put_batch({"images": host_images}, mesh)["images"]
+    t0 = time.perf_counter()
+    compiled = embed.lower(variables, images).compile()
+    compile_seconds = time.perf_counter() - t0
+
+    def run():
+        # Host -> device -> host, as `embed_split` does for every batch.
+        placed = sharding.put_batch({"images": host_images}, mesh)["images"]
+        bn_features, _ = compiled(variables, placed)
+        return np.asarray(bn_features)
+
+    info = {"jax": jax.__version__, "backend": jax.default_backend()}
+    return Bench(run, compile_seconds, info, compiled)
+
+
+def build_torch(args) -> Bench:
+    """`ReidNet` in eval mode; `run` embeds one batch (NHWC numpy -> NCHW tensor -> numpy)."""
+    import torch
+    from torch_reference import ReidNet
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = ReidNet(args.arch, args.num_classes).eval()
+    if args.torch_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    host_images = fake_images(args)
+
+    def run():
+        with torch.inference_mode():
+            x = torch.from_numpy(host_images).permute(0, 3, 1, 2)
+            x = x.contiguous(
+                memory_format=torch.channels_last
+                if args.torch_channels_last
+                else torch.contiguous_format
+            )
+            _, bn_features, _ = model(x)
+            return bn_features.numpy()
+
+    info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return Bench(run, 0.0, info)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    process = setup_process(args)
+    bench = (build_jax if args.framework == "jax" else build_torch)(args)
+    times = time_steps(bench, args.steps, args.warmup)
+    result = {
+        "benchmark": "inference",
+        "framework": args.framework,
+        "arch": args.arch,
+        "height": args.height,
+        "width": args.width,
+        "batch": args.batch,
+        "dtype": args.dtype if args.framework == "jax" else "float32",
+        **summary(args, times, args.batch),
+        "compile_seconds": round(bench.compile_seconds, 2),
+        "peak_rss_mb": peak_rss_mb(),
+        **process,
+        **bench.info,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The stem max-pool's custom backward pass against `flax.linen.max_pool` (values and
+gradients, ties included), on even and odd map sizes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctl_jax.models import resnet
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 5, 4), (1, 3, 2, 2), (2, 16, 9, 5)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_values_and_gradients_match_flax(shape, ties):
+    rng = np.random.default_rng(sum(shape))
+    x = rng.normal(size=shape).astype(np.float32)
+    if ties:  # after a ReLU many window entries are equal zeros
+        x = np.maximum(x, 0.0)
+        x[:, ::2, ::2, :] = 0.0
+    x = jnp.asarray(x)
+    weights = jnp.asarray(rng.normal(size=resnet.max_pool_3x3_s2(x, fast=False).shape))
+
+    def loss(fast, inputs):
+        return jnp.sum(resnet.max_pool_3x3_s2(inputs, fast=fast) * weights)
+
+    np.testing.assert_array_equal(
+        resnet.max_pool_3x3_s2(x, fast=True), resnet.max_pool_3x3_s2(x, fast=False)
+    )
+    g_fast = jax.grad(loss, argnums=1)(True, x)
+    g_ref = jax.grad(loss, argnums=1)(False, x)
+    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_under_jit_and_in_the_model():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 16, 3)).astype(np.float32))
+    fast = resnet.ResNet18(fast_ops=True)
+    slow = resnet.ResNet18(fast_ops=False)
+    variables = fast.init(jax.random.key(0), x, train=False)
+
+    def loss(model, params):
+        y = model.apply({**variables, "params": params}, x, train=False)
+        return jnp.sum(jnp.sin(y))
+
+    g_fast = jax.jit(jax.grad(lambda p: loss(fast, p)))(variables["params"])
+    g_slow = jax.jit(jax.grad(lambda p: loss(slow, p)))(variables["params"])
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
