@@ -35,7 +35,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     parser.add_argument("--num_classes", type=int, default=751)
     parser.add_argument("--fast_1x1", type=int, default=1, help="jax only: 1x1 convs as matmuls")
     parser.add_argument("--dtype", default="float32", help="jax only: float32 or bfloat16")

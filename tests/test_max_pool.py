@@ -45,3 +45,24 @@ def test_max_pool_gradient_under_jit_and_in_the_model():
     g_slow = jax.jit(jax.grad(lambda p: loss(slow, p)))(variables["params"])
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_max_pool_gradient_with_the_batch_sharded(explicit):
+    """The phase reshapes must keep working when the batch axis is sharded, with the mesh's
+    axis type Auto (as the trainer builds it) or Explicit (`jax.make_mesh`'s default)."""
+    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(kind,))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(8, 9, 6, 3)).astype(np.float32))
+    weights = jnp.asarray(rng.normal(size=(8, 5, 3, 3)).astype(np.float32))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    def loss(fast, inputs, w):
+        return jnp.sum(resnet.max_pool_3x3_s2(inputs, fast=fast) * w)
+
+    g_ref = jax.grad(loss, argnums=1)(False, x, weights)
+    g_sharded = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(
+        True, jax.device_put(x, shard), jax.device_put(weights, shard)
+    )
+    np.testing.assert_allclose(np.asarray(g_sharded), np.asarray(g_ref), rtol=1e-6, atol=1e-6)

@@ -96,7 +96,15 @@ class BatchNorm(nn.Module):
 
 
 def _masked_moments(x: jax.Array, valid: jax.Array | None):
-    """Mean, biased variance and element count per channel of (N, ..., C) over valid rows."""
+    """Mean, biased variance and element count per channel of (N, ..., C) over valid rows.
+
+    Two passes (mean, then mean squared deviation) for accuracy. With a mask, each pass first
+    reduces every sample to an (N, C) partial sum and masks those: a `where` on the full
+    (N, ..., C) tensor made XLA materialise a masked copy of every batch-norm input and a
+    broadcast zero tensor for its gradient. Masking the partial sums instead: ResNet-50
+    256x128 batch-64 training step on one core 15.5 -> 12.2 s; no difference at 128x64
+    batch 32 (1.30 vs 1.32 s). Same statistics up to float rounding.
+    """
     xf = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     per_row = math.prod(x.shape[1:-1])
@@ -105,13 +113,15 @@ def _masked_moments(x: jax.Array, valid: jax.Array | None):
         mean = jnp.mean(xf, axes)
         var = jnp.mean(jnp.square(xf - mean), axes)
         return mean, var, count
-    mask = valid.astype(bool).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    keep = valid.astype(bool)[:, None]
     count = jnp.sum(valid.astype(jnp.float32)) * per_row
     denom = jnp.maximum(count, 1.0)
-    # `where` rather than multiplying by the mask, so that non-finite values in padded rows
-    # cannot leak into the statistics.
-    mean = jnp.sum(jnp.where(mask, xf, 0.0), axes) / denom
-    var = jnp.sum(jnp.where(mask, jnp.square(xf - mean), 0.0), axes) / denom
+    inner = axes[1:]  # the spatial axes
+    # `where` on the partial sums rather than multiplying them by the mask, so that non-finite
+    # values in padded rows cannot leak into the statistics.
+    mean = jnp.sum(jnp.where(keep, jnp.sum(xf, inner), 0.0), 0) / denom
+    sq_dev = jnp.sum(jnp.square(xf - mean), inner)
+    var = jnp.sum(jnp.where(keep, sq_dev, 0.0), 0) / denom
     return mean, var, count
 
 
@@ -159,10 +169,17 @@ class Conv1x1(nn.Module):
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 4x4 input tile d and the 3x3 kernel g give the
-# 2x2 output tile A^T [(G g G^T) * (B^T d B)] A, 16 multiplies instead of 36.
+# 2x2 output tile A^T [(G g G^T) * (B^T d B)] A: 16 multiplies instead of 36, so the forward
+# pass and both gradients (autodiff of the same linear maps) do 2.25x fewer flops, as 16
+# batched matrix products. The transforms only add, subtract and halve, so the results
+# differ from the direct convolution by float rounding (relative 1e-6 in float32).
 #   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
 #   G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
 #   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+# Used on CPU for stride-1 3x3 convolutions with at least this many input channels (ResNet-50
+# stages 3-4), where it paid: one core, ResNet-50 step 128x64 batch 32 1.43 -> 1.26 s,
+# 256x128 batch 64 15.4 -> 14.6 s; embedding 128 images 128x64 1.69 -> 1.48 s. With 64-128
+# channels the extra memory traffic of the transforms ate the gain (no better or slower).
 _WINOGRAD_MIN_CIN = 256
 
 
@@ -182,7 +199,11 @@ def _winograd_output_1d(rows: list[jax.Array]) -> list[jax.Array]:
 
 
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
-    """3x3 convolution, stride 1, padding 1, NHWC x HWIO, by Winograd F(2x2, 3x3)."""
+    """3x3 convolution, stride 1, padding 1, NHWC x HWIO, by Winograd F(2x2, 3x3).
+
+    Same result as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` up to
+    float rounding, for any H, W >= 1 (odd sizes are padded to whole tiles and cropped).
+    """
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
     th, tw = (h + 1) // 2, (w + 1) // 2
@@ -206,19 +227,34 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, precision: Any = None) -> 
     return y.reshape(n, 2 * th, 2 * tw, cout)[:, :h, :w, :]
 
 
+def _use_winograd(x: jax.Array, strides: int) -> bool:
+    # GPUs and TPUs have fast native convolutions; bfloat16 transforms would lose precision.
+    return (
+        strides == 1
+        and x.shape[-1] >= _WINOGRAD_MIN_CIN
+        and x.dtype == jnp.float32
+        and jax.default_backend() == "cpu"
+    )
+
+
 class Conv3x3(nn.Module):
     """3x3 convolution with padding 1; same parameter as `nn.Conv(features, (3, 3), ...)`.
 
-    XLA's CPU convolution falls onto a very slow path when a spatial side of the input or of
-    the output is at most 3 (4x2 or 8x4 -> 4x2 maps, as small demo images give in stages
-    3-4), in the forward pass or in the input gradient. Measured fwd+bwd, batch 32:
-    4x2x256 -> 256 took 320-650 ms against 5 ms as patches; the strided 8x4x128 -> 4x2x256
-    49 ms against 2.7 ms (its input gradient alone 49-81 ms); 3x3x256 -> 256 11 ms against
-    6.6 ms; at 8x4 and up the convolution is as fast or faster. So outputs with a side of at
-    most 3 are computed as patches (im2col) @ kernel, all others as a convolution.
+    Three ways to compute it, chosen from the static shapes (all give the convolution's
+    result up to float rounding, and the same gradients):
+    - patches (im2col) @ kernel when a side of the output is at most 3. XLA's CPU convolution
+      falls onto a very slow path there, in the forward pass or in the input gradient (4x2
+      or 8x4 -> 4x2 maps, as small demo images give in stages 3-4). Measured fwd+bwd, batch
+      32: 4x2x256 -> 256 took 320-650 ms against 5 ms as patches; the strided 8x4x128 ->
+      4x2x256 49 ms against 2.7 ms (its input gradient alone 49-81 ms); 3x3x256 -> 256 11 ms
+      against 6.6 ms; from 8x4 up the convolution was as fast or faster.
+    - Winograd F(2x2, 3x3) (`winograd_conv3x3`) on the CPU backend in float32, for stride 1
+      and at least `_WINOGRAD_MIN_CIN` input channels.
+    - `lax.conv_general_dilated` otherwise, and always on other backends or with
+      `fast=False`.
 
     Attributes:
-      fast: use the patches path on small maps (False: always `lax.conv_general_dilated`).
+      fast: allow the patches and Winograd paths (False: always the plain convolution).
     """
 
     features: int
@@ -240,7 +276,7 @@ class Conv3x3(nn.Module):
         s = self.strides
         n, h, w, _ = x.shape
         ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
-        if self.fast and s == 1 and cin >= _WINOGRAD_MIN_CIN and min(ho, wo) > 3:
+        if self.fast and min(ho, wo) > 3 and _use_winograd(x, s):
             return winograd_conv3x3(x, kernel, self.precision)
         if not self.fast or min(ho, wo) > 3:
             return lax.conv_general_dilated(
@@ -276,6 +312,9 @@ def _pool_phases(x: jax.Array) -> tuple[jax.Array, int, int]:
     ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
     pad = ((0, 0), (1, 2 * ho + 1 - h), (1, 2 * wo + 1 - w), (0, 0))
     xp = jnp.pad(x, pad, constant_values=-jnp.inf)
+    # One axis split per reshape: JAX cannot infer the output sharding of a reshape that
+    # changes several axes when the batch axis is sharded explicitly.
+    xp = xp.reshape(n, ho + 1, 2, 2 * wo + 2, c)
     return xp.reshape(n, ho + 1, 2, wo + 1, 2, c), ho, wo
 
 
@@ -285,19 +324,25 @@ def _pool_tap(x6: jax.Array, ho: int, wo: int, k: int) -> jax.Array:
     return x6[:, u : u + ho, a, v : v + wo, b, :]
 
 
-def _reduce_window_max(x: jax.Array) -> jax.Array:
-    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pad)
+def _max_of_taps(x: jax.Array) -> jax.Array:
+    """The 3x3 stride-2 max pool as the maximum of its 9 taps: one elementwise fusion, 2-3.5x
+    faster than XLA CPU's reduce-window (one core: 8.4 -> 2.5 ms for 32x64x32x64, 42 -> 23 ms
+    for 64x128x64x64); max is exact, so the values are identical."""
+    x6, ho, wo = _pool_phases(x)
+    y = _pool_tap(x6, ho, wo, 0)
+    for k in range(1, 9):
+        y = jnp.maximum(y, _pool_tap(x6, ho, wo, k))
+    return y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_3x3_s2(x: jax.Array, input_hw: tuple[int, int]) -> jax.Array:
     del input_hw  # only the backward pass needs it
-    return _reduce_window_max(x)
+    return _max_of_taps(x)
 
 
 def _max_pool_fwd(x, input_hw):
-    y = _reduce_window_max(x)
+    y = _max_of_taps(x)
     # Index (0..8, row-major in the window) of the first maximum: where the gradient goes.
     # Taps are scanned last to first so that the earliest equal tap wins, as in XLA's
     # select-and-scatter and PyTorch (ties are common after a ReLU: several zeros).
@@ -328,7 +373,9 @@ def _max_pool_bwd(input_hw, index, g):
     full = jnp.stack(
         [jnp.stack([even_even, even_odd], axis=3), jnp.stack([odd_even, odd_odd], axis=3)],
         axis=2,
-    ).reshape(n, 2 * ho + 2, 2 * wo + 2, c)
+    )
+    # One axis merge per reshape, as in `_pool_phases`.
+    full = full.reshape(n, ho + 1, 2, 2 * wo + 2, c).reshape(n, 2 * ho + 2, 2 * wo + 2, c)
     return (full[:, 1 : 1 + h, 1 : 1 + w, :],)
 
 
@@ -339,13 +386,16 @@ def max_pool_3x3_s2(x: jax.Array, fast: bool = True) -> jax.Array:
     """3x3 max pool, stride 2, padding 1 (the ResNet stem's), NHWC.
 
     Same values and gradients as `nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`, ties
-    included (the gradient goes to the first maximum of the window in row-major order). With
-    `fast` the backward pass is a custom VJP: XLA CPU differentiates `reduce_window` through
-    select-and-scatter, which it expands into iotas, a variadic reduce-window and a scatter
-    over the padded input: 160 ms fwd+bwd for 32x64x32x64 and 1.3-1.6 s for 64x128x64x64,
-    against 15-18 ms and 0.22-0.33 s here (the forward alone: 8-13 ms and 50-70 ms). The
-    forward also records the int8 index of each window's maximum (1/16 of the input's
-    size), so the input need not be kept for the backward pass.
+    included: the gradient goes to the first maximum of the window in row-major order, as
+    XLA's select-and-scatter does (ties are common after a ReLU). With `fast` the backward
+    pass is a custom VJP: XLA CPU differentiates `reduce_window` through select-and-scatter,
+    which it expands into iotas, a variadic reduce-window and a scatter over the padded
+    input: 160 ms fwd+bwd for 32x64x32x64 (the ResNet stem at 128x64, batch 32) and 1.3-1.6 s
+    for 64x128x64x64 (256x128, batch 64), against 15-18 ms and 0.22-0.33 s here (machine
+    under load; the forward alone: 8-13 ms and 50-70 ms). The forward records the int8
+    index of each window's maximum (1/16 of the input's size) so that the input need not be
+    kept for the backward pass, which places the gradients on the four row/column parity
+    phases of the input and interleaves them: elementwise work only.
     """
     if not fast:
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

@@ -1,0 +1,161 @@
+"""The CPU speed rewrites of `ctl_jax.models.resnet` against the straightforward lax/flax
+formulation: Winograd and patches 3x3 convolutions, masked batch-norm moments, and a whole
+bottleneck network with every rewrite on vs off. Outputs and gradients, odd sizes included.
+(The max-pool's custom VJP is covered by test_max_pool.py.)"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from ctl_jax.models import resnet
+
+
+def _direct_conv(x, kernel, strides=1):
+    return lax.conv_general_dilated(
+        x, kernel, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _rel_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 8, 4, 6, 5), (1, 7, 5, 3, 4), (3, 1, 1, 2, 3), (2, 2, 3, 4, 2)]
+)
+def test_winograd_matches_direct_convolution(shape):
+    n, h, w, cin, cout = shape
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32))
+    weights = jnp.asarray(rng.normal(size=(n, h, w, cout)).astype(np.float32))
+    y = jax.jit(resnet.winograd_conv3x3)(x, kernel)
+    y_ref = _direct_conv(x, kernel)
+    assert y.shape == y_ref.shape
+    assert _rel_err(y, y_ref) < 1e-5
+
+    def loss(conv, inputs, k):
+        return jnp.sum(jnp.tanh(conv(inputs, k)) * weights)
+
+    grads = jax.jit(jax.grad(functools.partial(loss, resnet.winograd_conv3x3), argnums=(0, 1)))(
+        x, kernel
+    )
+    grads_ref = jax.grad(functools.partial(loss, _direct_conv), argnums=(0, 1))(x, kernel)
+    for g, g_ref in zip(grads, grads_ref):
+        assert _rel_err(g, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "hw, cin, strides",
+    [
+        ((8, 4), 256, 1),  # Winograd
+        ((9, 5), 256, 1),  # Winograd, odd sizes
+        ((8, 4), 16, 2),  # strided to a 4x2 output: patches
+        ((8, 6), 8, 1),  # plain convolution
+    ],
+)
+def test_conv3x3_module_matches_flax_conv(hw, cin, strides):
+    rng = np.random.default_rng(cin + strides)
+    x = jnp.asarray(rng.normal(size=(1, *hw, cin)).astype(np.float32))
+    ours = resnet.Conv3x3(6, strides)
+    params = ours.init(jax.random.key(0), x)
+    assert params["params"]["kernel"].shape == (3, 3, cin, 6)
+    ref = nn.Conv(6, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False)
+    plain = resnet.Conv3x3(6, strides, fast=False)
+
+    def loss(module, p, inputs):
+        return jnp.sum(jnp.sin(module.apply(p, inputs)))
+
+    y_ref = jax.jit(ref.apply)(params, x)
+    g_ref = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1)))(params, x)
+    for module in (ours, plain):
+        assert _rel_err(jax.jit(module.apply)(params, x), y_ref) < 1e-5
+        g = jax.jit(jax.grad(functools.partial(loss, module), argnums=(0, 1)))(params, x)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            assert _rel_err(a, b) < 1e-5
+
+
+def test_winograd_is_cpu_float32_only():
+    x32 = jnp.zeros((1, 8, 8, 256), jnp.float32)
+    assert resnet._use_winograd(x32, 1) == (jax.default_backend() == "cpu")
+    assert not resnet._use_winograd(x32, 2)
+    assert not resnet._use_winograd(x32.astype(jnp.bfloat16), 1)
+    assert not resnet._use_winograd(jnp.zeros((1, 8, 8, 128)), 1)
+
+
+def _where_moments(x, valid):
+    """The straightforward masked moments: `where` on the full tensor."""
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mask = valid.reshape((-1,) + (1,) * (x.ndim - 1))
+    count = jnp.sum(valid) * np.prod(x.shape[1:-1])
+    mean = jnp.sum(jnp.where(mask, xf, 0.0), axes) / count
+    var = jnp.sum(jnp.where(mask, jnp.square(xf - mean), 0.0), axes) / count
+    return mean, var
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 2, 4), (6, 7), (4, 1, 3, 2)])
+def test_masked_moments_values_and_gradients(shape):
+    rng = np.random.default_rng(len(shape))
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32) * 3.0 + 2.0)
+    valid = jnp.asarray(np.arange(shape[0]) % 3 != 1)
+    mean, var, count = resnet._masked_moments(x, valid)
+    mean_ref, var_ref = _where_moments(x, valid)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-5, atol=1e-6)
+    assert float(count) == float(jnp.sum(valid)) * np.prod(shape[1:-1])
+
+    def loss(moments, inputs):
+        m, v = moments(inputs, valid)[:2]
+        return jnp.sum(jnp.sin(m)) + jnp.sum(jnp.sqrt(v + 1.0))
+
+    g = jax.jit(jax.grad(functools.partial(loss, resnet._masked_moments)))(x)
+    g_ref = jax.jit(jax.grad(functools.partial(loss, _where_moments)))(x)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+    # Padded rows neither change the statistics, even when not finite, nor get a gradient.
+    mask = valid.reshape((-1,) + (1,) * (x.ndim - 1))
+    for fill in (jnp.nan, jnp.inf, 1e30):
+        mean_bad, var_bad, _ = resnet._masked_moments(jnp.where(mask, x, fill), valid)
+        np.testing.assert_array_equal(mean_bad, mean)
+        np.testing.assert_array_equal(var_bad, var)
+    np.testing.assert_array_equal(g[~np.asarray(valid)], 0.0)
+
+
+def test_bottleneck_network_fast_ops_same_outputs_and_gradients():
+    """Three one-block stages at 64x64: stage 3 (256 channels, 4x4 map) takes the Winograd
+    path, the stem the custom max-pool; the 1x1 matmuls too. Train mode with a padded row."""
+    net = functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1), block_cls=resnet.Bottleneck)
+    fast, plain = net(), net(fast_ops=False, fast_1x1=False)
+    x = jax.random.normal(jax.random.key(0), (3, 64, 64, 3))
+    valid = jnp.array([True, False, True])
+    variables = jax.jit(functools.partial(plain.init, train=False))(jax.random.key(1), x)
+
+    def run(model, params):
+        y, updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            valid=valid,
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(jnp.sin(y[valid])), (y, updates)
+
+    def grads(model):
+        return jax.jit(jax.grad(functools.partial(run, model), has_aux=True))(variables["params"])
+
+    g_fast, (y_fast, upd_fast) = grads(fast)
+    g_plain, (y_plain, upd_plain) = grads(plain)
+    assert y_fast.shape == (3, 4, 4, 1024)
+    assert _rel_err(y_fast[valid], y_plain[valid]) < 1e-4
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), upd_fast, upd_plain
+    )
+    # One global scale: some gradients are pure rounding noise (see test_models.py).
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_plain))
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a / scale, b / scale, atol=2e-5)
