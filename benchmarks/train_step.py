@@ -51,8 +51,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         "--tune_malloc",
         type=int,
         default=None,
-        help="keep freed memory in glibc's heap (see `tune_malloc`); default: on for jax, "
-        "off for torch",
+        help="keep freed memory in glibc's heap (`ctl_jax.malloc`, which ctl_jax's command "
+        "lines apply); default: on for jax, off for torch",
     )
     parser.add_argument(
         "--torch_channels_last",
@@ -78,31 +78,6 @@ class Bench:
     compile_seconds: float
     info: dict
     compiled: Any = None  # jax only: the compiled executable (for HLO / cost inspection)
-
-
-def tune_malloc() -> bool:
-    """Makes glibc keep freed memory for reuse instead of returning it to the kernel.
-
-    XLA's CPU runtime allocates each execution's temporary buffer (hundreds of MB for a
-    ResNet-50 step) and its output buffers afresh. glibc serves such large blocks from thread
-    arenas with `mmap` and unmaps them on free, so every step page-faults its whole working
-    set back in: 141k faults (550 MB) per ResNet-50 128x64 batch-32 step, 0.25-0.3 s of
-    system time in a 1.67 s step on one core; a fresh 134 MB output costs 60 ms to write
-    against 7 ms in place. One arena, no mmap and no trimming make glibc reuse the blocks:
-    0 faults and 1.42 s per step. Must run before JAX starts its threads; the price is that
-    the process keeps its peak heap (RSS does not shrink after the step).
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    ok = libc.mallopt(m_arena_max, 1) == 1
-    ok &= libc.mallopt(m_mmap_max, 0) == 1
-    ok &= libc.mallopt(m_trim_threshold, 2**31 - 1) == 1  # mallopt takes a C int
-    return bool(ok)
 
 
 def pin_threads(threads: int) -> int:
@@ -242,7 +217,12 @@ def setup_process(args) -> dict:
     """Thread pinning and allocator tuning; before either framework starts its threads."""
     threads = pin_threads(args.threads)
     tuned = args.tune_malloc if args.tune_malloc is not None else args.framework == "jax"
-    return {"threads": threads, "tuned_malloc": bool(tuned) and tune_malloc()}
+    if not tuned:
+        return {"threads": threads, "tuned_malloc": False}
+    sys.path.insert(0, ROOT)
+    from ctl_jax.malloc import tune_malloc
+
+    return {"threads": threads, "tuned_malloc": tune_malloc()}
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """What every entry point shares: absl flag parsing with one-line errors, the compilation
-cache, and turning expected failures into a one-line message and a non-zero exit code."""
+cache, the allocator settings, and turning expected failures into a one-line message and a
+non-zero exit code."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ctl_jax.errors import CheckpointError
+from ctl_jax.malloc import tune_malloc
 
 # Failures a user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -96,6 +98,7 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     """`absl.app.run(main)` with clean errors for bad flags and for user errors in `main`."""
 
     def guarded(argv):
+        tune_malloc()  # before JAX starts its threads (see ctl_jax/malloc.py)
         # orbax and grain log every save and restore through absl (INFO), and warn about
         # routine things such as opening a checkpoint read-only; our own errors are explicit.
         logging.set_verbosity(logging.ERROR)

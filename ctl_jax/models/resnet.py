@@ -344,12 +344,13 @@ def _max_pool_3x3_s2(x: jax.Array, input_hw: tuple[int, int]) -> jax.Array:
 def _max_pool_fwd(x, input_hw):
     y = _max_of_taps(x)
     # Index (0..8, row-major in the window) of the first maximum: where the gradient goes.
-    # Taps are scanned last to first so that the earliest equal tap wins, as in XLA's
-    # select-and-scatter and PyTorch (ties are common after a ReLU: several zeros).
+    # argmax returns the first of equal maxima, as XLA's select-and-scatter and PyTorch
+    # choose (ties are common after a ReLU: several zeros). A reduction, because XLA would
+    # fuse an elementwise select chain into every consumer in the backward pass and
+    # recompute it there: 26 ms against 5 ms for the ResNet-50 128x64 batch-32 step.
     x6, ho, wo = _pool_phases(x)
-    index = jnp.full(y.shape, 8, jnp.int8)
-    for k in range(7, -1, -1):
-        index = jnp.where(_pool_tap(x6, ho, wo, k) == y, jnp.int8(k), index)
+    taps = jnp.stack([_pool_tap(x6, ho, wo, k) for k in range(9)], axis=-1)
+    index = jnp.argmax(taps, axis=-1).astype(jnp.int8)
     return y, index
 
 
