@@ -1,0 +1,43 @@
+"""glibc allocator settings that make XLA's CPU runtime reuse memory between steps.
+
+XLA's CPU runtime allocates each execution's temporary buffer (hundreds of MB for a ResNet-50
+step) and its output buffers afresh. glibc serves such large blocks from thread arenas with
+`mmap` and unmaps them on free, so every step page-faults its whole working set back in:
+141k faults (550 MB) per ResNet-50 128x64 batch-32 training step, 0.25-0.3 s of system time
+in a 1.67 s step on one core; a fresh 134 MB output costs 60 ms to write against 7 ms in
+place. One arena, no mmap and no trimming make glibc reuse the blocks: 0 faults and 1.42 s
+per step. The price is that the process keeps its peak heap (RSS does not shrink after a
+step), which a training or embedding process does not need anyway.
+
+The entry points (`ctl_jax.cli.run`) call `tune_malloc()` first thing; set
+`CTL_JAX_TUNE_MALLOC=0` to leave glibc's defaults alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+ENV = "CTL_JAX_TUNE_MALLOC"
+
+# mallopt parameter numbers, from glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def tune_malloc() -> bool:
+    """Applies the settings above; True if glibc accepted them all (False elsewhere: musl,
+    macOS, Windows, or `CTL_JAX_TUNE_MALLOC=0`).
+
+    Call before JAX (or torch) starts its thread pools: arenas that already exist stay.
+    """
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_ARENA_MAX, 1) == 1
+    ok &= mallopt(_M_MMAP_MAX, 0) == 1
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1  # mallopt takes a C int
+    return bool(ok)
