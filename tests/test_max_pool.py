@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctl_jax.models import resnet
+from ctl_jax.models import cpu_ops, resnet
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 5, 4), (1, 3, 2, 2), (2, 16, 9, 5)])
@@ -18,13 +18,13 @@ def test_max_pool_values_and_gradients_match_flax(shape, ties):
         x = np.maximum(x, 0.0)
         x[:, ::2, ::2, :] = 0.0
     x = jnp.asarray(x)
-    weights = jnp.asarray(rng.normal(size=resnet.max_pool_3x3_s2(x, fast=False).shape))
+    weights = jnp.asarray(rng.normal(size=cpu_ops.max_pool_3x3_s2(x, fast=False).shape))
 
     def loss(fast, inputs):
-        return jnp.sum(resnet.max_pool_3x3_s2(inputs, fast=fast) * weights)
+        return jnp.sum(cpu_ops.max_pool_3x3_s2(inputs, fast=fast) * weights)
 
     np.testing.assert_array_equal(
-        resnet.max_pool_3x3_s2(x, fast=True), resnet.max_pool_3x3_s2(x, fast=False)
+        cpu_ops.max_pool_3x3_s2(x, fast=True), cpu_ops.max_pool_3x3_s2(x, fast=False)
     )
     g_fast = jax.grad(loss, argnums=1)(True, x)
     g_ref = jax.grad(loss, argnums=1)(False, x)
@@ -59,7 +59,7 @@ def test_max_pool_gradient_with_the_batch_sharded(explicit):
     shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     def loss(fast, inputs, w):
-        return jnp.sum(resnet.max_pool_3x3_s2(inputs, fast=fast) * w)
+        return jnp.sum(cpu_ops.max_pool_3x3_s2(inputs, fast=fast) * w)
 
     g_ref = jax.grad(loss, argnums=1)(False, x, weights)
     g_sharded = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(

@@ -1,5 +1,6 @@
-"""The CPU speed rewrites of `ctl_jax.models.resnet` against the straightforward lax/flax
-formulation: Winograd and patches 3x3 convolutions, masked batch-norm moments, and a whole
+"""The CPU speed rewrites (`ctl_jax.models.cpu_ops`, as `ctl_jax.models.resnet` uses them)
+against the straightforward lax/flax formulation: Winograd and patches 3x3 convolutions,
+kernel gradients as matrix products, the stem, masked batch-norm moments, and a whole
 bottleneck network with every rewrite on vs off. Outputs and gradients, odd sizes included.
 (The max-pool's custom VJP is covered by test_max_pool.py.)"""
 
@@ -12,12 +13,19 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ctl_jax.models import resnet
+from ctl_jax.models import cpu_ops, resnet
 
 
 def _direct_conv(x, kernel, strides=1):
     return lax.conv_general_dilated(
         x, kernel, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _direct_conv_any(x, kernel, strides, padding):
+    pad = ((padding, padding), (padding, padding))
+    return lax.conv_general_dilated(
+        x, kernel, (strides, strides), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
 
@@ -34,7 +42,7 @@ def test_winograd_matches_direct_convolution(shape):
     x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32))
     weights = jnp.asarray(rng.normal(size=(n, h, w, cout)).astype(np.float32))
-    y = jax.jit(resnet.winograd_conv3x3)(x, kernel)
+    y = jax.jit(cpu_ops.winograd_conv3x3)(x, kernel)
     y_ref = _direct_conv(x, kernel)
     assert y.shape == y_ref.shape
     assert _rel_err(y, y_ref) < 1e-5
@@ -42,7 +50,7 @@ def test_winograd_matches_direct_convolution(shape):
     def loss(conv, inputs, k):
         return jnp.sum(jnp.tanh(conv(inputs, k)) * weights)
 
-    grads = jax.jit(jax.grad(functools.partial(loss, resnet.winograd_conv3x3), argnums=(0, 1)))(
+    grads = jax.jit(jax.grad(functools.partial(loss, cpu_ops.winograd_conv3x3), argnums=(0, 1)))(
         x, kernel
     )
     grads_ref = jax.grad(functools.partial(loss, _direct_conv), argnums=(0, 1))(x, kernel)
@@ -56,7 +64,8 @@ def test_winograd_matches_direct_convolution(shape):
         ((8, 4), 256, 1),  # Winograd
         ((9, 5), 256, 1),  # Winograd, odd sizes
         ((8, 4), 16, 2),  # strided to a 4x2 output: patches
-        ((8, 6), 8, 1),  # plain convolution
+        ((8, 6), 8, 1),  # convolution, kernel gradient by Winograd
+        ((9, 11), 8, 2),  # strided convolution, kernel gradient per tap
     ],
 )
 def test_conv3x3_module_matches_flax_conv(hw, cin, strides):
@@ -80,12 +89,67 @@ def test_conv3x3_module_matches_flax_conv(hw, cin, strides):
             assert _rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "shape, size, strides, method",
+    [
+        ((2, 8, 6, 5, 4), 3, 1, "winograd"),
+        ((1, 7, 9, 3, 2), 3, 1, "winograd"),  # odd sizes: partial Winograd tiles
+        ((2, 9, 8, 4, 3), 3, 2, "taps"),
+        ((2, 8, 8, 4, 3), 3, 2, "taps"),
+        ((2, 17, 10, 3, 4), 7, 2, "patches"),  # the stem's shape, odd height
+        ((1, 8, 6, 2, 3), 3, 1, "patches"),
+    ],
+)
+def test_matmul_kernel_gradient_matches_the_convolution(shape, size, strides, method):
+    n, h, w, cin, cout = shape
+    padding = size // 2
+    rng = np.random.default_rng(h * w + size)
+    x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(size, size, cin, cout)).astype(np.float32))
+    y_ref = cpu_ops.conv2d(x, kernel, strides, padding)
+    weights = jnp.asarray(rng.normal(size=y_ref.shape).astype(np.float32))
+
+    def loss(conv, inputs, k):
+        return jnp.sum(jnp.tanh(conv(inputs, k)) * weights)
+
+    ours = functools.partial(
+        cpu_ops.conv2d_matmul_kernel_grad, strides=strides, padding=padding, method=method
+    )
+    np.testing.assert_array_equal(jax.jit(ours)(x, kernel), y_ref)
+    grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(x, kernel)
+    plain = functools.partial(_direct_conv_any, strides=strides, padding=padding)
+    grads_ref = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(x, kernel)
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.shape == g_ref.shape
+        assert _rel_err(g, g_ref) < 1e-5
+
+
+def test_stem_matches_flax_conv():
+    x = jax.random.normal(jax.random.key(2), (2, 19, 12, 3))
+    ref = nn.Conv(8, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False)
+    params = ref.init(jax.random.key(0), x)
+
+    def loss(module, p, inputs):
+        return jnp.sum(jnp.sin(module.apply(p, inputs)))
+
+    g_ref = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1)))(params, x)
+    for fast in (True, False):
+        stem = resnet.StemConv(8, fast=fast)
+        assert jax.tree.map(jnp.shape, stem.init(jax.random.key(0), x)) == jax.tree.map(
+            jnp.shape, params
+        )
+        assert _rel_err(jax.jit(stem.apply)(params, x), ref.apply(params, x)) < 1e-5
+        g = jax.jit(jax.grad(functools.partial(loss, stem), argnums=(0, 1)))(params, x)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            assert _rel_err(a, b) < 1e-5
+
+
 def test_winograd_is_cpu_float32_only():
     x32 = jnp.zeros((1, 8, 8, 256), jnp.float32)
-    assert resnet._use_winograd(x32, 1) == (jax.default_backend() == "cpu")
-    assert not resnet._use_winograd(x32, 2)
-    assert not resnet._use_winograd(x32.astype(jnp.bfloat16), 1)
-    assert not resnet._use_winograd(jnp.zeros((1, 8, 8, 128)), 1)
+    assert cpu_ops.use_winograd(x32, 1) == (jax.default_backend() == "cpu")
+    assert not cpu_ops.use_winograd(x32, 2)
+    assert not cpu_ops.use_winograd(x32.astype(jnp.bfloat16), 1)
+    assert not cpu_ops.use_winograd(jnp.zeros((1, 8, 8, 128)), 1)
 
 
 def _where_moments(x, valid):

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ctl_jax.models import cpu_ops
+
 Dtype = Any
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for every convolution.
@@ -151,14 +153,7 @@ class Conv1x1(nn.Module):
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         s = self.strides
         if not self.fast:
-            return lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=(s, s),
-                padding="VALID",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                precision=self.precision,
-            )
+            return cpu_ops.conv2d(x, kernel, s, 0, self.precision)
         if s > 1:
             x = x[:, ::s, ::s, :]
         n, h, w, _ = x.shape
@@ -166,75 +161,6 @@ class Conv1x1(nn.Module):
             x.reshape(n * h * w, cin), kernel.reshape(cin, self.features), precision=self.precision
         )
         return y.reshape(n, h, w, self.features)
-
-
-# Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 4x4 input tile d and the 3x3 kernel g give the
-# 2x2 output tile A^T [(G g G^T) * (B^T d B)] A: 16 multiplies instead of 36, so the forward
-# pass and both gradients (autodiff of the same linear maps) do 2.25x fewer flops, as 16
-# batched matrix products. The transforms only add, subtract and halve, so the results
-# differ from the direct convolution by float rounding (relative 1e-6 in float32).
-#   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
-#   G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
-#   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
-# Used on CPU for stride-1 3x3 convolutions with at least this many input channels (ResNet-50
-# stages 3-4), where it paid: one core, ResNet-50 step 128x64 batch 32 1.43 -> 1.26 s,
-# 256x128 batch 64 15.4 -> 14.6 s; embedding 128 images 128x64 1.69 -> 1.48 s. With 64-128
-# channels the extra memory traffic of the transforms ate the gain (no better or slower).
-_WINOGRAD_MIN_CIN = 256
-
-
-def _winograd_input_1d(rows: list[jax.Array]) -> list[jax.Array]:
-    d0, d1, d2, d3 = rows
-    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
-
-
-def _winograd_kernel_1d(rows: list[jax.Array]) -> list[jax.Array]:
-    g0, g1, g2 = rows
-    return [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
-
-
-def _winograd_output_1d(rows: list[jax.Array]) -> list[jax.Array]:
-    m0, m1, m2, m3 = rows
-    return [m0 + m1 + m2, m1 - m2 - m3]
-
-
-def winograd_conv3x3(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
-    """3x3 convolution, stride 1, padding 1, NHWC x HWIO, by Winograd F(2x2, 3x3).
-
-    Same result as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` up to
-    float rounding, for any H, W >= 1 (odd sizes are padded to whole tiles and cropped).
-    """
-    n, h, w, cin = x.shape
-    cout = kernel.shape[-1]
-    th, tw = (h + 1) // 2, (w + 1) // 2
-    # Tile (i, j) reads padded rows 2i..2i+3 and columns 2j..2j+3.
-    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
-    xp = xp.reshape(n, th + 1, 2, tw + 1, 2, cin)
-    row_taps = [xp[:, u : u + th, a] for u in (0, 1) for a in (0, 1)]  # (n, th, tw+1, 2, cin)
-    v = []
-    for r in _winograd_input_1d(row_taps):
-        v += _winograd_input_1d([r[:, :, u : u + tw, a] for u in (0, 1) for a in (0, 1)])
-    v = jnp.stack(v).reshape(16, n * th * tw, cin)
-    u = []
-    for r in _winograd_kernel_1d([kernel[0], kernel[1], kernel[2]]):
-        u += _winograd_kernel_1d([r[0], r[1], r[2]])
-    u = jnp.stack(u).reshape(16, cin, cout)
-    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
-    m = m.reshape(4, 4, n, th, tw, cout)
-    rows = _winograd_output_1d([m[0], m[1], m[2], m[3]])
-    y = [_winograd_output_1d([r[0], r[1], r[2], r[3]]) for r in rows]
-    y = jnp.stack([jnp.stack(y[0], 3), jnp.stack(y[1], 3)], 2)  # (n, th, 2, tw, 2, cout)
-    return y.reshape(n, 2 * th, 2 * tw, cout)[:, :h, :w, :]
-
-
-def _use_winograd(x: jax.Array, strides: int) -> bool:
-    # GPUs and TPUs have fast native convolutions; bfloat16 transforms would lose precision.
-    return (
-        strides == 1
-        and x.shape[-1] >= _WINOGRAD_MIN_CIN
-        and x.dtype == jnp.float32
-        and jax.default_backend() == "cpu"
-    )
 
 
 class Conv3x3(nn.Module):
@@ -248,13 +174,15 @@ class Conv3x3(nn.Module):
       32: 4x2x256 -> 256 took 320-650 ms against 5 ms as patches; the strided 8x4x128 ->
       4x2x256 49 ms against 2.7 ms (its input gradient alone 49-81 ms); 3x3x256 -> 256 11 ms
       against 6.6 ms; from 8x4 up the convolution was as fast or faster.
-    - Winograd F(2x2, 3x3) (`winograd_conv3x3`) on the CPU backend in float32, for stride 1
-      and at least `_WINOGRAD_MIN_CIN` input channels.
-    - `lax.conv_general_dilated` otherwise, and always on other backends or with
-      `fast=False`.
+    - Winograd F(2x2, 3x3) (`cpu_ops.winograd_conv3x3`) on the CPU backend in float32, for
+      stride 1 and at least 256 input channels.
+    - otherwise XLA's convolution, on CPU in float32 with the kernel gradient as matrix
+      products (`cpu_ops.conv2d_matmul_kernel_grad`: Winograd for stride 1, per-tap
+      products for stride 2), and the plain convolution on other backends.
 
     Attributes:
-      fast: allow the patches and Winograd paths (False: always the plain convolution).
+      fast: allow these rewrites (False: always the plain convolution, both gradients
+        included).
     """
 
     features: int
@@ -276,131 +204,43 @@ class Conv3x3(nn.Module):
         s = self.strides
         n, h, w, _ = x.shape
         ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
-        if self.fast and min(ho, wo) > 3 and _use_winograd(x, s):
-            return winograd_conv3x3(x, kernel, self.precision)
-        if not self.fast or min(ho, wo) > 3:
-            return lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=(s, s),
-                padding=((1, 1), (1, 1)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                precision=self.precision,
-            )
-        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        # Patch channels ordered (dy, dx, cin), matching kernel.reshape(9 * cin, cout).
-        patches = jnp.concatenate(
-            [
-                xp[:, dy : dy + s * (ho - 1) + 1 : s, dx : dx + s * (wo - 1) + 1 : s, :]
-                for dy in range(3)
-                for dx in range(3)
-            ],
-            axis=-1,
-        )
-        y = jnp.dot(
-            patches.reshape(n * ho * wo, 9 * cin),
-            kernel.reshape(9 * cin, self.features),
-            precision=self.precision,
-        )
+        if self.fast and min(ho, wo) > 3 and cpu_ops.use_winograd(x, s):
+            return cpu_ops.winograd_conv3x3(x, kernel, self.precision)
+        if not self.fast:
+            return cpu_ops.conv2d(x, kernel, s, 1, self.precision)
+        if min(ho, wo) > 3:
+            if not cpu_ops.cpu_float32(x):
+                return cpu_ops.conv2d(x, kernel, s, 1, self.precision)
+            method = "winograd" if s == 1 else "taps"
+            return cpu_ops.conv2d_matmul_kernel_grad(x, kernel, s, 1, method, self.precision)
+        patches = cpu_ops.conv_patches(x, 3, s, 1).reshape(n * ho * wo, 9 * cin)
+        y = jnp.dot(patches, kernel.reshape(9 * cin, self.features), precision=self.precision)
         return y.reshape(n, ho, wo, self.features)
 
 
-def _pool_phases(x: jax.Array) -> tuple[jax.Array, int, int]:
-    """(N, H, W, C) -> (N, Ho+1, 2, Wo+1, 2, C): -inf padded by 1 and split by row/column
-    parity, so that every tap of a 3x3 stride-2 window is a plain (unstrided) slice."""
-    n, h, w, c = x.shape
-    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    pad = ((0, 0), (1, 2 * ho + 1 - h), (1, 2 * wo + 1 - w), (0, 0))
-    xp = jnp.pad(x, pad, constant_values=-jnp.inf)
-    # One axis split per reshape: JAX cannot infer the output sharding of a reshape that
-    # changes several axes when the batch axis is sharded explicitly.
-    xp = xp.reshape(n, ho + 1, 2, 2 * wo + 2, c)
-    return xp.reshape(n, ho + 1, 2, wo + 1, 2, c), ho, wo
+class StemConv(nn.Module):
+    """The ResNet stem: 7x7 convolution, stride 2, padding 3, 64 channels, no bias; same
+    parameter as `nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False)`.
 
-
-def _pool_tap(x6: jax.Array, ho: int, wo: int, k: int) -> jax.Array:
-    """Tap k = 3 * dy + dx of every window: x_padded[2i + dy, 2j + dx] as (N, Ho, Wo, C)."""
-    (u, a), (v, b) = divmod(k // 3, 2), divmod(k % 3, 2)
-    return x6[:, u : u + ho, a, v : v + wo, b, :]
-
-
-def _max_of_taps(x: jax.Array) -> jax.Array:
-    """The 3x3 stride-2 max pool as the maximum of its 9 taps: one elementwise fusion, 2-3.5x
-    faster than XLA CPU's reduce-window (one core: 8.4 -> 2.5 ms for 32x64x32x64, 42 -> 23 ms
-    for 64x128x64x64); max is exact, so the values are identical."""
-    x6, ho, wo = _pool_phases(x)
-    y = _pool_tap(x6, ho, wo, 0)
-    for k in range(1, 9):
-        y = jnp.maximum(y, _pool_tap(x6, ho, wo, k))
-    return y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_3x3_s2(x: jax.Array, input_hw: tuple[int, int]) -> jax.Array:
-    del input_hw  # only the backward pass needs it
-    return _max_of_taps(x)
-
-
-def _max_pool_fwd(x, input_hw):
-    y = _max_of_taps(x)
-    # Index (0..8, row-major in the window) of the first maximum: where the gradient goes.
-    # argmax returns the first of equal maxima, as XLA's select-and-scatter and PyTorch
-    # choose (ties are common after a ReLU: several zeros). A reduction, because XLA would
-    # fuse an elementwise select chain into every consumer in the backward pass and
-    # recompute it there: 26 ms against 5 ms for the ResNet-50 128x64 batch-32 step.
-    x6, ho, wo = _pool_phases(x)
-    taps = jnp.stack([_pool_tap(x6, ho, wo, k) for k in range(9)], axis=-1)
-    index = jnp.argmax(taps, axis=-1).astype(jnp.int8)
-    return y, index
-
-
-def _max_pool_bwd(input_hw, index, g):
-    h, w = input_hw
-    n, ho, wo, c = g.shape
-    zero = jnp.zeros((), g.dtype)
-
-    def placed(dy: int, dx: int) -> jax.Array:
-        # Gradient of tap (dy, dx), laid out on its parity phase of the padded input: tap 2
-        # of output i lands on row i + 1 of the even phase, taps 0 and 1 on row i.
-        t = jnp.where(index == 3 * dy + dx, g, zero)
-        rows = (1, 0) if dy == 2 else (0, 1)
-        cols = (1, 0) if dx == 2 else (0, 1)
-        return jnp.pad(t, ((0, 0), rows, cols, (0, 0)))
-
-    even_even = placed(0, 0) + placed(0, 2) + placed(2, 0) + placed(2, 2)
-    even_odd = placed(0, 1) + placed(2, 1)
-    odd_even = placed(1, 0) + placed(1, 2)
-    odd_odd = placed(1, 1)
-    full = jnp.stack(
-        [jnp.stack([even_even, even_odd], axis=3), jnp.stack([odd_even, odd_odd], axis=3)],
-        axis=2,
-    )
-    # One axis merge per reshape, as in `_pool_phases`.
-    full = full.reshape(n, ho + 1, 2, 2 * wo + 2, c).reshape(n, 2 * ho + 2, 2 * wo + 2, c)
-    return (full[:, 1 : 1 + h, 1 : 1 + w, :],)
-
-
-_max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
-def max_pool_3x3_s2(x: jax.Array, fast: bool = True) -> jax.Array:
-    """3x3 max pool, stride 2, padding 1 (the ResNet stem's), NHWC.
-
-    Same values and gradients as `nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`, ties
-    included: the gradient goes to the first maximum of the window in row-major order, as
-    XLA's select-and-scatter does (ties are common after a ReLU). With `fast` the backward
-    pass is a custom VJP: XLA CPU differentiates `reduce_window` through select-and-scatter,
-    which it expands into iotas, a variadic reduce-window and a scatter over the padded
-    input: 160 ms fwd+bwd for 32x64x32x64 (the ResNet stem at 128x64, batch 32) and 1.3-1.6 s
-    for 64x128x64x64 (256x128, batch 64), against 15-18 ms and 0.22-0.33 s here (machine
-    under load; the forward alone: 8-13 ms and 50-70 ms). The forward records the int8
-    index of each window's maximum (1/16 of the input's size) so that the input need not be
-    kept for the backward pass, which places the gradients on the four row/column parity
-    phases of the input and interleaves them: elementwise work only.
+    With `fast` on CPU in float32 the kernel gradient is computed as patches^T @ gradient
+    (`cpu_ops.conv2d_matmul_kernel_grad`), 1.8x faster than XLA's; values are the same.
     """
-    if not fast:
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    return _max_pool_3x3_s2(x, tuple(x.shape[1:3]))
+
+    features: int = 64
+    fast: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, 3) -> (N, ceil(H/2), ceil(W/2), 64)."""
+        shape = (7, 7, x.shape[-1], self.features)
+        kernel = self.param("kernel", conv_kernel_init, shape, self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        if self.fast and cpu_ops.cpu_float32(x):
+            return cpu_ops.conv2d_matmul_kernel_grad(x, kernel, 2, 3, "patches", self.precision)
+        return cpu_ops.conv2d(x, kernel, 2, 3, self.precision)
 
 
 class IBN(nn.Module):
@@ -521,21 +361,11 @@ class ResNet(nn.Module):
           (N, H/16, W/16, C) for last_stride 1 (H/32, W/32 for 2); C = 512 * expansion.
         """
         x = jnp.asarray(x, self.dtype)
-        x = nn.Conv(
-            64,
-            (7, 7),
-            (2, 2),
-            padding=((3, 3), (3, 3)),
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=conv_kernel_init,
-            name="conv1",
-        )(x)
+        x = StemConv(fast=self.fast_ops, dtype=self.dtype, name="conv1")(x)
         x = BatchNorm(dtype=self.dtype, name="bn1")(x, train=train, valid=valid)
         if self.stem_relu:
             x = nn.relu(x)
-        x = max_pool_3x3_s2(x, fast=self.fast_ops)
+        x = cpu_ops.max_pool_3x3_s2(x, fast=self.fast_ops)
         for i, num_blocks in enumerate(self.stage_sizes):
             planes = 64 * 2**i
             stage_stride = 1 if i == 0 else (self.last_stride if i == 3 else 2)
