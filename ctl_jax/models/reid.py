@@ -94,7 +94,8 @@ def build_model(model_cfg: Any, num_classes: int) -> ReidModel:
     Args:
       model_cfg: object with `arch` (one of `ARCH_NAMES`), `last_stride` (int), `stem_relu`
         (None = the architecture's original choice: False for plain ResNets, True for IBN-a),
-        `dtype` ('float32' or 'bfloat16') and `fast_1x1` (bool).
+        `dtype` ('float32' or 'bfloat16'), `fast_1x1` and `fast_ops` (bools; a config saved
+        before `fast_ops` existed gets True).
       num_classes: number of training identities (classifier width).
 
     Returns:
@@ -107,6 +108,7 @@ def build_model(model_cfg: Any, num_classes: int) -> ReidModel:
     kwargs: dict[str, Any] = {
         "last_stride": int(model_cfg.last_stride),
         "fast_1x1": bool(model_cfg.fast_1x1),
+        "fast_ops": bool(model_cfg.get("fast_ops", True)),
     }
     if model_cfg.stem_relu is not None:
         kwargs["stem_relu"] = bool(model_cfg.stem_relu)
