@@ -64,7 +64,7 @@ def test_winograd_matches_direct_convolution(shape):
         ((8, 4), 256, 1),  # Winograd
         ((9, 5), 256, 1),  # Winograd, odd sizes
         ((8, 4), 16, 2),  # strided to a 4x2 output: patches
-        ((8, 6), 8, 1),  # convolution, kernel gradient by Winograd
+        ((8, 6), 8, 1),  # Winograd forward and kernel gradient, XLA's input gradient
         ((9, 11), 8, 2),  # strided convolution, kernel gradient per tap
     ],
 )
@@ -100,7 +100,7 @@ def test_conv3x3_module_matches_flax_conv(hw, cin, strides):
         ((1, 8, 6, 2, 3), 3, 1, "patches"),
     ],
 )
-def test_matmul_kernel_gradient_matches_the_convolution(shape, size, strides, method):
+def test_cpu_convolution_matches_the_plain_one(shape, size, strides, method):
     n, h, w, cin, cout = shape
     padding = size // 2
     rng = np.random.default_rng(h * w + size)
@@ -112,10 +112,8 @@ def test_matmul_kernel_gradient_matches_the_convolution(shape, size, strides, me
     def loss(conv, inputs, k):
         return jnp.sum(jnp.tanh(conv(inputs, k)) * weights)
 
-    ours = functools.partial(
-        cpu_ops.conv2d_matmul_kernel_grad, strides=strides, padding=padding, method=method
-    )
-    np.testing.assert_array_equal(jax.jit(ours)(x, kernel), y_ref)
+    ours = functools.partial(cpu_ops.conv2d_cpu, strides=strides, padding=padding, method=method)
+    assert _rel_err(jax.jit(ours)(x, kernel), y_ref) < 1e-5
     grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(x, kernel)
     plain = functools.partial(_direct_conv_any, strides=strides, padding=padding)
     grads_ref = jax.grad(functools.partial(loss, plain), argnums=(0, 1))(x, kernel)
@@ -191,35 +189,48 @@ def test_masked_moments_values_and_gradients(shape):
 
 
 def test_bottleneck_network_fast_ops_same_outputs_and_gradients():
-    """Three one-block stages at 64x64: stage 3 (256 channels, 4x4 map) takes the Winograd
-    path, the stem the custom max-pool; the 1x1 matmuls too. Train mode with a padded row."""
+    """Three one-block stages at 64x64: the stem's patches kernel gradient and custom
+    max-pool, Winograd forward with matmul kernel gradients in stages 1-2, the strided
+    per-tap kernel gradients, whole Winograd in stage 3 (256 channels, 4x4 map), the 1x1
+    matmuls. Train mode with a padded row."""
     net = functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1), block_cls=resnet.Bottleneck)
     fast, plain = net(), net(fast_ops=False, fast_1x1=False)
     x = jax.random.normal(jax.random.key(0), (3, 64, 64, 3))
     valid = jnp.array([True, False, True])
     variables = jax.jit(functools.partial(plain.init, train=False))(jax.random.key(1), x)
 
-    def run(model, params):
+    def run(model, images, params):
         y, updates = model.apply(
             {"params": params, "batch_stats": variables["batch_stats"]},
-            x,
+            images,
             train=True,
             valid=valid,
             mutable=["batch_stats"],
         )
         return jnp.mean(jnp.sin(y[valid])), (y, updates)
 
-    def grads(model):
-        return jax.jit(jax.grad(functools.partial(run, model), has_aux=True))(variables["params"])
+    def grads(model, images):
+        loss = functools.partial(run, model, images)
+        return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
 
-    g_fast, (y_fast, upd_fast) = grads(fast)
-    g_plain, (y_plain, upd_plain) = grads(plain)
+    g_fast, (y_fast, upd_fast) = grads(fast, x)
+    g_plain, (y_plain, upd_plain) = grads(plain, x)
     assert y_fast.shape == (3, 4, 4, 1024)
     assert _rel_err(y_fast[valid], y_plain[valid]) < 1e-4
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), upd_fast, upd_plain
     )
-    # One global scale: some gradients are pure rounding noise (see test_models.py).
+    # This network's gradients are ill-conditioned (ReLU kinks, batch norm over two images):
+    # the plain model's own gradients move by ~3e-3 of their largest value when its input
+    # moves by 1e-6, the size of float32 rounding. The rewrites only reorder sums, so they
+    # may differ by as much, not more; a wrong gradient would be off by O(1).
+    noise = 1e-6 * jax.random.normal(jax.random.key(5), x.shape)
+    g_nudged, _ = grads(plain, x * (1.0 + noise))
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_plain))
-    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
-        np.testing.assert_allclose(a / scale, b / scale, atol=2e-5)
+
+    def worst(grads_a):
+        pairs = zip(jax.tree.leaves(grads_a), jax.tree.leaves(g_plain))
+        return max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs) / scale
+
+    assert worst(g_nudged) < 2e-2
+    assert worst(g_fast) < 3 * worst(g_nudged) + 2e-5

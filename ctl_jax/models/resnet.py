@@ -176,9 +176,10 @@ class Conv3x3(nn.Module):
       against 6.6 ms; from 8x4 up the convolution was as fast or faster.
     - Winograd F(2x2, 3x3) (`cpu_ops.winograd_conv3x3`) on the CPU backend in float32, for
       stride 1 and at least 256 input channels.
-    - otherwise XLA's convolution, on CPU in float32 with the kernel gradient as matrix
-      products (`cpu_ops.conv2d_matmul_kernel_grad`: Winograd for stride 1, per-tap
-      products for stride 2), and the plain convolution on other backends.
+    - otherwise, on CPU in float32, `cpu_ops.conv2d_cpu`: for stride 1 the forward pass and
+      the kernel gradient by Winograd, the input gradient by XLA's convolution; for stride 2
+      XLA's convolution with the kernel gradient as one matrix product per tap. The plain
+      convolution on other backends.
 
     Attributes:
       fast: allow these rewrites (False: always the plain convolution, both gradients
@@ -212,7 +213,7 @@ class Conv3x3(nn.Module):
             if not cpu_ops.cpu_float32(x):
                 return cpu_ops.conv2d(x, kernel, s, 1, self.precision)
             method = "winograd" if s == 1 else "taps"
-            return cpu_ops.conv2d_matmul_kernel_grad(x, kernel, s, 1, method, self.precision)
+            return cpu_ops.conv2d_cpu(x, kernel, s, 1, method, self.precision)
         patches = cpu_ops.conv_patches(x, 3, s, 1).reshape(n * ho * wo, 9 * cin)
         y = jnp.dot(patches, kernel.reshape(9 * cin, self.features), precision=self.precision)
         return y.reshape(n, ho, wo, self.features)
@@ -223,7 +224,7 @@ class StemConv(nn.Module):
     parameter as `nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False)`.
 
     With `fast` on CPU in float32 the kernel gradient is computed as patches^T @ gradient
-    (`cpu_ops.conv2d_matmul_kernel_grad`), 1.8x faster than XLA's; values are the same.
+    (`cpu_ops.conv2d_cpu`), 1.8x faster than XLA's; values are the same.
     """
 
     features: int = 64
@@ -239,7 +240,7 @@ class StemConv(nn.Module):
         kernel = self.param("kernel", conv_kernel_init, shape, self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         if self.fast and cpu_ops.cpu_float32(x):
-            return cpu_ops.conv2d_matmul_kernel_grad(x, kernel, 2, 3, "patches", self.precision)
+            return cpu_ops.conv2d_cpu(x, kernel, 2, 3, "patches", self.precision)
         return cpu_ops.conv2d(x, kernel, 2, 3, self.precision)
 
 
