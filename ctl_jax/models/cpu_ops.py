@@ -92,21 +92,22 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, precision: Any = None) -> 
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
     th, tw = (h + 1) // 2, (w + 1) // 2
-    # Tile (i, j) reads padded rows 2i..2i+3 and columns 2j..2j+3. Every reshape splits or
-    # merges one axis and the batch axis is never merged, so that a batch sharded under an
-    # Explicit mesh keeps working (JAX cannot infer the sharding of other reshapes).
+    # Tile (i, j) reads padded rows 2i..2i+3 and columns 2j..2j+3. The image reshapes split
+    # or merge one axis at a time, so that a batch sharded under an Explicit mesh keeps
+    # working (JAX cannot infer the sharding of a reshape that splits several axes).
     xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
     xp = xp.reshape(n, th + 1, 2, 2 * tw + 2, cin).reshape(n, th + 1, 2, tw + 1, 2, cin)
     row_taps = [xp[:, u : u + th, a] for u in (0, 1) for a in (0, 1)]  # (n, th, tw+1, 2, cin)
     v = []
     for r in _winograd_input_1d(row_taps):
         v += _winograd_input_1d([r[:, :, u : u + tw, a] for u in (0, 1) for a in (0, 1)])
-    v = jnp.stack(v)  # (16, n, th, tw, cin)
+    v = jnp.stack(v).reshape(16, n * th * tw, cin)
     u = []
     for r in _winograd_kernel_1d([kernel[0], kernel[1], kernel[2]]):
         u += _winograd_kernel_1d([r[0], r[1], r[2]])
-    u = jnp.stack(u)  # (16, cin, cout)
-    m = lax.dot_general(v, u, (((4,), (1,)), ((0,), (0,))), precision=precision)
+    u = jnp.stack(u).reshape(16, cin, cout)
+    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
+    m = m.reshape(4, 4, n * th * tw, cout).reshape(4, 4, n, th * tw, cout)
     m = m.reshape(4, 4, n, th, tw, cout)
     rows = _winograd_output_1d([m[0], m[1], m[2], m[3]])
     y = [_winograd_output_1d([r[0], r[1], r[2], r[3]]) for r in rows]
