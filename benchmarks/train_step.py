@@ -38,6 +38,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     parser.add_argument("--num_classes", type=int, default=751)
     parser.add_argument("--fast_1x1", type=int, default=1, help="jax only: 1x1 convs as matmuls")
+    parser.add_argument(
+        "--fast_ops", type=int, default=1, help="jax only: the other CPU rewrites (cpu_ops.py)"
+    )
     parser.add_argument("--dtype", default="float32", help="jax only: float32 or bfloat16")
     parser.add_argument(
         "--threads",
@@ -107,6 +110,7 @@ def jax_config(args):
 
     config = load_config(os.path.join(ROOT, "configs", "default.py"))
     config.model.arch, config.model.fast_1x1 = args.arch, bool(args.fast_1x1)
+    config.model.fast_ops = bool(args.fast_ops)
     config.model.dtype = args.dtype
     config.data.height, config.data.width = args.height, args.width
     if hasattr(args, "p"):
@@ -241,6 +245,7 @@ def main(argv=None):
         "batch": args.p * args.m,
         "dtype": args.dtype if args.framework == "jax" else "float32",
         "fast_1x1": bool(args.fast_1x1) if args.framework == "jax" else None,
+        "fast_ops": bool(args.fast_ops) if args.framework == "jax" else None,
         **summary(args, times, args.p * args.m),
         "compile_seconds": round(bench.compile_seconds, 2),
         "peak_rss_mb": peak_rss_mb(),
