@@ -26,10 +26,7 @@ from train_step import (  # noqa: E402
     Bench,
     add_common_args,
     jax_config,
-    peak_rss_mb,
-    setup_process,
-    summary,
-    time_steps,
+    measure,
 )
 
 
@@ -107,24 +104,8 @@ def build_torch(args) -> Bench:
 
 def main(argv=None):
     args = parse_args(argv)
-    process = setup_process(args)
-    bench = (build_jax if args.framework == "jax" else build_torch)(args)
-    times = time_steps(bench, args.steps, args.warmup)
-    result = {
-        "benchmark": "inference",
-        "framework": args.framework,
-        "arch": args.arch,
-        "height": args.height,
-        "width": args.width,
-        "batch": args.batch,
-        "dtype": args.dtype if args.framework == "jax" else "float32",
-        **summary(args, times, args.batch),
-        "compile_seconds": round(bench.compile_seconds, 2),
-        "peak_rss_mb": peak_rss_mb(),
-        **process,
-        **bench.info,
-    }
-    print(json.dumps(result))
+    builders = {"jax": build_jax, "torch": build_torch}
+    print(json.dumps(measure(args, "inference", builders, args.batch)))
 
 
 if __name__ == "__main__":

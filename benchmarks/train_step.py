@@ -229,30 +229,40 @@ def setup_process(args) -> dict:
     return {"threads": threads, "tuned_malloc": tune_malloc()}
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def measure(args, name: str, builders: dict, batch: int, extra: dict | None = None) -> dict:
+    """Sets up the process, builds `builders[args.framework](args)`, times its steps and
+    returns the JSON record every benchmark here prints (`extra`: its own fields)."""
     process = setup_process(args)
-    bench = (build_jax if args.framework == "jax" else build_torch)(args)
+    bench = builders[args.framework](args)
     times = time_steps(bench, args.steps, args.warmup)
-    result = {
-        "benchmark": "train_step",
+    return {
+        "benchmark": name,
         "framework": args.framework,
         "arch": args.arch,
         "height": args.height,
         "width": args.width,
-        "p": args.p,
-        "m": args.m,
-        "batch": args.p * args.m,
+        "batch": batch,
         "dtype": args.dtype if args.framework == "jax" else "float32",
-        "fast_1x1": bool(args.fast_1x1) if args.framework == "jax" else None,
-        "fast_ops": bool(args.fast_ops) if args.framework == "jax" else None,
-        **summary(args, times, args.p * args.m),
+        **(extra or {}),
+        **summary(args, times, batch),
         "compile_seconds": round(bench.compile_seconds, 2),
         "peak_rss_mb": peak_rss_mb(),
         **process,
         **bench.info,
     }
-    print(json.dumps(result))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    jax_only = args.framework == "jax"
+    extra = {
+        "p": args.p,
+        "m": args.m,
+        "fast_1x1": bool(args.fast_1x1) if jax_only else None,
+        "fast_ops": bool(args.fast_ops) if jax_only else None,
+    }
+    builders = {"jax": build_jax, "torch": build_torch}
+    print(json.dumps(measure(args, "train_step", builders, args.p * args.m, extra)))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Each gives the plain lax/flax operation's values and gradients up to float round
 tests in tests/test_speed_paths.py and tests/test_max_pool.py compare them); `resnet.py`
 chooses between them from static shapes and the backend. Images are NHWC, kernels HWIO.
 
-- `conv_patches`: im2col, the patches a convolution's kernel sees, for small maps and for
-  kernel gradients as matrix products.
+- `conv_taps`, `conv_patches`: what each kernel tap sees, and im2col (the taps side by
+  side), for small maps and for kernel gradients as matrix products.
 - `winograd_conv3x3`: stride-1 3x3 convolution by Winograd F(2x2, 3x3).
 - `conv2d_cpu`: a convolution whose kernel gradient is computed as matrix products instead
   of XLA's convolution over the whole image (and whose forward pass may be Winograd).
@@ -35,22 +35,25 @@ def conv2d(
     )
 
 
-def conv_patches(x: jax.Array, size: int, strides: int, padding: int) -> jax.Array:
-    """(N, H, W, Cin) -> (N, Ho, Wo, size * size * Cin): every output position's input window,
-    channels ordered (dy, dx, cin) to match `kernel.reshape(size * size * Cin, Cout)`."""
+def conv_taps(x: jax.Array, size: int, strides: int, padding: int) -> list[jax.Array]:
+    """The input each kernel tap (dy, dx) sees, row-major: size * size arrays of shape
+    (N, Ho, Wo, Cin), tap (dy, dx) holding x_padded[strides * i + dy, strides * j + dx]."""
     _, h, w, _ = x.shape
     ho = (h + 2 * padding - size) // strides + 1
     wo = (w + 2 * padding - size) // strides + 1
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
-    return jnp.concatenate(
-        [
-            xp[:, dy : dy + span_h : strides, dx : dx + span_w : strides, :]
-            for dy in range(size)
-            for dx in range(size)
-        ],
-        axis=-1,
-    )
+    return [
+        xp[:, dy : dy + span_h : strides, dx : dx + span_w : strides, :]
+        for dy in range(size)
+        for dx in range(size)
+    ]
+
+
+def conv_patches(x: jax.Array, size: int, strides: int, padding: int) -> jax.Array:
+    """(N, H, W, Cin) -> (N, Ho, Wo, size * size * Cin): every output position's input window,
+    channels ordered (dy, dx, cin) to match `kernel.reshape(size * size * Cin, Cout)`."""
+    return jnp.concatenate(conv_taps(x, size, strides, padding), axis=-1)
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 4x4 input tile d and the 3x3 kernel g give the
@@ -150,20 +153,11 @@ def _kernel_grad_winograd(x, g, size, strides, padding, precision):
 
 def _kernel_grad_taps(x, g, size, strides, padding, precision):
     cin, cout = x.shape[-1], g.shape[-1]
-    n, ho, wo, _ = g.shape
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    span_h, span_w = strides * (ho - 1) + 1, strides * (wo - 1) + 1
-    g2 = g.reshape(n * ho * wo, cout)
+    rows = g.shape[0] * g.shape[1] * g.shape[2]
+    g2 = g.reshape(rows, cout)
     taps = [
-        jnp.dot(
-            xp[:, dy : dy + span_h : strides, dx : dx + span_w : strides, :]
-            .reshape(n * ho * wo, cin)
-            .T,
-            g2,
-            precision=precision,
-        )
-        for dy in range(size)
-        for dx in range(size)
+        jnp.dot(tap.reshape(rows, cin).T, g2, precision=precision)
+        for tap in conv_taps(x, size, strides, padding)
     ]
     return jnp.stack(taps).reshape(size, size, cin, cout)
 
@@ -269,7 +263,6 @@ def _max_pool_3x3_s2(x: jax.Array, input_hw: tuple[int, int]) -> jax.Array:
 
 
 def _max_pool_fwd(x, input_hw):
-    y = _max_of_taps(x)
     # Index (0..8, row-major in the window) of the first maximum: where the gradient goes.
     # argmax returns the first of equal maxima, as XLA's select-and-scatter and PyTorch
     # choose (ties are common after a ReLU: several zeros). A reduction, because XLA would
@@ -278,7 +271,7 @@ def _max_pool_fwd(x, input_hw):
     x6, ho, wo = _pool_phases(x)
     taps = jnp.stack([_pool_tap(x6, ho, wo, k) for k in range(9)], axis=-1)
     index = jnp.argmax(taps, axis=-1).astype(jnp.int8)
-    return y, index
+    return jnp.max(taps, axis=-1), index  # the same taps give the values (as fast)
 
 
 def _max_pool_bwd(input_hw, index, g):

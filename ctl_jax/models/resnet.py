@@ -205,18 +205,18 @@ class Conv3x3(nn.Module):
         s = self.strides
         n, h, w, _ = x.shape
         ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
-        if self.fast and min(ho, wo) > 3 and cpu_ops.use_winograd(x, s):
-            return cpu_ops.winograd_conv3x3(x, kernel, self.precision)
         if not self.fast:
             return cpu_ops.conv2d(x, kernel, s, 1, self.precision)
-        if min(ho, wo) > 3:
-            if not cpu_ops.cpu_float32(x):
-                return cpu_ops.conv2d(x, kernel, s, 1, self.precision)
-            method = "winograd" if s == 1 else "taps"
-            return cpu_ops.conv2d_cpu(x, kernel, s, 1, method, self.precision)
-        patches = cpu_ops.conv_patches(x, 3, s, 1).reshape(n * ho * wo, 9 * cin)
-        y = jnp.dot(patches, kernel.reshape(9 * cin, self.features), precision=self.precision)
-        return y.reshape(n, ho, wo, self.features)
+        if min(ho, wo) <= 3:  # any backend: same values, and XLA CPU is very slow here
+            patches = cpu_ops.conv_patches(x, 3, s, 1).reshape(n * ho * wo, 9 * cin)
+            y = jnp.dot(patches, kernel.reshape(9 * cin, self.features), precision=self.precision)
+            return y.reshape(n, ho, wo, self.features)
+        if not cpu_ops.cpu_float32(x):
+            return cpu_ops.conv2d(x, kernel, s, 1, self.precision)
+        if cpu_ops.use_winograd(x, s):
+            return cpu_ops.winograd_conv3x3(x, kernel, self.precision)
+        method = "winograd" if s == 1 else "taps"
+        return cpu_ops.conv2d_cpu(x, kernel, s, 1, method, self.precision)
 
 
 class StemConv(nn.Module):
@@ -335,9 +335,10 @@ class ResNet(nn.Module):
       ibn: IBN-a normalisation in the first BN of the bottlenecks of stages 1-3.
       dtype: compute dtype (e.g. bfloat16); parameters and BN statistics stay float32.
       fast_1x1: compute 1x1 convolutions as matrix products (same result, faster on CPU).
-      fast_ops: the other CPU rewrites (same parameters, same results to float rounding):
-        the max pool's custom VJP, 3x3 convolutions on small maps as patches @ kernel. False
-        gives the straightforward flax/lax formulation, which the tests compare against.
+      fast_ops: the other CPU rewrites in `cpu_ops` (same parameters, same results to float
+        rounding): the max pool's custom VJP, the 3x3 convolutions' patches, Winograd and
+        matmul kernel-gradient paths, the stem's patches kernel gradient. False gives the
+        straightforward flax/lax formulation, which the tests compare against.
     """
 
     stage_sizes: Sequence[int]
