@@ -6,7 +6,10 @@ Both must be configured before jax initialises its backends, hence at import tim
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from xla_flags import xla_flags
+
+# Four virtual CPU devices for the sharding tests; unoptimised code (see xla_flags.py).
+os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from tiny_data import make_tiny_reid
+from xla_flags import xla_flags
 
 from ctl_jax.configs import config_to_json, load_config
 from ctl_jax.evaluation import MODES
@@ -23,7 +24,7 @@ METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "rank20", "rank50", "num_query
 
 
 def run(module, *args, cwd=REPO):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,

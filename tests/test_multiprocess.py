@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import pytest
 from tiny_data import make_tiny_reid
+from xla_flags import xla_flags
 
 from ctl_jax import distributed
 from ctl_jax.training.checkpoints import CheckpointStore
@@ -156,7 +157,7 @@ class _Processes:
         for i in range(num_processes):
             env = {k: v for k, v in os.environ.items() if not k.startswith("CTL_JAX_")}
             env.update(
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
+                XLA_FLAGS=xla_flags(local_devices),
                 JAX_PLATFORMS="cpu",
                 CTL_JAX_COMPILATION_CACHE=cache,
                 PYTHONUNBUFFERED="1",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_flags import xla_flags
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -60,7 +61,7 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("CTL_JAX_NOTEBOOK_WORKDIR", str(tmp_path / "work"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     # Two CPU devices: the batch is sharded across them as across TPU cores.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(2))
     monkeypatch.setenv(
         "CTL_JAX_COMPILATION_CACHE",
         os.environ.get("CTL_JAX_COMPILATION_CACHE", str(REPO / ".cache" / "jax")),
