@@ -12,8 +12,9 @@ worker computes at any moment. Medians and minima of the per-step times are repo
 1-minute load average before and after each pair (other work on the machine shows up there).
 
 Prints one JSON object: per setting and task, each framework's images/second (median and
-best step), seconds per step, compile seconds and peak RSS, and `jax_over_torch`, the ratio of
-median images/second (> 1: ctl_jax is faster), plus `jax_over_torch_best` from the minima.
+best step), seconds per step, each step's seconds and page faults, compile seconds and peak
+RSS, and `jax_over_torch`, the ratio of median images/second (> 1: ctl_jax is faster), plus
+`jax_over_torch_best` from the minima.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def worker(argv: list[str]) -> None:
     say({"ready": True, "compile_seconds": bench.compile_seconds, **process, **bench.info})
     for line in sys.stdin:
         if line.strip() == "run":
+            faults = train_step.page_faults()
             t0 = time.perf_counter()
             bench.run()
-            say({"seconds": time.perf_counter() - t0})
+            seconds = time.perf_counter() - t0
+            say({"seconds": seconds, "page_faults": train_step.page_faults() - faults})
         else:
             break
     say({"peak_rss_mb": train_step.peak_rss_mb()})
@@ -116,12 +119,15 @@ def compare(
         workers[framework] = Worker(task, framework, common + extra[framework])
         ready[framework] = workers[framework].read()
     times = {"jax": [], "torch": []}
+    faults = {"jax": [], "torch": []}
     try:
         for r in range(rounds):
             order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
             for framework in order:
                 time.sleep(pause)  # let the other framework's spinning threads go to sleep
-                times[framework].append(workers[framework].ask("run")["seconds"])
+                answer = workers[framework].ask("run")
+                times[framework].append(answer["seconds"])
+                faults[framework].append(answer["page_faults"])
     finally:
         peak = {fw: w.close()["peak_rss_mb"] for fw, w in workers.items()}
     result = {"batch": batch}
@@ -133,6 +139,7 @@ def compare(
             "seconds_per_step": round(statistics.median(t), 4),
             "seconds_per_step_min": round(min(t), 4),
             "seconds_all": [round(v, 4) for v in t],
+            "page_faults_all": faults[framework],
             "compile_seconds": round(ready[framework]["compile_seconds"], 2),
             "peak_rss_mb": peak[framework],
             "threads": ready[framework]["threads"],

@@ -19,19 +19,13 @@ import json
 import statistics
 import time
 
-import inference
 import train_step
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("train", "inference"), default="train")
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per variant")
-    args, rest = parser.parse_known_args(argv)
-    module = train_step if args.task == "train" else inference
-    common = module.parse_args(rest)
-    if common.framework != "jax":
-        parser.error("this compares two ctl_jax variants; --framework must stay jax")
+    args, module, common, rest = train_step.parse_jax_task(parser, argv)
     process = train_step.setup_process(common)
     variants = {}
     for name, flag in (("fast", 1), ("plain", 0)):

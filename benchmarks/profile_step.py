@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 
-import inference
 import train_step
 
 # XLA op events carry the HLO instruction's name (lower case, `-`/`_`, numeric suffixes);
@@ -97,14 +96,9 @@ def summarise(events: list[dict], steps: int, wall_seconds: float, top: int) -> 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("train", "inference"), default="train")
     parser.add_argument("--top", type=int, default=25, help="kinds and single ops listed")
     parser.add_argument("--trace_dir", default=None, help="keep the trace here (default: temp)")
-    args, rest = parser.parse_known_args(argv)
-    module = train_step if args.task == "train" else inference
-    common = module.parse_args(rest)
-    if common.framework != "jax":
-        parser.error("this profiles ctl_jax; --framework must stay jax")
+    args, module, common, _ = train_step.parse_jax_task(parser, argv)
     process = train_step.setup_process(common)
     bench = module.build_jax(common)
     for _ in range(common.warmup):

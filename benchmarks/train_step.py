@@ -201,6 +201,13 @@ def time_steps(bench: Bench, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def page_faults() -> int:
+    """Page faults (minor + major) of this process so far. Per step, a large count means the
+    step's memory was handed back to the kernel and faulted in again (see ctl_jax.malloc)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -215,6 +222,22 @@ def summary(args, times: list[float], batch: int) -> dict:
         "images_per_second": round(batch / seconds, 2),
         "images_per_second_best": round(batch / min(times), 2),
     }
+
+
+def parse_jax_task(parser: argparse.ArgumentParser, argv=None):
+    """For the scripts that study one ctl_jax step: adds `--task` (train: this module's step,
+    inference: `inference.py`'s) to `parser`, which parses its own options; that benchmark's
+    parser takes the rest. Returns (own args, benchmark module, benchmark args, the rest of
+    argv, to parse again with other settings)."""
+    import inference  # imports this module
+
+    parser.add_argument("--task", choices=("train", "inference"), default="train")
+    args, rest = parser.parse_known_args(argv)
+    module = sys.modules[__name__] if args.task == "train" else inference
+    common = module.parse_args(rest)
+    if common.framework != "jax":
+        parser.error("this studies ctl_jax alone; --framework must stay jax")
+    return args, module, common, rest
 
 
 def setup_process(args) -> dict:

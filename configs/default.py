@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # "bfloat16" on accelerators: bf16 compute, f32 parameters.
     model.fast_1x1 = True  # 1x1 convolutions as matrix products (much faster on XLA CPU).
     # The other XLA CPU rewrites (ctl_jax/models/cpu_ops.py: Winograd, kernel gradients as
-    # matrix products, the max pool's backward pass); same parameters and results.
+    # matrix products, the max pool's backward pass) and the batch norms' one-pass moments
+    # and hand-written backward pass (any backend); same parameters and results.
     model.fast_ops = True
     # A ctl_jax checkpoint (e.g. converted ImageNet weights) to initialise from; "" = random.
     model.init_checkpoint = ""

@@ -153,6 +153,12 @@ def test_winograd_is_cpu_float32_only():
     assert not cpu_ops.use_winograd(jnp.zeros((1, 8, 8, 128)), 1)
 
 
+def _apply_train(module, params, batch_stats, inputs, valid):
+    """Train-mode forward pass: (outputs, updated batch statistics)."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    return module.apply(variables, inputs, train=True, valid=valid, mutable=["batch_stats"])
+
+
 def _where_moments(x, valid):
     """The straightforward masked moments: `where` on the full tensor."""
     xf = x.astype(jnp.float32)
@@ -228,13 +234,7 @@ def test_batchnorm_custom_backward_matches_autodiff(shape, masked, use_bias):
     weights = jnp.asarray(rng.normal(size=shape).astype(np.float32))
 
     def loss(module, p, inputs):
-        y, updates = module.apply(
-            {"params": p, "batch_stats": variables["batch_stats"]},
-            inputs,
-            train=True,
-            valid=valid,
-            mutable=["batch_stats"],
-        )
+        y, updates = _apply_train(module, p, variables["batch_stats"], inputs, valid)
         return jnp.sum(jnp.sin(y) * weights), (y, updates)
 
     def run(module):
@@ -261,13 +261,7 @@ def test_bottleneck_network_fast_ops_same_outputs_and_gradients():
     variables = jax.jit(functools.partial(plain.init, train=False))(jax.random.key(1), x)
 
     def run(model, images, params):
-        y, updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            images,
-            train=True,
-            valid=valid,
-            mutable=["batch_stats"],
-        )
+        y, updates = _apply_train(model, params, variables["batch_stats"], images, valid)
         return jnp.mean(jnp.sin(y[valid])), (y, updates)
 
     def grads(model, images):

@@ -436,8 +436,9 @@ class ResNet(nn.Module):
       fast_1x1: compute 1x1 convolutions as matrix products (same result, faster on CPU).
       fast_ops: the other CPU rewrites in `cpu_ops` (same parameters, same results to float
         rounding): the max pool's custom VJP, the 3x3 convolutions' patches, Winograd and
-        matmul kernel-gradient paths, the stem's patches kernel gradient. False gives the
-        straightforward flax/lax formulation, which the tests compare against.
+        matmul kernel-gradient paths, the stem's patches kernel gradient; and the batch
+        norms' one-pass moments and hand-written backward pass (`BatchNorm.fast`). False
+        gives the straightforward flax/lax formulation, which the tests compare against.
     """
 
     stage_sizes: Sequence[int]
