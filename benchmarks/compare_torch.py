@@ -51,14 +51,9 @@ def worker(argv: list[str]) -> None:
     Reads commands from stdin: `run` (one timed step, answers its seconds) and `quit`
     (answers peak RSS and exits).
     """
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--task", choices=("train", "inference"), required=True)
-    task, rest = parser.parse_known_args(argv)
-    import inference
     import train_step
 
-    module = train_step if task.task == "train" else inference
-    args = module.parse_args(rest)
+    _, module, args, _ = train_step.parse_task(argparse.ArgumentParser(), argv, jax_only=False)
     process = train_step.setup_process(args)
     bench = (module.build_jax if args.framework == "jax" else module.build_torch)(args)
     train_step.time_steps(bench, 0, args.warmup)

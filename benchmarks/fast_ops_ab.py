@@ -25,7 +25,7 @@ import train_step
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per variant")
-    args, module, common, rest = train_step.parse_jax_task(parser, argv)
+    args, module, common, rest = train_step.parse_task(parser, argv)
     process = train_step.setup_process(common)
     variants = {}
     for name, flag in (("fast", 1), ("plain", 0)):

@@ -68,17 +68,15 @@ def read_events(trace_dir: pathlib.Path) -> list[dict]:
 
 def summarise(events: list[dict], steps: int, wall_seconds: float, top: int) -> dict:
     """Per-step milliseconds by op kind and for the slowest single ops."""
-    per_kind = collections.Counter()
     per_op = collections.Counter()
     for event in events:
         name = event.get("name", "")
-        if not _HLO_OP.match(name) or name.startswith("jit_"):
-            continue
-        per_op[name] += event["dur"] / 1e3 / steps  # microseconds -> ms per step
-        per_kind[op_kind(name)] += event["dur"] / 1e3 / steps
-    per_group = collections.Counter()
-    for kind, ms in per_kind.items():
-        per_group[op_group(kind)] += ms
+        if _HLO_OP.match(name) and not name.startswith("jit_"):
+            per_op[name] += event["dur"] / 1e3 / steps  # microseconds -> ms per step
+    per_kind, per_group = collections.Counter(), collections.Counter()
+    for name, ms in per_op.items():
+        per_kind[op_kind(name)] += ms
+        per_group[op_group(op_kind(name))] += ms
     total = sum(per_kind.values())
     if not total:
         raise SystemExit("the trace holds no XLA op events (is this the CPU backend?)")
@@ -98,7 +96,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=25, help="kinds and single ops listed")
     parser.add_argument("--trace_dir", default=None, help="keep the trace here (default: temp)")
-    args, module, common, _ = train_step.parse_jax_task(parser, argv)
+    args, module, common, _ = train_step.parse_task(parser, argv)
     process = train_step.setup_process(common)
     bench = module.build_jax(common)
     for _ in range(common.warmup):

@@ -224,18 +224,18 @@ def summary(args, times: list[float], batch: int) -> dict:
     }
 
 
-def parse_jax_task(parser: argparse.ArgumentParser, argv=None):
-    """For the scripts that study one ctl_jax step: adds `--task` (train: this module's step,
+def parse_task(parser: argparse.ArgumentParser, argv=None, jax_only: bool = True):
+    """For the scripts that run either step: adds `--task` (train: this module's step,
     inference: `inference.py`'s) to `parser`, which parses its own options; that benchmark's
-    parser takes the rest. Returns (own args, benchmark module, benchmark args, the rest of
-    argv, to parse again with other settings)."""
+    parser takes the rest (`jax_only`: `--framework` must stay jax). Returns (own args,
+    benchmark module, benchmark args, the rest of argv, to parse again with other settings)."""
     import inference  # imports this module
 
     parser.add_argument("--task", choices=("train", "inference"), default="train")
     args, rest = parser.parse_known_args(argv)
     module = sys.modules[__name__] if args.task == "train" else inference
     common = module.parse_args(rest)
-    if common.framework != "jax":
+    if jax_only and common.framework != "jax":
         parser.error("this studies ctl_jax alone; --framework must stay jax")
     return args, module, common, rest
 

@@ -199,7 +199,8 @@ def _masked_moments(x: jax.Array, valid: jax.Array | None, one_pass: bool = Fals
             return jnp.mean(values, axes)
     else:
         keep = valid.astype(bool)[:, None]
-        count = jnp.sum(valid.astype(jnp.float32)) * per_row
+        rows = jnp.sum(valid.astype(jnp.float32))
+        count = rows * per_row
         denom = jnp.maximum(count, 1.0)
 
         def average(values):
@@ -214,8 +215,7 @@ def _masked_moments(x: jax.Array, valid: jax.Array | None, one_pass: bool = Fals
     if valid is None:
         shift = jnp.mean(corner, 0)
     else:  # no valid row: count 0 and any shift will do
-        rows = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
-        shift = jnp.sum(jnp.where(keep, corner, 0.0), 0) / rows
+        shift = jnp.sum(jnp.where(keep, corner, 0.0), 0) / jnp.maximum(rows, 1.0)
     shift = lax.stop_gradient(shift)  # any constant gives the same moments
     d = xf - shift
     d_mean = average(d)
