@@ -239,39 +239,81 @@ def uninterrupted(tiny_dataset, tmp_path_factory):
     return workdir
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(
-    tiny_dataset, uninterrupted, tmp_path, monkeypatch
-):
-    workdir = tmp_path / "run_b"
+def _interrupt_at(monkeypatch, n: int) -> None:
+    """Raises SIGINT while the `n`-th batch of the run is being put on the devices."""
     calls = {"n": 0}
     put_batch = sharding.put_batch
 
     def put_batch_then_ctrl_c(batch, mesh):
         calls["n"] += 1
-        if calls["n"] == 5:  # mid-way through the first epoch, between two saves
+        if calls["n"] == n:
             signal.raise_signal(signal.SIGINT)
         return put_batch(batch, mesh)
 
     monkeypatch.setattr(sharding, "put_batch", put_batch_then_ctrl_c)
-    with pytest.raises(loop.TrainingInterrupted, match="step 5"):
-        loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
-    assert CheckpointStore(workdir, read_only=True).latest_step() == 5
-    monkeypatch.setattr(sharding, "put_batch", put_batch)
-    loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
 
-    params_a, centers_a, step_a = _final_params(uninterrupted)
-    params_b, centers_b, step_b = _final_params(workdir)
+
+def _logged(workdir, kind):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _assert_same_final_state(workdir_a, workdir_b):
+    params_a, centers_a, step_a = _final_params(workdir_a)
+    params_b, centers_b, step_b = _final_params(workdir_b)
     assert step_a == step_b
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(centers_a, centers_b, rtol=1e-5, atol=1e-6)
     # The log continues where it stopped: every step logged once, in order.
-    logged = [
-        json.loads(line)["step"]
-        for line in (workdir / "metrics.jsonl").read_text().splitlines()
-        if json.loads(line)["kind"] == "train"
+    assert [r["step"] for r in _logged(workdir_b, "train")] == list(range(1, step_b + 1))
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    tiny_dataset, uninterrupted, tmp_path, monkeypatch
+):
+    workdir = tmp_path / "run_b"
+    _interrupt_at(monkeypatch, 5)  # mid-way through the first epoch, between two saves
+    with pytest.raises(loop.TrainingInterrupted, match="step 5"):
+        loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
+    assert CheckpointStore(workdir, read_only=True).latest_step() == 5
+    monkeypatch.undo()
+    loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
+    _assert_same_final_state(uninterrupted, workdir)
+
+
+def test_stop_on_an_epochs_last_step_saves_once_and_evaluates_on_resume(
+    tiny_dataset, uninterrupted, tmp_path, monkeypatch
+):
+    # A stop on the last step of an epoch once saved that step twice (mid-epoch position,
+    # then the end-of-epoch checkpoint), which orbax refuses; resuming then failed.
+    config = _loop_config(tiny_dataset)
+    config.eval.modes = ("instance",)
+    config.train.eval_every_epochs = 1
+    first_epoch = sum(r["epoch"] == 1 for r in _logged(uninterrupted, "train"))
+    assert first_epoch % config.train.checkpoint_every_steps != 1  # a real stop, not a save
+    workdir = tmp_path / "run_c"
+    _interrupt_at(monkeypatch, first_epoch)
+    with pytest.raises(loop.TrainingInterrupted, match=f"step {first_epoch} "):
+        loop.train_and_evaluate(config, workdir, log=lambda *_: None)
+    store = CheckpointStore(workdir, read_only=True)
+    assert store.latest_step() == first_epoch
+    # Saved as the end of epoch 1 without waiting for its evaluation, which is due.
+    assert store.read_data_position() == {
+        "epoch": 1,
+        "iterator": None,
+        loop.EVALUATION_PENDING: True,
+    }
+    assert _logged(workdir, "eval") == []
+    monkeypatch.undo()
+    loop.train_and_evaluate(config, workdir, log=lambda *_: None)
+    _assert_same_final_state(uninterrupted, workdir)
+    evaluations = _logged(workdir, "eval")
+    assert [(r["step"], r["epoch"]) for r in evaluations] == [
+        (first_epoch, 1),
+        (_final_params(workdir)[2], 2),
     ]
-    assert logged == list(range(1, step_b + 1))
+    assert all(0 <= r["instance/mAP"] <= 1 for r in evaluations)
 
 
 def test_finished_run_is_not_retrained(tiny_dataset, uninterrupted):

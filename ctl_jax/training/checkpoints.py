@@ -90,16 +90,23 @@ class CheckpointStore:
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON `meta` item (config and class count) of a checkpoint."""
+        return self._read_json("meta", step)
+
+    def read_data_position(self, step: int | None = None) -> dict:
+        """The JSON `data` item (input pipeline position) of a checkpoint."""
+        return self._read_json("data", step)
+
+    def _read_json(self, item: str, step: int | None) -> dict:
         step = self._resolve(step)
         try:
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
             )
         except Exception as e:  # orbax raises many types for a damaged directory
             raise CheckpointError(
                 f"cannot read checkpoint {self.directory / str(step)}: {e}"
             ) from e
-        return restored["meta"]
+        return restored[item]
 
     def restore(self, abstract_state, step: int | None = None):
         """Restores (state, data, meta) of `step` (default: latest) onto `abstract_state`.

@@ -181,6 +181,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
     try:
         with stop_requests() as stop:
             step = int(state.step)
+            if data_position.get(EVALUATION_PENDING):
+                # Stopped on the last step of an epoch whose evaluation was due: that
+                # checkpoint was saved without waiting for it, so it runs now.
+                results = _evaluate(evaluator, state, step, data_position["epoch"], config, log)
+                metrics_log.write("eval", step, flatten_eval(results), epoch=data_position["epoch"])
             for epoch in range(int(data_position["epoch"]), num_epochs):
                 state = state.replace(epoch=sharding.replicate(jnp.int32(epoch), mesh))
                 iterator = pipeline.make_train_iterator(
@@ -199,7 +204,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
                 total = pipeline.train_batches_per_epoch(
                     train_pids, pcfg.P, pcfg.M, config.seed, epoch
                 )
-                state, step = _run_epoch(
+                state, step, interrupted = _run_epoch(
                     step_fn,
                     state,
                     iterator,
@@ -214,13 +219,19 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
                     stop,
                 )
                 eval_due = (epoch + 1) % config.train.eval_every_epochs == 0
+                eval_due = bool(config.eval.modes) and (eval_due or epoch + 1 == num_epochs)
                 eval_metrics = None
-                if config.eval.modes and (eval_due or epoch + 1 == num_epochs):
-                    results = evaluator.run(state, config.eval.modes)
+                position = {"epoch": epoch + 1, "iterator": None}
+                if eval_due and interrupted:
+                    position[EVALUATION_PENDING] = True  # a stop should not wait for it
+                elif eval_due:
+                    results = _evaluate(evaluator, state, step, epoch + 1, config, log)
                     eval_metrics = flatten_eval(results)
                     metrics_log.write("eval", step, eval_metrics, epoch=epoch + 1)
-                    log(f"epoch {epoch + 1} evaluation:\n{evaluator.table(results)}")
-                store.save(step, state, {"epoch": epoch + 1, "iterator": None}, meta, eval_metrics)
+                store.save(step, state, position, meta, eval_metrics)
+                if interrupted:
+                    store.wait()
+                    raise TrainingInterrupted(_stopped_message(step, epoch, store))
             if not results and config.eval.modes:
                 results = evaluator.run(state, config.eval.modes)
     finally:
@@ -231,6 +242,25 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
 
 def _silent(*_args, **_kwargs) -> None:
     pass
+
+
+# Data-position key of an end-of-epoch checkpoint saved on a stop request before the
+# epoch's due evaluation ran; the resumed run evaluates first.
+EVALUATION_PENDING = "evaluation_pending"
+
+
+def _evaluate(evaluator, state, step, epoch, config, log) -> dict:
+    """Runs the configured evaluation modes after epoch `epoch` (1-based) and prints them."""
+    results = evaluator.run(state, config.eval.modes)
+    log(f"epoch {epoch} evaluation (step {step}):\n{evaluator.table(results)}")
+    return results
+
+
+def _stopped_message(step, epoch, store) -> str:
+    return (
+        f"stopped at step {step} (epoch {epoch + 1}); checkpoint saved in "
+        f"{store.directory}. Run the same command again to resume."
+    )
 
 
 # Batch key and metric of the multi-process stop vote (see `_with_stop_vote`).
@@ -266,8 +296,14 @@ def _abstract_variables(model, image_shape):
 
 def _run_epoch(
     step_fn, state, iterator, mesh, config, epoch, done, total, store, meta, metrics_log, stop
-) -> tuple[TrainState, int]:
-    """Runs the remaining steps of one epoch; returns the new state and step count.
+) -> tuple[TrainState, int, bool]:
+    """Runs the remaining steps of one epoch.
+
+    Returns:
+      The new state, the step count, and whether a stop was requested on the epoch's last
+      step (a stop earlier in the epoch saves a checkpoint here and raises
+      `TrainingInterrupted`; one on the last step leaves the saving to the caller, whose
+      end-of-epoch checkpoint of the same step would otherwise collide with it).
 
     Metrics of step t are fetched to the host only after step t+1 was dispatched, so the
     finiteness check and logging never stall the device. In a multi-process run a stop
@@ -286,7 +322,7 @@ def _run_epoch(
     )
     t_last, n_last = time.perf_counter(), 0
     voting = jax.process_count() > 1
-    stop_agreed = False
+    stop_agreed = interrupted = False
     try:
         for batch in iterator:
             if voting:
@@ -308,6 +344,8 @@ def _run_epoch(
                 )
                 t_last, n_last = now, 0
             interrupted = stop_agreed if voting else stop["signal"] is not None
+            if interrupted and done == total:
+                break  # the caller's end-of-epoch checkpoint covers this step
             # The end-of-epoch checkpoint (saved by the caller) covers the last step.
             periodic = step % config.train.checkpoint_every_steps == 0 and done < total
             if interrupted or periodic:
@@ -318,15 +356,12 @@ def _run_epoch(
             if interrupted:
                 _log_step(*pending, config, metrics_log, bar, epoch)
                 store.wait()
-                raise TrainingInterrupted(
-                    f"stopped at step {step} (epoch {epoch + 1}); checkpoint saved in "
-                    f"{store.directory}. Run the same command again to resume."
-                )
+                raise TrainingInterrupted(_stopped_message(step, epoch, store))
         if pending is not None:
             _log_step(*pending, config, metrics_log, bar, epoch)
     finally:
         bar.close()
-    return state, step
+    return state, step, interrupted
 
 
 def _log_step(step, metrics, config, metrics_log, bar, epoch) -> dict:
