@@ -55,3 +55,36 @@ def test_tuned_malloc_keeps_large_blocks_on_the_heap_and_can_be_switched_off():
     tuned, mmapped_blocks, _ = _probe("0")
     assert not tuned
     assert mmapped_blocks == 1  # glibc's default: the 64 MB block is mmapped
+
+
+# Tuned: touch a 256 MB block, free it (it stays resident: nothing is trimmed), then release.
+_RELEASE_PROBE = """
+import resource
+import numpy as np
+from ctl_jax.malloc import release_free_memory, tune_malloc
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+assert tune_malloc()
+block = np.ones(1 << 26, np.float32)
+with_block = rss_mb()
+del block
+freed = rss_mb()
+released = release_free_memory()
+print(with_block, freed, rss_mb(), released)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_free_memory_hands_the_tuned_heaps_free_pages_back():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("CTL_JAX_TUNE_MALLOC", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _RELEASE_PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    with_block, freed, after, released = out.stdout.split()
+    assert float(freed) > float(with_block) - 16  # kept: trimming is off
+    assert float(after) < float(freed) - 200  # 256 MB handed back
+    assert released == "True"
