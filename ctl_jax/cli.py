@@ -9,6 +9,7 @@ import pathlib
 import sys
 from collections.abc import Callable
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -99,6 +100,13 @@ def run(main: Callable[[list[str]], int | None]) -> None:
 
     def guarded(argv):
         tune_malloc()  # before JAX starts its threads (see ctl_jax/malloc.py)
+        # Before the CPU client exists (it reads the option when created): single-device CPU
+        # computations run on the calling thread, so a step has freed its temporary buffer
+        # when the call returns. Dispatched asynchronously, the next step allocated its own
+        # while the last one's was still being freed and the heap kept both (ResNet-50
+        # 128x64 training, peak RSS 3.2 -> 2.3 GB). No effect on GPU/TPU or on computations
+        # over several CPU devices.
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
         # orbax and grain log every save and restore through absl (INFO), and warn about
         # routine things such as opening a checkpoint read-only; our own errors are explicit.
         logging.set_verbosity(logging.ERROR)

@@ -347,7 +347,10 @@ def _run_epoch(
     # when it starts: dispatching step t+1 while step t runs holds two of them (2 x 7 GB for
     # ResNet-50 256x128 P16xM4), and the heap keeps that peak. So on CPU the next step is
     # dispatched once the previous one has finished; its batch is still loaded and placed
-    # during it. Accelerators allocate in stream order and keep the full pipelining.
+    # during it. (The command lines also make single-device CPU execution synchronous, which
+    # closes the remaining gap: the last step's buffer being freed just after its outputs
+    # are ready; see ctl_jax/cli.py.) Accelerators allocate in stream order and keep the
+    # full pipelining.
     one_step_in_flight = all(d.platform == "cpu" for d in mesh.devices.flat)
     try:
         for batch in iterator:
