@@ -238,8 +238,11 @@ class _Processes:
 
 
 def _printed(stdout: str) -> list[str]:
-    """The lines a child printed itself (the gloo library announces its connections)."""
-    return [line for line in stdout.splitlines() if line.strip() and "[Gloo]" not in line]
+    """The lines a child printed itself. The gloo library announces its connections, from
+    several threads at once, so its lines can come interleaved ("[Gloo] Rank [Gloo] Rank 1
+    is connected ..." then "1 is connected to 1 peer ranks ...")."""
+    gloo = ("[Gloo]", "peer ranks")
+    return [s for s in stdout.splitlines() if s.strip() and not any(g in s for g in gloo)]
 
 
 def _logged_train_steps(workdir: pathlib.Path) -> int:
