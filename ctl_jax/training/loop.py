@@ -187,8 +187,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
             if data_position.get(EVALUATION_PENDING):
                 # Stopped on the last step of an epoch whose evaluation was due: that
                 # checkpoint was saved without waiting for it, so it runs now.
-                results = _evaluate(evaluator, state, step, data_position["epoch"], config, log)
-                metrics_log.write("eval", step, flatten_eval(results), epoch=data_position["epoch"])
+                epoch_done = data_position["epoch"]
+                results, _ = _evaluate(evaluator, state, step, epoch_done, config, metrics_log, log)
             for epoch in range(int(data_position["epoch"]), num_epochs):
                 state = state.replace(epoch=sharding.replicate(jnp.int32(epoch), mesh))
                 iterator = pipeline.make_train_iterator(
@@ -221,16 +221,17 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
                     metrics_log,
                     stop,
                 )
-                eval_due = (epoch + 1) % config.train.eval_every_epochs == 0
-                eval_due = bool(config.eval.modes) and (eval_due or epoch + 1 == num_epochs)
+                eval_due = bool(config.eval.modes) and (
+                    (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == num_epochs
+                )
                 eval_metrics = None
                 position = {"epoch": epoch + 1, "iterator": None}
                 if eval_due and interrupted:
                     position[EVALUATION_PENDING] = True  # a stop should not wait for it
                 elif eval_due:
-                    results = _evaluate(evaluator, state, step, epoch + 1, config, log)
-                    eval_metrics = flatten_eval(results)
-                    metrics_log.write("eval", step, eval_metrics, epoch=epoch + 1)
+                    results, eval_metrics = _evaluate(
+                        evaluator, state, step, epoch + 1, config, metrics_log, log
+                    )
                 store.save(step, state, position, meta, eval_metrics)
                 if interrupted:
                     store.wait()
@@ -252,12 +253,15 @@ def _silent(*_args, **_kwargs) -> None:
 EVALUATION_PENDING = "evaluation_pending"
 
 
-def _evaluate(evaluator, state, step, epoch, config, log) -> dict:
-    """Runs the configured evaluation modes after epoch `epoch` (1-based) and prints them."""
+def _evaluate(evaluator, state, step, epoch, config, metrics_log, log) -> tuple[dict, dict]:
+    """Runs the configured evaluation modes after epoch `epoch` (1-based), logs and prints
+    them; returns the results and their flat metrics."""
     results = evaluator.run(state, config.eval.modes)
     release_free_memory()  # the evaluation's buffers (see ctl_jax/malloc.py)
+    flat = flatten_eval(results)
+    metrics_log.write("eval", step, flat, epoch=epoch)
     log(f"epoch {epoch} evaluation (step {step}):\n{evaluator.table(results)}")
-    return results
+    return results, flat
 
 
 def _compiled_on_first_call(jitted):
@@ -376,9 +380,9 @@ def _run_epoch(
                 )
                 t_last, n_last = now, 0
             interrupted = stop_agreed if voting else stop["signal"] is not None
-            if interrupted and done == total:
-                break  # the caller's end-of-epoch checkpoint covers this step
             # The end-of-epoch checkpoint (saved by the caller) covers the last step.
+            if interrupted and done == total:
+                break
             periodic = step % config.train.checkpoint_every_steps == 0 and done < total
             if interrupted or periodic:
                 # The grain iterator state is the same in every process (the position in
