@@ -1,6 +1,11 @@
 """What every entry point shares: absl flag parsing with one-line errors, the compilation
-cache, the allocator settings, and turning expected failures into a one-line message and a
-non-zero exit code."""
+cache, the allocator settings, and turning user errors into a one-line message.
+
+Exit codes: 2 for a usage error (a bad flag or a missing one, `fail`), 1 for a
+`ctl_jax.errors.UserError` raised while running (printed as `error: <message>`), and
+Python's traceback with exit code 1 for anything else: that is a bug, and the traceback is
+what a bug report needs. `--debug` (or `CTL_JAX_DEBUG=1`) prints a user error's traceback too.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +18,11 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ctl_jax.errors import CheckpointError
+from ctl_jax.errors import DEBUG_ENV, UserError, debug_requested, report_user_error
 from ctl_jax.malloc import tune_malloc
 
-# Failures a user can fix; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    PermissionError,
-    ValueError,
-    KeyError,
-    FloatingPointError,  # a non-finite training loss
-    CheckpointError,
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, f"Show the traceback of user errors too (same as {DEBUG_ENV}=1)."
 )
 
 
@@ -96,7 +93,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
-    """`absl.app.run(main)` with clean errors for bad flags and for user errors in `main`."""
+    """`absl.app.run(main)` with one-line errors for bad flags (exit 2) and for a `UserError`
+    raised by `main` (exit 1); other exceptions propagate with their traceback."""
 
     def guarded(argv):
         tune_malloc()  # before JAX starts its threads (see ctl_jax/malloc.py)
@@ -116,8 +114,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
         except KeyboardInterrupt as e:
             print(f"\n{e or 'interrupted'}", file=sys.stderr)
             sys.exit(130)
-        except USER_ERRORS as e:
-            message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-            fail(message, code=1)
+        except UserError as e:  # anything else is a bug: its traceback is printed
+            sys.exit(report_user_error(e, debug_requested(_DEBUG.value)))
 
+    # List --debug in the entry point's own --help (absl names the main module by argv[0]).
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS["debug"])
     app.run(guarded, flags_parser=_parse_flags)

@@ -4,7 +4,7 @@
 `--images` is one image or a folder, searched recursively for .jpg/.jpeg/.png files (other
 files are skipped and counted). Each image gets the model's test-time preprocessing (resize
 to the training input size, ImageNet normalisation) and the BNNeck embedding is written,
-not normalised, to the embeddings .npz of INTERFACES.md; pid and camera are parsed from
+not normalised, to an embeddings .npz (docs/formats.md); pid and camera are parsed from
 Market-style names (`0002_c1s1_...jpg`), -1 otherwise.
 """
 

@@ -4,13 +4,14 @@
 ivf_pq|hnsw] [--overwrite]`.
 
 The gallery holds the images of an embeddings file, or with --centroids one centroid per
-identity (mean of its un-normalised embeddings, then normalised; SPEC section 1). Queries
-come from an embeddings file or are embedded on the fly from images. Each query gets its
-top-k gallery items by cosine similarity, written as the search-results JSON of
-INTERFACES.md. `--save_index` stores the built index (exact vectors or a faiss index) so
-later searches can start from it with `--index`; with only `--gallery` and `--save_index`
-the command just builds and saves. The faiss methods need `pip install -e '.[faiss]'`;
-`--check_recall` also runs the exact search and reports the approximate recall@k.
+identity (mean of its un-normalised embeddings, then normalised; docs/method.md, 'Evaluation
+modes'). Queries come from an embeddings file or are embedded on the fly from images. Each query
+gets its top-k gallery items by cosine similarity, written as the search-results JSON
+(docs/formats.md, 'Search results JSON'). `--save_index` stores the built index (exact vectors
+or a faiss index) so later searches can start from it with `--index`; with only `--gallery` and
+`--save_index` the command just builds and saves. The faiss methods need
+`pip install -e '.[faiss]'`; `--check_recall` also runs the exact search and reports the
+approximate recall@k.
 """
 
 from __future__ import annotations

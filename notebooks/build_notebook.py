@@ -437,7 +437,7 @@ The export folder holds everything needed later, anywhere (no TPU needed): an in
 checkpoint of the evaluated step (weights, batch-norm statistics and the model settings,
 without the optimiser state that only resuming needs; the same format `ctl_jax.convert`
 writes), `config.json`, `metrics.json`, and the query and gallery embeddings as `.npz`
-(INTERFACES.md format). It is checked by loading it back. To resume training elsewhere, copy
+(docs/formats.md). It is checked by loading it back. To resume training elsewhere, copy
 the whole `RUN_DIR` instead.
 Use it with the command-line tools, e.g.
 

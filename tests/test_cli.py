@@ -1,5 +1,5 @@
 """The command-line tools as a user runs them: one-line errors with a non-zero exit code,
-metrics JSON in the INTERFACES.md format, and nothing of the user's overwritten."""
+metrics JSON in the format of docs/formats.md, and nothing of the user's overwritten."""
 
 import json
 import os
@@ -154,3 +154,103 @@ def test_evaluate_missing_step_and_corrupt_checkpoint(checkpoint_dir, tmp_path):
     result = run("ctl_jax.evaluate", f"--workdir={broken}")
     assert_one_line_error(result, "checkpoint")
     assert (checkpoint_dir / "checkpoints" / "7").is_dir()
+
+
+# An entry point's main run through cli.run with one library function replaced, as a user's
+# command would run it (absl parses sys.argv; the replacement stands for a bug).
+_BROKEN_EVALUATE = """
+import sys
+
+import ctl_jax.evaluation
+from ctl_jax import cli, evaluate
+
+
+def broken(*args, **kwargs):
+    raise KeyError("params")  # an internal bug, not the user's mistake
+
+
+ctl_jax.evaluation.evaluate = broken
+sys.argv = ["ctl_jax.evaluate", *sys.argv[1:]]
+cli.run(evaluate.main)
+"""
+
+
+def test_internal_error_keeps_its_traceback(tmp_path):
+    rng = np.random.default_rng(2)
+    for name in ("q", "g"):
+        _embeddings(rng, 6, 4, 3, 2).save(tmp_path / f"{name}.npz")
+    result = subprocess.run(
+        [sys.executable, "-c", _BROKEN_EVALUATE]
+        + [f"--query={tmp_path / 'q.npz'}", f"--gallery={tmp_path / 'g.npz'}"],
+        cwd=REPO,
+        env=dict(os.environ, XLA_FLAGS=xla_flags(2)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode not in (0, 2), result.stderr
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr
+    assert "KeyError: 'params'" in result.stderr, result.stderr
+    assert "in broken" in result.stderr  # the frame that raised
+    assert not any(line.startswith("error:") for line in result.stderr.splitlines())
+
+
+@pytest.mark.parametrize("debug", ["flag", "environment"])
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, debug):
+    missing = tmp_path / "missing.npz"
+    args = [f"--query={missing}", f"--gallery={missing}"]
+    plain = run("ctl_jax.evaluate", *args)
+    assert_one_line_error(plain, str(missing), "does not exist")
+    if debug == "flag":
+        result = run("ctl_jax.evaluate", *args, "--debug")
+    else:
+        env = dict(os.environ, XLA_FLAGS=xla_flags(2), CTL_JAX_DEBUG="1")
+        result = subprocess.run(
+            [sys.executable, "-m", "ctl_jax.evaluate", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr
+    assert "MissingFileError" in result.stderr  # the exception's own traceback
+    # ... and still the one-line message last.
+    assert result.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]
+
+
+def test_user_errors_keep_their_builtin_types_and_module_names():
+    """Callers that catch the builtin type, or import an error from its old module, still work."""
+    from ctl_jax import errors
+    from ctl_jax.data.image_io import UnreadableImageError
+    from ctl_jax.data.readers import DatasetError
+    from ctl_jax.distributed import DistributedSetupError
+    from ctl_jax.retrieval.approximate import FaissUnavailableError
+    from ctl_jax.training.checkpoints import CheckpointError
+    from ctl_jax.training.loop import NonFiniteLossError, WorkdirMismatchError
+    from ctl_jax.weights.torch_pickle import TorchFileError
+
+    builtin = {
+        DatasetError: ValueError,
+        UnreadableImageError: OSError,
+        DistributedSetupError: ValueError,
+        FaissUnavailableError: ImportError,
+        CheckpointError: RuntimeError,
+        NonFiniteLossError: FloatingPointError,
+        WorkdirMismatchError: ValueError,
+        TorchFileError: ValueError,
+        errors.MissingFileError: FileNotFoundError,
+        errors.OutputExistsError: FileExistsError,
+        errors.NotAFolderError: NotADirectoryError,
+        errors.ConfigError: ValueError,
+        errors.OptionError: ValueError,
+        errors.FileContentError: ValueError,
+    }
+    for cls, base in builtin.items():
+        assert cls is getattr(errors, cls.__name__)
+        assert issubclass(cls, errors.UserError) and issubclass(cls, base), cls
+    # The message is the first argument, without an OSError's errno or a KeyError's quotes.
+    assert errors.message(errors.MissingFileError("index file x.npz does not exist")) == (
+        "index file x.npz does not exist"
+    )

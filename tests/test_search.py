@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctl_jax import errors
 from ctl_jax.retrieval import approximate, results, visualize
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.index import ExactIndex, GalleryItems, load_index, save_index
@@ -93,7 +94,8 @@ def test_centroid_search_equals_brute_force_on_mean_of_raw_embeddings():
     index, dropped = ExactIndex.from_embeddings(gallery, centroids=True, source="g.npz")
     assert dropped == 9
 
-    # SPEC section 1, computed independently: mean of the UN-normalised embeddings.
+    # docs/method.md, 'Evaluation modes', computed independently: the mean of the
+    # UN-normalised embeddings.
     known = gallery.pids >= 0
     pids = np.unique(gallery.pids[known])
     centroids = np.stack([gallery.embeddings[gallery.pids == p].mean(0) for p in pids])
@@ -160,6 +162,21 @@ def test_load_index_rejects_other_files(tmp_path):
         load_index(tmp_path / "junk.npz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_index(tmp_path / "missing.npz")
+
+    # A damaged index: each problem is a user error that names the file.
+    index, _ = ExactIndex.from_embeddings(random_embeddings(20, 4, num_ids=5), source="g.npz")
+    with np.load(save_index(index, tmp_path / "index.npz")) as data:
+        arrays = dict(data)
+    damaged = {
+        "kind": ({**arrays, "kind": np.asarray("cluster")}, "damaged: gallery kind"),
+        "lengths": ({**arrays, "counts": arrays["counts"][:-1]}, "damaged: .*differ in length"),
+        "missing": ({k: v for k, v in arrays.items() if k != "pids"}, r"missing \['pids'\]"),
+        "vectors": ({**arrays, "vectors": arrays["vectors"][:3]}, "damaged: index vectors"),
+    }
+    for name, (content, message) in damaged.items():
+        np.savez(tmp_path / f"{name}.npz", **content)
+        with pytest.raises(errors.FileContentError, match=f"{name}.npz.*{message}"):
+            load_index(tmp_path / f"{name}.npz")
 
 
 # --- faiss ---------------------------------------------------------------------------------

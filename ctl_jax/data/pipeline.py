@@ -36,6 +36,7 @@ from absl import flags
 
 from ctl_jax.data import image_io, sampler, transforms
 from ctl_jax.data.records import Split
+from ctl_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ class TrainPipelineConfig:
     """Options of the training pipeline.
 
     Attributes:
-      height, width: model input size (SPEC: 256 x 128 for re-ID).
+      height, width: model input size (256 x 128 in the re-ID recipes).
       P, M: identities per global batch, instances per identity.
       seed: run seed; with the epoch it fixes the plan and every augmentation.
       flip_prob, pad, erasing_prob, erasing_fill: see `transforms.TrainAugment`.
@@ -294,7 +295,7 @@ def make_eval_iterator(
         index: (b,) int64 position in ``split``; -1 for padding.
     """
     if batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"eval batch_size={batch_size} must be divisible by process_count={process_count}"
         )
     n_batches = eval_num_batches(len(split), batch_size)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ctl_jax.data.records import RetrievalDataset, Split
+from ctl_jax.errors import DatasetError
 
 MARKET_NAME_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -50,10 +51,6 @@ _MARKET_LAYOUT = (
 _FOLDER_LAYOUT = "expected layout: <root>/{train,query,gallery}/<identity>/<images>"
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError):
-    """A dataset on disk is missing, malformed or inconsistent."""
 
 
 def parse_market_name(file_name: str | os.PathLike) -> tuple[int, int] | None:

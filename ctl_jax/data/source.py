@@ -6,6 +6,7 @@ import pathlib
 
 from ctl_jax.data.image_io import FileImageReader
 from ctl_jax.data.records import RetrievalDataset
+from ctl_jax.errors import ConfigError
 
 SPLITS = ("train", "query", "gallery")
 
@@ -21,10 +22,10 @@ def load_dataset(data_cfg) -> tuple[RetrievalDataset, dict]:
         from ctl_jax.data.tfds_builders import load_tfds
 
         if not data_cfg.tfds_data_dir:
-            raise ValueError("data.source='tfds' needs data.tfds_data_dir (the prepared build)")
+            raise ConfigError("data.source='tfds' needs data.tfds_data_dir (the prepared build)")
         return load_tfds(data_cfg.name, data_cfg.tfds_data_dir)
     if data_cfg.source != "folder":
-        raise ValueError(f"data.source must be 'folder' or 'tfds', got {data_cfg.source!r}")
+        raise ConfigError(f"data.source must be 'folder' or 'tfds', got {data_cfg.source!r}")
 
     from ctl_jax.data.readers import open_dataset
 

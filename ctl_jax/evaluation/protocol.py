@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctl_jax.errors import InvalidValueError
 from ctl_jax.evaluation.centroids import build_search_gallery
 from ctl_jax.evaluation.ranking import DEFAULT_RANKS, rank_metrics
 
@@ -39,7 +40,7 @@ def evaluate(
     q_emb = _check_embeddings(query_emb, "query")
     g_emb = _check_embeddings(gallery_emb, "gallery")
     if q_emb.shape[1] != g_emb.shape[1]:
-        raise ValueError(
+        raise InvalidValueError(
             f"query and gallery embeddings differ in dimension: {q_emb.shape[1]} vs "
             f"{g_emb.shape[1]}"
         )
@@ -71,29 +72,29 @@ def _check_modes(modes) -> tuple[str, ...]:
     modes = tuple(modes)
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise ValueError(
+        raise InvalidValueError(
             f"unknown evaluation mode(s) {unknown or list(modes)}; valid modes: {', '.join(MODES)}"
         )
     if len(set(modes)) != len(modes):
-        raise ValueError(f"evaluation modes repeated: {list(modes)}")
+        raise InvalidValueError(f"evaluation modes repeated: {list(modes)}")
     return modes
 
 
 def _check_embeddings(emb, what) -> np.ndarray:
     emb = np.asarray(emb)
     if emb.ndim != 2:
-        raise ValueError(f"{what} embeddings must be 2-D (N, D), got shape {emb.shape}")
+        raise InvalidValueError(f"{what} embeddings must be 2-D (N, D), got shape {emb.shape}")
     if not np.issubdtype(emb.dtype, np.floating):
-        raise ValueError(f"{what} embeddings must be floating point, got {emb.dtype}")
+        raise InvalidValueError(f"{what} embeddings must be floating point, got {emb.dtype}")
     if not np.isfinite(emb).all():
-        raise ValueError(f"{what} embeddings contain NaN or infinite values")
+        raise InvalidValueError(f"{what} embeddings contain NaN or infinite values")
     return emb.astype(np.float32, copy=False)
 
 
 def _check_labels(labels, n, what) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) != n:
-        raise ValueError(
+        raise InvalidValueError(
             f"{what} must be a 1-D array of length {n} (one per embedding), got shape "
             f"{labels.shape}"
         )
@@ -101,5 +102,5 @@ def _check_labels(labels, n, what) -> np.ndarray:
         np.issubdtype(labels.dtype, np.floating) and np.array_equal(labels, np.round(labels))
     )
     if labels.size and not integral:
-        raise ValueError(f"{what} must be integers, got dtype {labels.dtype}")
+        raise InvalidValueError(f"{what} must be integers, got dtype {labels.dtype}")
     return labels.astype(np.int64)

@@ -29,6 +29,8 @@ import functools
 
 import numpy as np
 
+from ctl_jax.errors import InvalidValueError
+
 DEFAULT_RANKS = (1, 5, 10, 20, 50)
 
 # Elements of a (chunk, gallery) matrix processed at once: the buffers take 16-24 bytes per
@@ -144,7 +146,7 @@ def rank_metrics(
 def _index_bits(num_g: int) -> int:
     """Bits needed for a gallery index 0..num_g-1."""
     if num_g >= 2**31:
-        raise ValueError(f"gallery too large for ranking keys: {num_g} items")
+        raise InvalidValueError(f"gallery too large for ranking keys: {num_g} items")
     return max(1, int(num_g - 1).bit_length())
 
 

@@ -1,4 +1,4 @@
-"""Metrics reports: the metrics JSON file (INTERFACES.md) and a terminal table."""
+"""Metrics reports: the metrics JSON file (docs/formats.md, 'Metrics JSON') and a terminal table."""
 
 from __future__ import annotations
 

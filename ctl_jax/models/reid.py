@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ctl_jax.errors import ConfigError
 from ctl_jax.models import resnet
 
 _ARCHS: dict[str, Callable[..., resnet.ResNet]] = {
@@ -38,7 +39,7 @@ def feature_dim(arch: str) -> int:
 
 def _check_arch(arch: str) -> None:
     if arch not in _ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(ARCH_NAMES)}")
+        raise ConfigError(f"unknown arch {arch!r}; valid names: {', '.join(ARCH_NAMES)}")
 
 
 class ReidModel(nn.Module):
@@ -104,7 +105,7 @@ def build_model(model_cfg: Any, num_classes: int) -> ReidModel:
     arch = model_cfg.arch
     _check_arch(arch)
     if model_cfg.dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {model_cfg.dtype!r}; valid: {', '.join(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {model_cfg.dtype!r}; valid: {', '.join(_DTYPES)}")
     kwargs: dict[str, Any] = {
         "last_stride": int(model_cfg.last_stride),
         "fast_1x1": bool(model_cfg.fast_1x1),

@@ -6,8 +6,9 @@ them mechanically: `conv1`, `bn1`, `layer{i}_{j}/{conv1,bn1,...,downsample_conv,
 an IBN-a block's `bn1` holds `IN` (InstanceNorm) and `BN` (BatchNorm).
 
 Every batch norm takes a per-sample `valid` mask: padded samples are normalised like the others
-but contribute nothing to the batch statistics (SPEC section 3). Under `jax.jit` with the batch
-sharded over a mesh the statistics are reduced over the global batch by XLA itself.
+but contribute nothing to the batch statistics (docs/method.md, 'The P x M sampler'). Under
+`jax.jit` with the batch sharded over a mesh the statistics are reduced over the global batch by
+XLA itself.
 """
 
 from __future__ import annotations

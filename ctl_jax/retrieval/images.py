@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ctl_jax.data.image_io import FileImageReader, UnreadableImageWarning
 from ctl_jax.data.pipeline import make_eval_iterator
 from ctl_jax.data.records import Split
+from ctl_jax.errors import FileContentError, MissingFileError, OptionError
 from ctl_jax.retrieval.embedding_file import Embeddings, parse_market_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -52,9 +53,9 @@ class ImageListing:
 def model_directory(workdir: str | None, checkpoint: str | None) -> str:
     """The one checkpoint directory given by --workdir or --checkpoint."""
     if workdir and checkpoint:
-        raise ValueError("give either --workdir or --checkpoint, not both")
+        raise OptionError("give either --workdir or --checkpoint, not both")
     if not (workdir or checkpoint):
-        raise ValueError("give the model: --workdir=DIR (training run) or --checkpoint=DIR")
+        raise OptionError("give the model: --workdir=DIR (training run) or --checkpoint=DIR")
     return workdir or checkpoint
 
 
@@ -70,10 +71,10 @@ def list_images(path: str | os.PathLike) -> ImageListing:
     """
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--images: {path} does not exist")
+        raise MissingFileError(f"--images: {path} does not exist")
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(
+            raise OptionError(
                 f"--images: {path} is not a {'/'.join(IMAGE_SUFFIXES)} image; pass an image "
                 "or a folder of images"
             )
@@ -92,7 +93,7 @@ def list_images(path: str | os.PathLike) -> ImageListing:
     listing = ImageListing(sorted(images), dict(skipped.most_common()))
     if not listing.paths:
         also = f" (skipped {listing.skipped_summary()})" if listing.skipped else ""
-        raise ValueError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} images under {path}{also}")
+        raise OptionError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} images under {path}{also}")
     return listing
 
 
@@ -214,7 +215,7 @@ def embed_images(
     paths = np.asarray(listing.paths)
     unreadable = paths[~valid].tolist()
     if not valid.any():
-        raise ValueError(
+        raise FileContentError(
             f"--images: none of the {len(paths)} image(s) under {images} could be decoded "
             f"(e.g. {unreadable[0]})"
         )

@@ -1,9 +1,9 @@
 """Search indexes over a gallery of instances or identity centroids, and their file format.
 
-A gallery is built from an embeddings file (INTERFACES.md):
+A gallery is built from an embeddings file (docs/formats.md, 'Embeddings .npz'):
 
 * `instance`: one item per gallery image.
-* `centroid`: one item per identity (SPEC section 1): the mean of the identity's
+* `centroid`: one item per identity (docs/method.md, 'Evaluation modes'): the mean of the identity's
   UN-normalised embeddings, normalised afterwards. The centroids come from
   `ctl_jax.evaluation.centroids.build_search_gallery("centroid", ...)`, the code evaluation
   uses, so search and evaluation agree. Images of unknown identity (pid < 0) cannot join a
@@ -47,6 +47,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ctl_jax import files
+from ctl_jax.errors import FileContentError, InvalidValueError, MissingFileError, OptionError
 from ctl_jax.evaluation.centroids import build_search_gallery
 from ctl_jax.evaluation.ranking import l2_normalize
 from ctl_jax.retrieval.embedding_file import Embeddings
@@ -145,7 +146,7 @@ def gallery_vectors(
     """
     name = source or "the gallery"
     if len(embeddings) == 0:
-        raise ValueError(f"{name} holds no embeddings; nothing to search")
+        raise InvalidValueError(f"{name} holds no embeddings; nothing to search")
     if not centroids:
         items = GalleryItems(
             "instance",
@@ -160,7 +161,7 @@ def gallery_vectors(
     known = embeddings.pids >= 0
     dropped = int((~known).sum())
     if not known.any():
-        raise ValueError(
+        raise InvalidValueError(
             f"--centroids needs identities, but every pid in {name} is unknown (-1); "
             "name the images PPPP_cC*.jpg (Market-style) or search without --centroids"
         )
@@ -221,17 +222,17 @@ def check_queries(queries: np.ndarray, dim: int, k: int, size: int, what: str) -
     """Validates a (Q, D) query array and `k` against an index; returns float32 queries."""
     queries = np.asarray(queries, np.float32)
     if queries.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D (Q, D) array, got shape {queries.shape}")
+        raise InvalidValueError(f"{what} must be a 2-D (Q, D) array, got shape {queries.shape}")
     if queries.shape[1] != dim:
-        raise ValueError(
+        raise InvalidValueError(
             f"{what} have dimension {queries.shape[1]} but the gallery index has {dim}; "
             "embed queries and gallery with the same model"
         )
     k = int(k)
     if k < 1:
-        raise ValueError(f"--top_k must be >= 1, got {k}")
+        raise OptionError(f"--top_k must be >= 1, got {k}")
     if k > size:
-        raise ValueError(
+        raise OptionError(
             f"--top_k={k} is larger than the gallery ({size:,} items); use --top_k <= {size}"
         )
     return queries
@@ -427,19 +428,21 @@ def load_index(path: str | os.PathLike, search_params: dict | None = None) -> Se
         for exact indexes.
 
     Raises:
-      FileNotFoundError: no such file.
-      ValueError: not an index file (or a damaged one); the message names the file.
-      ImportError: a faiss index while faiss is not installed (the message says how).
+      MissingFileError: no such file (a FileNotFoundError).
+      FileContentError: not an index file (or a damaged one; a ValueError); the message
+        names the file.
+      FaissUnavailableError: a faiss index while faiss is not installed (the message says
+        how).
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"index file {path} does not exist")
+        raise MissingFileError(f"index file {path} does not exist")
     try:
         data = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"index file {path} is not a readable .npz: {e}") from e
+        raise FileContentError(f"index file {path} is not a readable .npz: {e}") from e
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"index file {path} is not an index .npz (it holds a single array)")
+        raise FileContentError(f"index file {path} is not an index .npz (it holds a single array)")
     with data:
         if "format" not in data.files or str(data["format"]) != FORMAT:
             hint = (
@@ -447,29 +450,35 @@ def load_index(path: str | os.PathLike, search_params: dict | None = None) -> Se
                 if "embeddings" in data.files
                 else ""
             )
-            raise ValueError(f"{path} is not a ctl_jax index file{hint}")
+            raise FileContentError(f"{path} is not a ctl_jax index file{hint}")
+        method = str(data["method"]) if "method" in data.files else ""
+        needed = ["version", "kind", "method", "pids", "camids", "paths", "counts", "source"]
+        needed += ["vectors"] if method == "exact" else ["faiss_index", "params"]
+        missing = [key for key in needed if key not in data.files]
+        if missing:
+            raise FileContentError(
+                f"index file {path} ({method or 'no method'}) is missing {missing}"
+            )
         version = int(data["version"])
         if version != VERSION:
-            raise ValueError(
+            raise FileContentError(
                 f"index file {path} has format version {version}; this ctl_jax reads "
                 f"version {VERSION}: rebuild it with --save_index"
             )
-        method = str(data["method"])
-        needed = ["vectors"] if method == "exact" else ["faiss_index", "params"]
-        missing = [key for key in needed if key not in data.files]
-        if missing:
-            raise ValueError(f"index file {path} ({method}) is missing {missing}")
-        items = GalleryItems(
-            str(data["kind"]),
-            data["pids"],
-            data["camids"],
-            data["paths"],
-            data["counts"],
-            str(data["source"]),
-        )
-        if method == "exact":
-            return ExactIndex(items, data["vectors"])
-        blob, params = data["faiss_index"], json.loads(str(data["params"]))
+        try:
+            items = GalleryItems(
+                str(data["kind"]),
+                data["pids"],
+                data["camids"],
+                data["paths"],
+                data["counts"],
+                str(data["source"]),
+            )
+            if method == "exact":
+                return ExactIndex(items, data["vectors"])
+            blob, params = data["faiss_index"], json.loads(str(data["params"]))
+        except ValueError as e:  # a bad kind, arrays of different lengths, broken params
+            raise FileContentError(f"index file {path} is damaged: {e}") from e
     from ctl_jax.retrieval import approximate
 
     return approximate.deserialize(items, method, blob, params, search_params, path)

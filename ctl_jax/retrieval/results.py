@@ -1,4 +1,4 @@
-"""The search-results JSON of INTERFACES.md.
+"""The search-results JSON (docs/formats.md, 'Search results JSON').
 
 `{"queries": [{"path": str, "pid": int, "matches": [{"pid": int, "path": str or null,
 "score": float}, ...]}, ...], "meta": {...}}`: queries in input order, matches best first,

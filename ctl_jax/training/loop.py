@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ctl_jax import configs as config_lib
 from ctl_jax.data import pipeline
 from ctl_jax.data.source import load_dataset
+from ctl_jax.errors import NonFiniteLossError, WorkdirMismatchError
 from ctl_jax.malloc import release_free_memory
 from ctl_jax.models.reid import build_model, feature_dim
 from ctl_jax.training import sharding
@@ -32,14 +33,6 @@ from ctl_jax.training.logbook import MetricsLog, flatten_eval
 from ctl_jax.training.optimizer import make_optimizer
 from ctl_jax.training.state import TrainState, create_train_state
 from ctl_jax.training.step import make_train_step
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss."""
-
-
-class WorkdirMismatchError(ValueError):
-    """The work directory holds checkpoints of a different config."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -1,4 +1,5 @@
-"""The pure training step: forward, the four losses of SPEC section 4, both optimisers."""
+"""The pure training step: forward, the four losses (docs/method.md, 'Losses'), both
+optimisers."""
 
 from __future__ import annotations
 

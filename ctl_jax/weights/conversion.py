@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from ctl_jax import configs as config_lib
+from ctl_jax.errors import NotAFolderError, OutputExistsError
 from ctl_jax.weights import mapping, torch_pickle
 
 
@@ -106,9 +107,9 @@ def abstract_variable_shapes(model) -> dict[str, tuple[int, ...]]:
 def check_output(output: pathlib.Path, overwrite: bool) -> None:
     """Refuses to write into a non-empty directory (or over a file) unless `overwrite`."""
     if output.exists() and not output.is_dir():
-        raise NotADirectoryError(f"--output {output} exists and is not a directory")
+        raise NotAFolderError(f"--output {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"--output {output} is not empty; pass --overwrite to replace its checkpoints/ "
             "or choose another directory"
         )
