@@ -4,8 +4,8 @@
 `--images` is one image or a folder, searched recursively for .jpg/.jpeg/.png files (other
 files are skipped and counted). Each image gets the model's test-time preprocessing (resize
 to the training input size, ImageNet normalisation) and the BNNeck embedding is written,
-not normalised, to the embeddings .npz of INTERFACES.md; pid and camera are parsed from
-Market-style names (`0002_c1s1_...jpg`), -1 otherwise.
+not normalised, to an embeddings .npz (format: `ctl_jax.retrieval.embedding_file`); pid and
+camera are parsed from Market-style names (`0002_c1s1_...jpg`), -1 otherwise.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def main(argv):
     if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:
         cli.fail(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
 
+    from ctl_jax.checkpoints import restore_model
     from ctl_jax.retrieval.images import embed_images, list_images
-    from ctl_jax.training.restore import restore_model
 
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
     start = time.time()

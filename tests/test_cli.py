@@ -13,11 +13,11 @@ import pytest
 from tiny_data import make_tiny_reid
 from xla_flags import xla_flags
 
+from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.configs import config_to_json, load_config
 from ctl_jax.evaluation import MODES
 from ctl_jax.models.reid import build_model, init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
-from ctl_jax.training.checkpoints import CheckpointStore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "rank20", "rank50", "num_query", "num_gallery"}

@@ -1,4 +1,4 @@
-"""Metrics reports: the metrics JSON file (INTERFACES.md) and a terminal table."""
+"""Metrics reports: the metrics JSON file (`write_metrics_json`) and a terminal table."""
 
 from __future__ import annotations
 

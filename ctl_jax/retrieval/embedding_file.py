@@ -1,4 +1,4 @@
-"""Embedding files (`.npz`, see INTERFACES.md) and Market-style file-name parsing.
+"""Embedding files (`.npz`) and Market-style file-name parsing.
 
 Keys: `embeddings` float32 (N, D), the BNNeck output, not normalised; `pids` int64 (N,),
 -1 where unknown; `camids` int64 (N,), 0-based, -1 where unknown; `paths` unicode (N,).

@@ -1,4 +1,4 @@
-"""The search-results JSON of INTERFACES.md.
+"""The search-results JSON written by `python -m ctl_jax.search`.
 
 `{"queries": [{"path": str, "pid": int, "matches": [{"pid": int, "path": str or null,
 "score": float}, ...]}, ...], "meta": {...}}`: queries in input order, matches best first,
@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 
 from ctl_jax import files
-from ctl_jax.retrieval.index import GalleryItems
+from ctl_jax.retrieval.gallery import GalleryItems
 
 
 def results_document(

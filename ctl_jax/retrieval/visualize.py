@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from ctl_jax.retrieval.index import GalleryItems
+from ctl_jax.retrieval.gallery import GalleryItems
 
 QUERY_COLOR = (30, 90, 220)
 CORRECT_COLOR = (0, 170, 0)

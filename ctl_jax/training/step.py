@@ -1,4 +1,4 @@
-"""The pure training step: forward, the four losses of SPEC section 4, both optimisers."""
+"""The pure training step: forward, the four losses (`ctl_jax.losses`), both optimisers."""
 
 from __future__ import annotations
 
