@@ -71,7 +71,7 @@ def init_train_state(
       seed: the run seed.
     """
     rng_model, rng_centers = jax.random.split(jax.random.key(seed))
-    variables = model_variables(init_variables(model, rng_model, image_shape))
+    variables = init_variables(model, rng_model, image_shape)
     return create_train_state(variables, tx, num_classes, feature_dim, rng_centers)
 
 
