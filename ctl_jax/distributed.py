@@ -1,7 +1,7 @@
 """Multi-process (multi-host) start-up: `jax.distributed.initialize` from flags or environment.
 
 One process runs per host (per TPU VM worker, per GPU node, or per GPU); together they form
-one global device mesh (see `ctl_jax.training.sharding`). Every process must run the same
+one global device mesh (see `ctl_jax.parallel`). Every process must run the same
 command with the same config and work directory; only the process id differs.
 
 Settings, as a flag of `ctl_jax.train` / `ctl_jax.evaluate` or an environment variable (a

@@ -49,8 +49,8 @@ def main(argv):
     if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:
         cli.fail(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
 
+    from ctl_jax.checkpoints import restore_model
     from ctl_jax.retrieval.images import embed_images, list_images
-    from ctl_jax.training.restore import restore_model
 
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
     start = time.time()

@@ -44,17 +44,17 @@ def evaluate_embedding_files(query_path: str, gallery_path: str, modes) -> tuple
 
 def evaluate_checkpoint(workdir: str, config=None, step=None, modes=None) -> tuple[dict, dict]:
     """Metrics of a checkpoint on its (or `config`'s) dataset."""
+    from ctl_jax import parallel
+    from ctl_jax.checkpoints import restore_model
     from ctl_jax.data.source import load_dataset
-    from ctl_jax.training import sharding
-    from ctl_jax.training.evaluator import Evaluator
-    from ctl_jax.training.restore import restore_model
+    from ctl_jax.evaluator import Evaluator
 
     restored = restore_model(workdir, step=step, config=config)
     config = restored.config
     dataset, readers = load_dataset(config.data)
     if distributed.is_primary():
         print(dataset.statistics_table())
-    evaluator = Evaluator(restored.model, dataset, readers, config, sharding.make_mesh())
+    evaluator = Evaluator(restored.model, dataset, readers, config, parallel.make_mesh())
     results = evaluator.run(restored.variables, modes or tuple(config.eval.modes))
     meta = {
         "config": config.name,

@@ -107,6 +107,7 @@ def _load_or_build_index():
     """(index, exact index for --check_recall or None, description line)."""
     from ctl_jax.retrieval import index as index_lib
     from ctl_jax.retrieval.embedding_file import Embeddings
+    from ctl_jax.retrieval.gallery import gallery_vectors
 
     if _INDEX.value:
         index = index_lib.load_index(_INDEX.value, search_params=_faiss_params())
@@ -119,7 +120,7 @@ def _load_or_build_index():
         return index, None, f"{index.items.describe()} from index {_INDEX.value} ({index.method})"
 
     embeddings = Embeddings.load(_GALLERY.value)
-    items, vectors, dropped = index_lib.gallery_vectors(
+    items, vectors, dropped = gallery_vectors(
         embeddings, _CENTROIDS.value, source=str(_GALLERY.value)
     )
     note = f" ({dropped:,} image(s) of unknown identity left out)" if dropped else ""
@@ -146,8 +147,8 @@ def _queries():
 
     if _QUERY.value:
         return Embeddings.load(_QUERY.value), f"{_QUERY.value}"
+    from ctl_jax.checkpoints import restore_model
     from ctl_jax.retrieval.images import embed_images, list_images, model_directory
-    from ctl_jax.training.restore import restore_model
 
     directory = model_directory(_WORKDIR.value, _CHECKPOINT.value)
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
@@ -165,6 +166,7 @@ def main(argv):
     _check_flags()
     from ctl_jax.retrieval import index as index_lib
     from ctl_jax.retrieval import results
+    from ctl_jax.retrieval.gallery import check_queries
 
     start = time.time()
     index, exact, described = _load_or_build_index()
@@ -178,7 +180,7 @@ def main(argv):
     queries, query_source = _queries()
     top_k = _TOP_K.value
     # Checked here too (search checks again) so the message names the query file.
-    index_lib.check_queries(
+    check_queries(
         queries.embeddings, index.dim, top_k, len(index), f"query embeddings ({query_source})"
     )
     search_start = time.time()

@@ -13,11 +13,11 @@ import pytest
 from tiny_data import make_tiny_reid
 from xla_flags import xla_flags
 
+from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.configs import config_to_json, load_config
 from ctl_jax.evaluation import MODES
 from ctl_jax.models.reid import build_model, init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
-from ctl_jax.training.checkpoints import CheckpointStore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "rank20", "rank50", "num_query", "num_gallery"}
@@ -223,11 +223,11 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path, debug):
 def test_user_errors_keep_their_builtin_types_and_module_names():
     """Callers that catch the builtin type, or import an error from its old module, still work."""
     from ctl_jax import errors
+    from ctl_jax.checkpoints import CheckpointError
     from ctl_jax.data.image_io import UnreadableImageError
     from ctl_jax.data.readers import DatasetError
     from ctl_jax.distributed import DistributedSetupError
     from ctl_jax.retrieval.approximate import FaissUnavailableError
-    from ctl_jax.training.checkpoints import CheckpointError
     from ctl_jax.training.loop import NonFiniteLossError, WorkdirMismatchError
     from ctl_jax.weights.torch_pickle import TorchFileError
 

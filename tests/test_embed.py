@@ -13,12 +13,11 @@ import pytest
 from PIL import Image
 
 from ctl_jax import configs
+from ctl_jax.checkpoints import CheckpointStore, restore_model
 from ctl_jax.data import transforms
 from ctl_jax.models.reid import build_model, init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.images import embed_images, list_images, model_directory
-from ctl_jax.training.checkpoints import CheckpointStore
-from ctl_jax.training.restore import restore_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 H, W, NUM_CLASSES = 64, 32, 5

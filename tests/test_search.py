@@ -15,7 +15,8 @@ from PIL import Image
 from ctl_jax import errors
 from ctl_jax.retrieval import approximate, results, visualize
 from ctl_jax.retrieval.embedding_file import Embeddings
-from ctl_jax.retrieval.index import ExactIndex, GalleryItems, load_index, save_index
+from ctl_jax.retrieval.gallery import GalleryItems
+from ctl_jax.retrieval.index import ExactIndex, load_index, save_index
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

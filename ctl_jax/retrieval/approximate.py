@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ctl_jax.errors import FaissUnavailableError, FileContentError, OptionError
 from ctl_jax.evaluation.ranking import l2_normalize
-from ctl_jax.retrieval.index import GalleryItems, check_queries
+from ctl_jax.retrieval.gallery import GalleryItems, check_queries
 
 METHODS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 # Build-time parameters of each method; 0 means "choose from the gallery size".

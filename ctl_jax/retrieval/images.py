@@ -1,9 +1,10 @@
 """Embedding loose image files (one image or a folder tree) with a restored model.
 
 Shared by `python -m ctl_jax.embed` and `python -m ctl_jax.search --images`. Images go
-through the evaluation pipeline of the data package (`make_eval_iterator`: decode, bilinear
-resize to the model's input size, ImageNet normalisation), in batches sharded over the
-devices, through the jitted forward pass of `ctl_jax.inference.make_embed_fn`.
+through the embedding loop evaluation uses (`ctl_jax.inference.embed_split`: the evaluation
+pipeline's decode, bilinear resize to the model's input size and ImageNet normalisation, in
+batches sharded over the devices, through the jitted forward pass), with unreadable images
+skipped and reported instead of failing the run.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import pathlib
 import warnings
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ctl_jax.data.image_io import FileImageReader, UnreadableImageWarning
-from ctl_jax.data.pipeline import make_eval_iterator
 from ctl_jax.data.records import Split
 from ctl_jax.errors import FileContentError, MissingFileError, OptionError
 from ctl_jax.retrieval.embedding_file import Embeddings, parse_market_name
@@ -128,43 +127,26 @@ def embed_files(
       embeddings (N, D) float32, not normalised (rows of unreadable images are zero), and
       valid (N,) bool, False for images that could not be read or decoded.
     """
-    import jax
+    # Imported here: the commands check their flags and paths (`model_directory`,
+    # `list_images`) before paying for jax.
+    from ctl_jax import parallel
+    from ctl_jax.inference import embed_split, make_embed_fn
 
-    from ctl_jax.inference import make_embed_fn
-    from ctl_jax.training import sharding
-
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-    num_devices = mesh.devices.size
-    batch_size = -(-max(1, int(batch_size)) // num_devices) * num_devices
+    mesh = mesh if mesh is not None else parallel.make_mesh()
     split = image_split(paths)
-    iterator = make_eval_iterator(
+    return embed_split(
+        make_embed_fn(model, mesh),
+        variables,
         split,
         FileImageReader(split.paths),
         height,
         width,
         batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        mesh,
         skip_unreadable=True,
+        progress=progress,
+        leave=True,
     )
-    embed_fn = make_embed_fn(model, mesh)
-    variables = sharding.replicate(variables, mesh)
-    embeddings, valid = None, np.zeros(len(split), bool)
-    total = -(-len(split) // batch_size)
-    show = progress and jax.process_index() == 0
-    bar = tqdm(iterator, total=total, desc="embedding", unit="batch", disable=not show)
-    for batch in bar:
-        placed = sharding.put_batch(
-            {"images": batch["images"], "index": batch["index"], "valid": batch["valid"]}, mesh
-        )
-        bn_features, _ = embed_fn(variables, placed["images"])
-        emb, index, ok = sharding.to_host((bn_features, placed["index"], placed["valid"]))
-        keep = index >= 0  # padding of the last batch
-        if embeddings is None:
-            embeddings = np.zeros((len(split), emb.shape[-1]), np.float32)
-        embeddings[index[keep]] = np.where(ok[keep, None], emb[keep], 0.0)
-        valid[index[keep]] = ok[keep]
-    return embeddings, valid
 
 
 @dataclasses.dataclass(frozen=True)

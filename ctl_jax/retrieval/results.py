@@ -17,7 +17,7 @@ import pathlib
 import numpy as np
 
 from ctl_jax import files
-from ctl_jax.retrieval.index import GalleryItems
+from ctl_jax.retrieval.gallery import GalleryItems
 
 
 def results_document(

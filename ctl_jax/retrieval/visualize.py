@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ctl_jax.errors import NotAFolderError, OutputExistsError
-from ctl_jax.retrieval.index import GalleryItems
+from ctl_jax.retrieval.gallery import GalleryItems
 
 QUERY_COLOR = (30, 90, 220)
 CORRECT_COLOR = (0, 170, 0)

@@ -134,8 +134,8 @@ def convert_checkpoint(
       torch_pickle.TorchFileError (a ValueError): unreadable file or unsupported model.
       FileExistsError / NotADirectoryError: see `check_output`.
     """
+    from ctl_jax.checkpoints import CheckpointStore
     from ctl_jax.models.reid import build_model
-    from ctl_jax.training.checkpoints import CheckpointStore
 
     source, output = pathlib.Path(source), pathlib.Path(output)
     check_output(output, overwrite)

@@ -8,8 +8,9 @@ import pathlib
 import ml_collections
 
 from ctl_jax import configs as config_lib
+from ctl_jax.checkpoints.store import CheckpointError, CheckpointStore
+from ctl_jax.checkpoints.variables import model_variables
 from ctl_jax.models.reid import build_model
-from ctl_jax.training.checkpoints import CheckpointError, CheckpointStore
 
 
 @dataclasses.dataclass
@@ -59,6 +60,5 @@ def restore_model(
         config = saved
     num_classes = int(meta["num_classes"])
     model = build_model(saved.model, num_classes)
-    state = store.restore_raw(step)
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    variables = model_variables(store.restore_raw(step))
     return RestoredModel(model, variables, config, int(step), num_classes)

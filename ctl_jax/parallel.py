@@ -1,5 +1,7 @@
 """Data parallelism: one device mesh axis `data` over every device of every process.
 
+Used by training, evaluation, embedding and search alike, so it sits below all of them.
+
 The state is replicated (`P()`), batches are split along their first axis (`P('data')`).
 `jax.jit` then inserts the cross-device reductions itself (batch-norm statistics, the loss
 means, the gradients), so the step is written as if for one device. Each device receives a

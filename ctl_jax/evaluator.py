@@ -1,13 +1,18 @@
-"""Evaluation of a model on its dataset's query and gallery splits (used during training and
-by `ctl_jax.evaluate`)."""
+"""Evaluation of a model on its dataset's query and gallery splits: embedding
+(`ctl_jax.inference`) and metrics (`ctl_jax.evaluation`).
+
+Used during training (`ctl_jax.training.loop`) and by `ctl_jax.evaluate`; above inference and
+evaluation, below training.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ctl_jax import evaluation
+from ctl_jax.checkpoints.variables import model_variables
 from ctl_jax.evaluation.report import format_table
-from ctl_jax.inference import embed_split, make_embed_fn
+from ctl_jax.inference import embed_split, make_embed_fn, place_variables
 
 
 class Evaluator:
@@ -26,26 +31,32 @@ class Evaluator:
         self._embed = make_embed_fn(model, mesh)
 
     def embeddings(self, variables) -> tuple[np.ndarray, np.ndarray]:
-        """(query (Q, D), gallery (G, D)) BNNeck embeddings, not normalised."""
+        """(query (Q, D), gallery (G, D)) BNNeck embeddings, not normalised.
+
+        Args:
+          variables: {"params", "batch_stats"} (or a train state, see `model_variables`).
+        """
+        variables = place_variables(model_variables(variables), self.mesh)  # once for both
+        data = self.config.data
         out = []
         for name in ("query", "gallery"):
-            out.append(
-                embed_split(
-                    self._embed,
-                    variables,
-                    getattr(self.dataset, name),
-                    self.readers[name],
-                    self.config.data,
-                    self.mesh,
-                    description=f"embedding {name}",
-                )
+            embeddings, _ = embed_split(
+                self._embed,
+                variables,
+                getattr(self.dataset, name),
+                self.readers[name],
+                int(data.height),
+                int(data.width),
+                int(data.eval_batch_size),
+                self.mesh,
+                description=f"embedding {name}",
             )
+            out.append(embeddings)
         return out[0], out[1]
 
     def run(self, state_or_variables, modes) -> dict:
         """Metrics {mode: {"mAP", "rank1", ...}} for the given train state or variables."""
-        variables = _variables(state_or_variables)
-        query, gallery = self.embeddings(variables)
+        query, gallery = self.embeddings(state_or_variables)
         q, g = self.dataset.query, self.dataset.gallery
         return evaluation.evaluate(
             query, q.pids, q.camids, gallery, g.pids, g.camids, modes=tuple(modes)
@@ -54,9 +65,3 @@ class Evaluator:
     @staticmethod
     def table(results: dict) -> str:
         return format_table(results)
-
-
-def _variables(state_or_variables) -> dict:
-    if isinstance(state_or_variables, dict):
-        return state_or_variables
-    return {"params": state_or_variables.params, "batch_stats": state_or_variables.batch_stats}
