@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ctl_jax import configs as config_lib
 from ctl_jax.data import pipeline
-from ctl_jax.data.source import load_dataset
+from ctl_jax.data.source import check_trainable, load_dataset
 from ctl_jax.malloc import release_free_memory
 from ctl_jax.models.reid import build_model, feature_dim
 from ctl_jax.training import sharding
@@ -127,6 +127,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
         log = _silent
     prepare_workdir(config, workdir)
     dataset, readers = load_dataset(config.data)
+    check_trainable(dataset, evaluates=bool(config.eval.modes))
     log(dataset.statistics_table())
     num_classes = dataset.num_classes
 
