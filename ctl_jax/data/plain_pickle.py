@@ -21,6 +21,10 @@ class PlainPickleError(ValueError):
     """A pickle names a class or function, or holds something other than plain data."""
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pickle names something that is not plain data."""
+
+
 class _NoGlobalsUnpickler(pickle.Unpickler):
     """An unpickler that refuses every global (classes, functions, copyreg extensions).
 
@@ -29,10 +33,10 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
     """
 
     def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"it names {module}.{name}")
+        raise _Refused(f"it names {module}.{name}")
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("it holds a persistent id")
+        raise _Refused("it holds a persistent id")
 
 
 def load_plain_pickle(path: str | os.PathLike):
@@ -51,11 +55,19 @@ def load_plain_pickle(path: str | os.PathLike):
         data = f.read()
     try:
         obj = _NoGlobalsUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise PlainPickleError(
             f"{path}: refused: {e}; only lists, dicts, strings and numbers are accepted"
         ) from e
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+    ) as e:
         raise PlainPickleError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
     bad = _first_non_plain(obj)
     if bad is not None:
