@@ -122,7 +122,7 @@ def main(argv):
         cli.fail(
             f"{_OUTPUT.value} exists; pass --overwrite to replace it or choose another --output"
         )
-    all_modes = sorted({m for v in PROTOCOL_MODES.values() for m in v})
+    all_modes = list(dict.fromkeys(m for v in PROTOCOL_MODES.values() for m in v))
     modes = _MODES.value
     if modes:
         valid = PROTOCOL_MODES[_PROTOCOL.value] if _PROTOCOL.value else all_modes

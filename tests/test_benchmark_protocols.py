@@ -386,3 +386,45 @@ def test_evaluate_revisited_on_embedding_files(tmp_path):
     )
     last = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode != 0 and "evil.pkl: refused: it names os.system" in last
+
+
+# --------------------------------------------------------------------------------------
+# Datasets carry their protocol and ground truth to the evaluation
+
+
+def test_datasets_choose_their_published_protocol(tmp_path):
+    from benchmark_fixtures import make_holidays, make_inshop, make_revisited, make_sop
+
+    from ctl_jax.data.readers import open_dataset
+    from ctl_jax.evaluation.protocols import evaluate_dataset
+
+    rng = np.random.default_rng(4)
+
+    def embeddings(ds):
+        return rng.normal(size=(len(ds.query), 4)), rng.normal(size=(len(ds.gallery), 4))
+
+    oxford = open_dataset("roxford5k", make_revisited(tmp_path))
+    q, g = embeddings(oxford)
+    assert evaluate_dataset(oxford, q, g) == revisited_metrics(q, g, oxford.ground_truth)
+    with pytest.raises(
+        ValueError, match=r"protocol 'market' does not apply to dataset 'roxford5k'"
+    ):
+        evaluate_dataset(oxford, q, g, protocol="market")
+
+    holidays = open_dataset("holidays", make_holidays(tmp_path))
+    q, g = embeddings(holidays)
+    out = evaluate_dataset(holidays, q, g)
+    assert set(out) == {"instance"} and out["instance"]["num_query"] == 2  # group 1002: alone
+    recall = evaluate_dataset(holidays, q, g, protocol="recall_at_k")
+    assert recall["instance"]["num_query"] == 2 and set(recall) == {"instance", "centroid"}
+
+    sop = open_dataset("sop", make_sop(tmp_path))
+    q = rng.normal(size=(len(sop.query), 4))
+    out = evaluate_dataset(sop, q, q)  # the same images: each leaves itself out
+    assert list(out["instance"])[:4] == ["recall@1", "recall@10", "recall@100", "recall@1000"]
+    assert out["instance"]["num_query"] == 5 and out["instance"]["recall@10"] == 1.0
+
+    inshop = open_dataset("inshop", make_inshop(tmp_path))
+    q, g = embeddings(inshop)
+    assert "recall@50" in evaluate_dataset(inshop, q, g)["centroid"]
+    assert "rank1" in evaluate_dataset(inshop, q, g, ["instance"], protocol="market")["instance"]

@@ -119,10 +119,19 @@ def _instance_positions(q_emb, q_pids, g_emb, g_pids, self_rows, self_items, chu
     return position, counted
 
 
+def _group_sums(x: np.ndarray, group: np.ndarray, num_groups: int) -> np.ndarray:
+    """(num_groups, D) float64 sums of the rows of `x` (N, D) per `group` (N,) in
+    0..num_groups-1 (every group non-empty); sorted segments, not the slow `np.add.at`."""
+    order = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[order], np.arange(num_groups))
+    if not len(order):
+        return np.zeros((num_groups, x.shape[1]), np.float64)
+    return np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+
+
 def _centroid_positions(q_emb, q_pids, g_emb, g_pids, self_rows, self_items, chunk_size):
     classes, class_of = np.unique(g_pids, return_inverse=True)
-    sums = np.zeros((len(classes), g_emb.shape[1]), np.float64)
-    np.add.at(sums, class_of, g_emb)
+    sums = _group_sums(g_emb, class_of, len(classes))
     counts = np.bincount(class_of, minlength=len(classes)).astype(np.float64)
     centroids = l2_normalize(sums / np.maximum(counts, 1.0)[:, None])
     q = l2_normalize(q_emb)
@@ -130,8 +139,7 @@ def _centroid_positions(q_emb, q_pids, g_emb, g_pids, self_rows, self_items, chu
     # A query's own image(s) left out of their class's centroid: (query, class) groups.
     keys, inverse = np.unique(self_rows * len(classes) + class_of[self_items], return_inverse=True)
     adj_rows, adj_classes = keys // len(classes), keys % len(classes)
-    removed = np.zeros((len(keys), g_emb.shape[1]), np.float64)
-    np.add.at(removed, inverse, g_emb[self_items])
+    removed = _group_sums(g_emb[self_items], inverse, len(keys))
     left = counts[adj_classes] - np.bincount(inverse, minlength=len(keys))
     adjusted = l2_normalize((sums[adj_classes] - removed) / np.maximum(left, 1.0)[:, None])
     adj_sim = np.einsum("ij,ij->i", q[adj_rows], adjusted)
