@@ -82,7 +82,7 @@ def check_trainable(dataset: RetrievalDataset, evaluates: bool = True) -> None:
     evaluated on)."""
     from ctl_jax.data.readers import DatasetError
 
-    if len(dataset.train) == 0 or dataset.num_classes < 2:
+    if len(dataset.train) == 0:
         raise DatasetError(
             f"dataset {dataset.name!r} has no training split (an evaluation-only benchmark): "
             "train on another dataset and evaluate with ctl_jax.evaluate, or set "

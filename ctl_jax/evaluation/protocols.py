@@ -66,7 +66,8 @@ def check_modes(protocol: str, modes) -> tuple[str, ...]:
     unknown = [m for m in modes if m not in valid]
     if unknown:
         raise ValueError(
-            f"mode(s) {unknown} do not apply to protocol {protocol!r}; valid: {', '.join(valid)}"
+            f"mode(s) {unknown} do not apply to protocol {protocol!r}; valid: {', '.join(valid)} "
+            "(--modes, or eval.modes in the config)"
         )
     return modes
 
