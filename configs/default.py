@@ -15,7 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = data = ml_collections.ConfigDict()
-    # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder.
+    # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder, msmt17,
+    # cuhk03_detected, cuhk03_labeled, veri776, roxford5k, rparis6k, holidays, gldv2, sop,
+    # inshop (the last ten read `root` as their unpacked download; see data/README.md).
     data.name = "synthetic"
     # Folder holding the dataset (for market1501/dukemtmc: the folder *containing*
     # market1501/ or DukeMTMC-reID/; for synthetic: the dataset folder itself).
@@ -28,6 +30,21 @@ def get_config() -> ml_collections.ConfigDict:
     data.train_json = ""
     data.query_json = ""
     data.gallery_json = ""
+    # Evaluate on another dataset than the one trained on (e.g. train gldv2, evaluate
+    # roxford5k); "" evaluates on `name`'s own query/gallery. `eval_root` defaults to `root`.
+    data.eval_name = ""
+    data.eval_root = ""
+    # Training identities with fewer than `num_instances` images: "pad" keeps them (their
+    # P x M groups are padded with masked slots), "drop" removes them (folder source only).
+    data.small_identities = "pad"
+    # MSMT17: add list_val.txt to the training images (the published 32,621-image set).
+    data.use_val = True
+    # Revisited Oxford/Paris: the revisitop1m folder (revisitop1m.txt, jpg/) as +1M
+    # distractors added to the gallery; "" for none.
+    data.distractors = ""
+    # INRIA Holidays: "" (images as stored), "exif" (turned upright by their EXIF tag), or a
+    # file of '<image name> <degrees clockwise>' lines naming the images to turn.
+    data.rotation_fix = ""
     data.height = 64
     data.width = 32
     data.num_identities = 8  # P
@@ -88,5 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.monitor = "centroid_camera/mAP"
 
     config.eval = evaluation = ml_collections.ConfigDict()
+    # "" = the dataset's published protocol; else market, recall_at_k, revisited, holidays.
+    evaluation.protocol = ""
     evaluation.modes = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
     return config

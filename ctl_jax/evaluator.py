@@ -11,6 +11,7 @@ import numpy as np
 
 from ctl_jax import evaluation
 from ctl_jax.checkpoints.variables import model_variables
+from ctl_jax.evaluation.protocols import check_modes, choose_protocol, evaluate_dataset
 from ctl_jax.evaluation.report import format_table
 from ctl_jax.inference import embed_split, make_embed_fn, place_variables
 
@@ -28,6 +29,11 @@ class Evaluator:
 
     def __init__(self, model, dataset, readers, config, mesh):
         self.dataset, self.readers, self.config, self.mesh = dataset, readers, config, mesh
+        if config.eval.modes:  # a protocol or mode that does not fit fails now, not later
+            protocol = choose_protocol(
+                dataset.protocols, config.eval.get("protocol", ""), f"dataset {dataset.name!r}"
+            )
+            check_modes(protocol, config.eval.modes)
         self._embed = make_embed_fn(model, mesh)
 
     def embeddings(self, variables) -> tuple[np.ndarray, np.ndarray]:
@@ -54,9 +60,20 @@ class Evaluator:
             out.append(embeddings)
         return out[0], out[1]
 
-    def run(self, state_or_variables, modes) -> dict:
-        """Metrics {mode: {"mAP", "rank1", ...}} for the given train state or variables."""
+    def run(self, state_or_variables, modes, protocol: str | None = None) -> dict:
+        """Metrics {mode: {"mAP", "rank1", ...}} for the given train state or variables.
+
+        `protocol` (default: the config's `eval.protocol`, else the dataset's published
+        one) chooses among the protocols of `ctl_jax.evaluation.protocols`.
+        """
+        protocol = choose_protocol(
+            self.dataset.protocols,
+            protocol or self.config.eval.get("protocol", ""),
+            f"dataset {self.dataset.name!r}",
+        )
         query, gallery = self.embeddings(state_or_variables)
+        if protocol != "market":
+            return evaluate_dataset(self.dataset, query, gallery, modes, protocol)
         q, g = self.dataset.query, self.dataset.gallery
         return evaluation.evaluate(
             query, q.pids, q.camids, gallery, g.pids, g.camids, modes=tuple(modes)

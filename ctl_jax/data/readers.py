@@ -321,7 +321,25 @@ def read_folder_per_identity(root: str | os.PathLike, *, name: str = "folder") -
     return RetrievalDataset(name=name, **splits)
 
 
-DATASET_NAMES = ("market1501", "dukemtmc", "synthetic", "street2shop", "deepfashion", "folder")
+DATASET_NAMES = (
+    "market1501",
+    "dukemtmc",
+    "synthetic",
+    "street2shop",
+    "deepfashion",
+    "folder",
+    # `ctl_jax.data.benchmarks`:
+    "msmt17",
+    "cuhk03_detected",
+    "cuhk03_labeled",
+    "veri776",
+    "roxford5k",
+    "rparis6k",
+    "holidays",
+    "gldv2",
+    "sop",
+    "inshop",
+)
 
 
 def open_dataset(name: str, root: str | os.PathLike, **kwargs) -> RetrievalDataset:
@@ -329,8 +347,10 @@ def open_dataset(name: str, root: str | os.PathLike, **kwargs) -> RetrievalDatas
 
     Names: "market1501" (`<root>/market1501/`), "dukemtmc" (`<root>/DukeMTMC-reID/`),
     "synthetic" (`root` holds `bounding_box_train/` etc.), "street2shop" and "deepfashion"
-    (`read_coco_fashion`; pass `json_paths=`), "folder" (`read_folder_per_identity`).
-    Extra keyword arguments go to the reader.
+    (`read_coco_fashion`; pass `json_paths=`), "folder" (`read_folder_per_identity`), and
+    the benchmarks of `ctl_jax.data.benchmarks` (MSMT17, CUHK03-NP, VeRi-776, Revisited
+    Oxford/Paris, Holidays, Google Landmarks v2, Stanford Online Products, In-Shop), which
+    read `root` as their unpacked download. Extra keyword arguments go to the reader.
     """
     if name in MARKET_STYLE_DIRS:
         return read_market_style(root, name, **kwargs)
@@ -338,4 +358,8 @@ def open_dataset(name: str, root: str | os.PathLike, **kwargs) -> RetrievalDatas
         return read_coco_fashion(root, name=name, **kwargs)
     if name == "folder":
         return read_folder_per_identity(root, **kwargs)
+    from ctl_jax.data import benchmarks  # imports this module: import here, not at the top
+
+    if name in benchmarks.READERS:
+        return benchmarks.READERS[name](root, **kwargs)
     raise DatasetError(f"Unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")

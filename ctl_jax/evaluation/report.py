@@ -20,17 +20,28 @@ def format_table(results: dict) -> str:
     A "meta" entry, if present, is ignored. Ranks beyond the default ones are shown too.
     """
     rows = {mode: m for mode, m in results.items() if mode != "meta"}
-    ranks = list(_RANK_COLUMNS)
+    # The default rank columns, unless no mode has rank metrics (other protocols).
+    has_ranks = not rows or any(k.startswith("rank") for m in rows.values() for k in m)
+    ranks = list(_RANK_COLUMNS) if has_ranks else []
+    show_map = not rows or any("mAP" in m for m in rows.values())
     for metrics in rows.values():
         for key in metrics:
             if key.startswith("rank") and key[4:].isdigit() and key not in ranks:
                 ranks.append(key)
     ranks.sort(key=lambda k: int(k[4:]))
-    header = ["mode", "mAP"] + [f"R{k[4:]}" for k in ranks] + ["queries", "gallery"]
+    # Other protocols' metrics (mP@k, recall@k), in the order they come.
+    others = []
+    for metrics in rows.values():
+        for key in metrics:
+            if key != "mAP" and key not in ranks and not key.startswith("num_"):
+                if key not in others:
+                    others.append(key)
+    header = ["mode"] + ["mAP"] * show_map + [f"R{k[4:]}" for k in ranks] + others
+    header += ["queries", "gallery"]
     body = []
     for mode, m in rows.items():
-        cells = [mode, _percent(m.get("mAP"))]
-        cells += [_percent(m.get(k)) for k in ranks]
+        cells = [mode] + [_percent(m.get("mAP"))] * show_map
+        cells += [_percent(m.get(k)) for k in ranks + others]
         cells += [_count(m.get("num_query")), _count(m.get("num_gallery"))]
         body.append(cells)
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]

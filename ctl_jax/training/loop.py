@@ -23,7 +23,7 @@ from ctl_jax import configs as config_lib
 from ctl_jax import parallel
 from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.data import pipeline
-from ctl_jax.data.source import load_dataset
+from ctl_jax.data.source import check_trainable, load_dataset
 from ctl_jax.errors import NonFiniteLossError, WorkdirMismatchError
 from ctl_jax.evaluator import Evaluator
 from ctl_jax.malloc import release_free_memory
@@ -106,6 +106,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
         log = _silent
     prepare_workdir(config, workdir)
     dataset, readers = load_dataset(config.data)
+    check_trainable(dataset, evaluates=bool(config.eval.modes))
     log(dataset.statistics_table())
     num_classes = dataset.num_classes
 
