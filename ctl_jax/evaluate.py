@@ -1,6 +1,13 @@
 """Evaluate retrieval: `python -m ctl_jax.evaluate --workdir=DIR [--config=...] [--step=N]
 [--modes=instance,centroid_camera] [--output=FILE]`, or on precomputed embeddings:
-`python -m ctl_jax.evaluate --query=Q.npz --gallery=G.npz --modes=... --output=FILE`."""
+`python -m ctl_jax.evaluate --query=Q.npz --gallery=G.npz --modes=... --output=FILE`.
+
+Options as the re-ID toolkits report them: `--rerank` (k-reciprocal re-ranking, with
+`--rerank_k1/k2/lambda`), `--aqe` (alpha-weighted query expansion, with
+`--aqe_k/alpha/times`; applied before re-ranking), both on each mode's gallery items (images
+or centroids); pair verification metrics (AUC, TPR at FPR and thresholds, on by default);
+`--plot=DIR` for roc.png and cmc.png.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +28,60 @@ _MODES = flags.DEFINE_list(
     "modes", None, "Evaluation modes (default: the config's eval.modes, or all for .npz input)."
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Metrics JSON to write (default: print only).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing existing output files.")
+_RERANK = flags.DEFINE_bool("rerank", False, "k-reciprocal re-ranking (Zhong et al. 2017).")
+_RERANK_K1 = flags.DEFINE_integer("rerank_k1", 20, "Re-ranking: k-reciprocal neighbourhood.")
+_RERANK_K2 = flags.DEFINE_integer("rerank_k2", 6, "Re-ranking: local query expansion size.")
+_RERANK_LAMBDA = flags.DEFINE_float(
+    "rerank_lambda", 0.3, "Re-ranking: weight of the original distance."
+)
+_AQE = flags.DEFINE_bool("aqe", False, "Alpha-weighted query expansion (queries and gallery).")
+_AQE_K = flags.DEFINE_integer("aqe_k", 5, "Query expansion: neighbours averaged (self included).")
+_AQE_ALPHA = flags.DEFINE_float("aqe_alpha", 3.0, "Query expansion: cosine weight exponent.")
+_AQE_TIMES = flags.DEFINE_integer("aqe_times", 1, "Query expansion: rounds.")
+_VERIFICATION = flags.DEFINE_bool(
+    "verification", True, "Pair verification metrics (AUC, TPR at FPR, thresholds)."
+)
+_PLOT = flags.DEFINE_string("plot", None, "Folder for roc.png and cmc.png.")
 
 
-def evaluate_embedding_files(query_path: str, gallery_path: str, modes) -> tuple[dict, dict]:
-    """Metrics of precomputed embeddings (no model needed)."""
+def evaluation_options() -> dict:
+    """The keyword arguments of `evaluation.evaluate` the flags ask for; raises ValueError
+    (one line, naming the flag) for bad values or options given without their switch."""
+    from ctl_jax.evaluation import QueryExpansionParams, RerankParams
+
+    options = {"verification": _VERIFICATION.value, "return_curves": bool(_PLOT.value)}
+    for switch, params in (
+        (_RERANK, (_RERANK_K1, _RERANK_K2, _RERANK_LAMBDA)),
+        (_AQE, (_AQE_K, _AQE_ALPHA, _AQE_TIMES)),
+    ):
+        given = [f"--{p.name}" for p in params if p.present]
+        if given and not switch.value:
+            raise ValueError(f"{', '.join(given)} need(s) --{switch.name}")
+    if _RERANK.value:
+        options["rerank"] = RerankParams(_RERANK_K1.value, _RERANK_K2.value, _RERANK_LAMBDA.value)
+    if _AQE.value:
+        options["query_expansion"] = QueryExpansionParams(
+            _AQE_K.value, _AQE_ALPHA.value, _AQE_TIMES.value
+        )
+    return options
+
+
+def options_meta(options: dict) -> dict:
+    """What the metrics JSON `meta` records of the options applied."""
+    rerank, expansion = options.get("rerank"), options.get("query_expansion")
+    return {
+        "rerank": rerank.as_dict() if rerank else None,
+        "aqe": expansion.as_dict() if expansion else None,
+        "verification": bool(options.get("verification")),
+    }
+
+
+def evaluate_embedding_files(
+    query_path: str, gallery_path: str, modes, options: dict | None = None
+) -> tuple[dict, dict]:
+    """Metrics of precomputed embeddings (no model needed); `options` go to
+    `evaluation.evaluate`. With options["return_curves"] the results are (metrics, curves)."""
     from ctl_jax import evaluation
     from ctl_jax.retrieval.embedding_file import Embeddings
 
@@ -38,12 +94,16 @@ def evaluate_embedding_files(query_path: str, gallery_path: str, modes) -> tuple
         gallery.pids,
         gallery.camids,
         modes=tuple(modes),
+        **(options or {}),
     )
     return results, {"query": str(query_path), "gallery": str(gallery_path)}
 
 
-def evaluate_checkpoint(workdir: str, config=None, step=None, modes=None) -> tuple[dict, dict]:
-    """Metrics of a checkpoint on its (or `config`'s) dataset."""
+def evaluate_checkpoint(
+    workdir: str, config=None, step=None, modes=None, options: dict | None = None
+) -> tuple[dict, dict]:
+    """Metrics of a checkpoint on its (or `config`'s) dataset; `options` as for
+    `evaluate_embedding_files`."""
     from ctl_jax.data.source import load_dataset
     from ctl_jax.training import sharding
     from ctl_jax.training.evaluator import Evaluator
@@ -55,7 +115,9 @@ def evaluate_checkpoint(workdir: str, config=None, step=None, modes=None) -> tup
     if distributed.is_primary():
         print(dataset.statistics_table())
     evaluator = Evaluator(restored.model, dataset, readers, config, sharding.make_mesh())
-    results = evaluator.run(restored.variables, modes or tuple(config.eval.modes))
+    results = evaluator.run(
+        restored.variables, modes or tuple(config.eval.modes), **(options or {})
+    )
     meta = {
         "config": config.name,
         "checkpoint": str(workdir),
@@ -70,12 +132,17 @@ def main(argv):
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     distributed.maybe_initialize()  # multi-process run: joins the others (see --distributed)
     from ctl_jax.evaluation import MODES
-    from ctl_jax.evaluation.report import format_table, write_metrics_json
+    from ctl_jax.evaluation.report import format_table, format_verification, write_metrics_json
 
     if _OUTPUT.value and pathlib.Path(_OUTPUT.value).exists() and not _OVERWRITE.value:
         cli.fail(
             f"{_OUTPUT.value} exists; pass --overwrite to replace it or choose another --output"
         )
+    if _PLOT.value:
+        for name in ("roc.png", "cmc.png"):
+            if (pathlib.Path(_PLOT.value) / name).exists() and not _OVERWRITE.value:
+                cli.fail(f"{_PLOT.value}/{name} exists; pass --overwrite or choose another --plot")
+    options = evaluation_options()
     modes = _MODES.value
     if modes:
         unknown = sorted(set(modes) - set(MODES))
@@ -87,16 +154,27 @@ def main(argv):
             cli.fail("--query and --gallery go together")
         if _WORKDIR.value:
             cli.fail("give either --workdir or --query/--gallery, not both")
-        results, meta = evaluate_embedding_files(_QUERY.value, _GALLERY.value, modes or MODES)
+        results, meta = evaluate_embedding_files(
+            _QUERY.value, _GALLERY.value, modes or MODES, options
+        )
     elif _WORKDIR.value:
-        results, meta = evaluate_checkpoint(_WORKDIR.value, _CONFIG(), _STEP.value, modes)
+        results, meta = evaluate_checkpoint(_WORKDIR.value, _CONFIG(), _STEP.value, modes, options)
     else:
         cli.fail("give --workdir=DIR, or --query=Q.npz and --gallery=G.npz")
+    results, curves = results if options["return_curves"] else (results, None)
+    meta.update(options_meta(options))
     meta["seconds"] = round(time.time() - start, 2)
     meta["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if not distributed.is_primary():  # every process computed the same results
         return
     print(format_table(results))
+    if options["verification"]:
+        print(format_verification(results))
+    if _PLOT.value:
+        from ctl_jax.evaluation.plots import write_plots
+
+        written = write_plots(_PLOT.value, curves, overwrite=_OVERWRITE.value)
+        print(f"plots written: {', '.join(str(p) for p in written)}")
     if _OUTPUT.value:
         write_metrics_json(_OUTPUT.value, results, meta=meta, overwrite=_OVERWRITE.value)
         print(f"metrics written to {_OUTPUT.value}")

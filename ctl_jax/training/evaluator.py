@@ -42,13 +42,15 @@ class Evaluator:
             )
         return out[0], out[1]
 
-    def run(self, state_or_variables, modes) -> dict:
-        """Metrics {mode: {"mAP", "rank1", ...}} for the given train state or variables."""
+    def run(self, state_or_variables, modes, **options) -> dict:
+        """Metrics {mode: {"mAP", "rank1", ...}} for the given train state or variables;
+        `options` (re-ranking, query expansion, verification, curves) go to
+        `evaluation.evaluate`."""
         variables = _variables(state_or_variables)
         query, gallery = self.embeddings(variables)
         q, g = self.dataset.query, self.dataset.gallery
         return evaluation.evaluate(
-            query, q.pids, q.camids, gallery, g.pids, g.camids, modes=tuple(modes)
+            query, q.pids, q.camids, gallery, g.pids, g.camids, modes=tuple(modes), **options
         )
 
     @staticmethod
