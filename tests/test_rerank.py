@@ -172,6 +172,21 @@ def test_rerank_gallery_smaller_than_k1(num_q, num_g):
     np.testing.assert_allclose(got, reference_rerank(q_emb, g_emb, 20, 6, 0.3), atol=2e-6)
 
 
+def test_rerank_and_expansion_over_several_neighbour_blocks(monkeypatch):
+    from ctl_jax.evaluation import neighbours
+
+    # 94 items (24 queries): five blocks, one across the query-gallery boundary, the last
+    # padded.
+    monkeypatch.setattr(neighbours, "_BLOCK", 20)
+    q_emb, _, _, g_emb, _, _ = clustered(9)
+    got = rerank_distances(q_emb, g_emb, RerankParams(20, 6, 0.3))
+    np.testing.assert_allclose(got, reference_rerank(q_emb, g_emb, 20, 6, 0.3), atol=2e-6)
+    q_got, g_got = expand_queries(q_emb, g_emb, QueryExpansionParams(5, 3.0, 2))
+    q_want, g_want = reference_aqe(q_emb, g_emb, 5, 3.0, 2)
+    np.testing.assert_allclose(q_got, q_want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(g_got, g_want, rtol=2e-5, atol=2e-5)
+
+
 def test_rerank_empty_inputs():
     assert rerank_distances(np.zeros((0, 4)), np.ones((3, 4))).shape == (0, 3)
     assert rerank_distances(np.ones((2, 4)), np.zeros((0, 4))).shape == (2, 0)
@@ -198,7 +213,7 @@ def test_query_expansion_with_exact_ties():
 
 def test_nearest_neighbours_are_exact_with_ties_to_the_lower_index():
     x = unit(tied(5, 300))
-    nn = nearest_neighbours(x, 7, row_chunk=64)  # several chunks and padded rows
+    nn = nearest_neighbours(x, 7, block=64)  # several blocks, the last one padded
     sims = x @ x.T
     want = np.argsort(-sims, axis=1, kind="stable")[:, :7]
     np.testing.assert_array_equal(nn.index, want)

@@ -1,16 +1,18 @@
 """Exact k nearest neighbours of every item of a set, by cosine similarity, in bounded memory.
 
 Re-ranking and query expansion need, for each of N items (queries and gallery items
-together), only its k most similar items, never the (N, N) similarity matrix. One jitted
-XLA program handles a fixed-size chunk of rows: it walks the N columns in blocks
-(`lax.fori_loop`), keeps a running top-k (`lax.top_k`, merged block by block) and the row's
-smallest similarity, so at most a (row chunk x column block) block of similarities exists at
-a time whatever N is. Chunks are dispatched asynchronously: XLA computes the next one while
-the host copies the last one out.
+together), only its k most similar items, never the (N, N) similarity matrix. The items are
+cut into blocks of B rows; for every pair of blocks (I, J) with J >= I one jitted XLA step
+computes the (B, B) similarity block once and merges it into the running top-k of the rows
+of I (its rows) and of J (its columns, the matrix being symmetric), and into each row's
+smallest similarity. Half the similarity matrix is computed, at most one block exists at a
+time, and the running state is (N, k).
 
-Ties are broken by index, lowest first: `lax.top_k` keeps the lower position on ties and the
-running top-k (earlier, lower columns) precedes each new block in the merge. This is the
-order a stable sort of the distances gives.
+Ties are broken by index, lowest first: column blocks reach each row block in ascending
+order (pairs are visited I-major, and a row block's earlier columns come from pairs (J', I),
+J' < I, visited before), `lax.top_k` keeps the lower position on ties, and the running top-k
+precedes each new block in the merge. This is the order a stable sort of the distances
+gives. The similarity of (i, j) and (j, i) is the same number.
 """
 
 from __future__ import annotations
@@ -20,10 +22,7 @@ import functools
 
 import numpy as np
 
-# Bytes of a (row chunk x column block) similarity block: large enough for an efficient
-# matmul, small enough to stay bounded whatever N is.
-_BLOCK_BYTES = 16 * 1024 * 1024
-_ROW_CHUNK = 256
+_BLOCK = 1024  # rows per block: (1024 x D) @ (D x 1024) products keep the matmul efficient
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,97 +34,132 @@ class Neighbours:
       similarity: (N, k) float32 cosine similarities, non-increasing along each row.
       min_similarity: (N,) float32 smallest similarity of each row over all N items (the
         farthest item), which re-ranking needs for its per-row distance normalisation.
+      kept: with `keep=(r, c)`, the (r, N - c) float32 similarities of rows 0..r-1 against
+        columns c..N-1 (e.g. queries against the gallery), taken from the blocks as they
+        are computed; None otherwise.
     """
 
     index: np.ndarray
     similarity: np.ndarray
     min_similarity: np.ndarray
+    kept: np.ndarray | None = None
 
 
-def nearest_neighbours(vectors: np.ndarray, k: int, row_chunk: int | None = None) -> Neighbours:
+def nearest_neighbours(
+    vectors: np.ndarray,
+    k: int,
+    block: int | None = None,
+    keep: tuple[int, int] | None = None,
+) -> Neighbours:
     """The k most similar items of every item (itself included), by inner product.
 
     Args:
       vectors: (N, D) float32, L2-normalised (so the inner product is the cosine).
       k: neighbours per item, 1 <= k <= N.
-      row_chunk: rows per compiled step (default 256, fewer for small N); for tests.
+      block: rows per block (default 1024, or N when smaller); for tests.
+      keep: (r, c): also return the similarities of rows < r against columns >= c.
 
     Returns:
       `Neighbours` with (N, k) arrays.
     """
     import jax
+    import jax.numpy as jnp
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     num, dim = vectors.shape
     k = int(k)
     if not 1 <= k <= num:
         raise ValueError(f"k must lie in 1..{num} (the number of items), got {k}")
-    rows = int(row_chunk or min(_ROW_CHUNK, 1 << (num - 1).bit_length()))
-    block = int(min(num, max(k, _BLOCK_BYTES // (4 * (rows + dim)))))
-    fn = _neighbours_fn(k, block)
-    device = jax.device_put(vectors)
+    size = int(min(num, max(block or _BLOCK, k)))
+    num_blocks = -(-num // size)
+    padded = np.zeros((num_blocks * size, dim), np.float32)
+    padded[:num] = vectors
+    items = jax.device_put(padded)
+    step = _pair_step(num, size, k)
+    rows = num_blocks * size
+    state = (
+        jnp.full((rows, k), -jnp.inf, jnp.float32),
+        jnp.full((rows, k), -1, jnp.int32),
+        jnp.full((rows,), jnp.inf, jnp.float32),
+    )
+    kept = None
+    if keep is not None:
+        keep_rows, keep_from = int(keep[0]), int(keep[1])
+        kept = np.empty((keep_rows, num - keep_from), np.float32)
+    for i in range(num_blocks):
+        for j in range(i, num_blocks):
+            state, sim = step(state, items, np.int32(i), np.int32(j))
+            if kept is not None:
+                _keep_block(kept, sim, i * size, j * size, keep_rows, keep_from, num, i == j)
+    similarity, index, low = (np.asarray(a)[:num] for a in state)
+    return Neighbours(index.astype(np.int64), similarity, low, kept)
 
-    index = np.empty((num, k), np.int64)
-    similarity = np.empty((num, k), np.float32)
-    min_similarity = np.empty(num, np.float32)
-    starts = list(range(0, num, rows))
 
-    def dispatch(start):
-        chunk = vectors[start : start + rows]
-        padded = np.zeros((rows, dim), np.float32)  # one shape for every chunk: compiled once
-        padded[: len(chunk)] = chunk
-        return start, len(chunk), fn(padded, device)
-
-    pending = dispatch(starts[0])
-    for i in range(len(starts)):
-        start, n, result = pending
-        if i + 1 < len(starts):
-            pending = dispatch(starts[i + 1])
-        s, j, low = (np.asarray(a)[:n] for a in result)
-        similarity[start : start + n] = s
-        index[start : start + n] = j
-        min_similarity[start : start + n] = low
-    return Neighbours(index, similarity, min_similarity)
+def _keep_block(kept, sim, row0, col0, keep_rows, keep_from, num, diagonal):
+    """Copies the parts of block (row0, col0) and of its transpose that `kept` holds."""
+    host = None
+    size = sim.shape[0]
+    parts = [(row0, col0, False)] + ([] if diagonal else [(col0, row0, True)])
+    for r0, c0, transposed in parts:
+        r1, c1 = min(r0 + size, keep_rows, num), min(c0 + size, num)
+        cs = max(c0, keep_from)
+        if r0 >= r1 or cs >= c1:
+            continue
+        if host is None:
+            host = np.asarray(sim)
+        block = host.T if transposed else host
+        kept[r0:r1, cs - keep_from : c1 - keep_from] = block[: r1 - r0, cs - c0 : c1 - c0]
 
 
 @functools.cache
-def _neighbours_fn(k: int, block: int):
-    """Jitted (rows (r, D), items (N, D)) -> (top-k similarities (r, k), their indices
-    (r, k) int32, smallest similarity (r,)). The items are walked in `block`-row blocks,
-    plus a remainder block; requires k <= N."""
+def _pair_step(num: int, size: int, k: int):
+    """Jitted (state, items (R, D), i, j) -> (state, similarity block (size, size)),
+    merging similarity block (i, j) into the running top-k of the rows of blocks i and j.
+    State: top-k similarities (R, k), their indices (R, k) int32, smallest similarities
+    (R,); R = blocks x size, rows >= num are padding (their similarities never enter a
+    top-k)."""
     import jax
     import jax.numpy as jnp
 
-    def block_topk(q, items, offset):
-        sim = jnp.matmul(q, items.T, precision=jax.lax.Precision.HIGHEST)
+    def merge(state, start, sims, idx, low, apply=True):
+        best_s, best_i, best_low = state
+        cur_s = jax.lax.dynamic_slice_in_dim(best_s, start, size)
+        cur_i = jax.lax.dynamic_slice_in_dim(best_i, start, size)
+        cur_low = jax.lax.dynamic_slice_in_dim(best_low, start, size)
+        top, pos = jax.lax.top_k(jnp.concatenate([cur_s, sims], axis=1), k)
+        new_i = jnp.take_along_axis(jnp.concatenate([cur_i, idx], axis=1), pos, axis=1)
+        new_low = jnp.minimum(cur_low, low)
+        top, new_i, new_low = (
+            jnp.where(apply, new, cur)
+            for new, cur in ((top, cur_s), (new_i, cur_i), (new_low, cur_low))
+        )
+        return (
+            jax.lax.dynamic_update_slice_in_dim(best_s, top, start, 0),
+            jax.lax.dynamic_update_slice_in_dim(best_i, new_i, start, 0),
+            jax.lax.dynamic_update_slice_in_dim(best_low, new_low, start, 0),
+        )
+
+    def block_topk(sim, offset):
+        s, i = jax.lax.top_k(sim, k)  # size >= k
+        return s, i + offset
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, items, i, j):
+        row0, col0 = i * size, j * size
+        a = jax.lax.dynamic_slice_in_dim(items, row0, size)
+        b = jax.lax.dynamic_slice_in_dim(items, col0, size)
+        sim = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
         sim = jnp.where(sim == 0, jnp.float32(0), sim)  # no -0.0: equal values tie exactly
-        kk = min(k, items.shape[0])
-        s, i = jax.lax.top_k(sim, kk)
-        if kk < k:  # a remainder block smaller than k: pad with never-chosen entries
-            s = jnp.pad(s, ((0, 0), (0, k - kk)), constant_values=-jnp.inf)
-            i = jnp.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
-        return s, i + offset, sim.min(axis=1)
+        rows_ok = (row0 + jnp.arange(size)) < num
+        cols_ok = (col0 + jnp.arange(size)) < num
+        # Rows of block i against the columns of block j...
+        s, idx = block_topk(jnp.where(cols_ok[None, :], sim, -jnp.inf), col0)
+        low = jnp.where(cols_ok[None, :], sim, jnp.inf).min(axis=1)
+        state = merge(state, row0, s, idx, low)
+        # ... and rows of block j against the columns of block i (once on the diagonal).
+        sim_t = sim.T
+        s, idx = block_topk(jnp.where(rows_ok[None, :], sim_t, -jnp.inf), row0)
+        low = jnp.where(rows_ok[None, :], sim_t, jnp.inf).min(axis=1)
+        return merge(state, col0, s, idx, low, apply=i != j), sim
 
-    def merge(best, new):
-        s = jnp.concatenate([best[0], new[0]], axis=1)
-        i = jnp.concatenate([best[1], new[1]], axis=1)
-        top, pos = jax.lax.top_k(s, k)
-        return top, jnp.take_along_axis(i, pos, axis=1), jnp.minimum(best[2], new[2])
-
-    @jax.jit
-    def fn(q, items):
-        num = items.shape[0]
-        full = num // block
-
-        def body(c, best):
-            chunk = jax.lax.dynamic_slice_in_dim(items, c * block, block)
-            return merge(best, block_topk(q, chunk, c * block))
-
-        best = block_topk(q, items[:block], 0)
-        best = jax.lax.fori_loop(1, full, body, best)
-        if num % block:
-            tail = full * block
-            best = merge(best, block_topk(q, items[tail:], tail))
-        return best
-
-    return fn
+    return step

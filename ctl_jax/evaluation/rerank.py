@@ -99,14 +99,16 @@ def rerank_distances(
     num = len(items)
     k = min(params.k1 + 1, num)
     k_half = min(int(np.around(params.k1 / 2.0)) + 1, num)
-    nn = nearest_neighbours(items, k)
+    # The query-gallery similarities are kept as the neighbour search computes them: they
+    # become the final distances in place.
+    nn = nearest_neighbours(items, k, keep=(num_q, num_q))
     row_max = _squared(nn.min_similarity)  # the farthest item's d^2
     row_max = np.where(row_max > 0, row_max, np.float32(1.0))
 
-    v = _reciprocal_weights(items, nn.index, k, k_half, row_max)
+    v = _reciprocal_weights(items, nn, k, k_half, row_max)
     if params.k2 != 1:
         v = _expand(v, nn.index[:, : min(params.k2, num)])
-    return _final_distance(q, g, v, row_max, float(params.lambda_value))
+    return _final_distance(nn.kept, v, row_max, float(params.lambda_value))
 
 
 def _squared(similarity: np.ndarray) -> np.ndarray:
@@ -146,13 +148,14 @@ def _reciprocal_mask(index: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def _reciprocal_weights(items, index, k, k_half, row_max) -> _Sparse:
+def _reciprocal_weights(items, nn, k, k_half, row_max) -> _Sparse:
     """V of steps 3-4: per row the expanded k-reciprocal set R*(i) and its weights."""
+    index = nn.index
     num = len(index)
     recip = _reciprocal_mask(index, k)
     recip_half = _reciprocal_mask(index, k_half)
     nbr_half = index[:, :k_half]
-    row_parts, col_parts = [], []
+    row_parts, col_parts, sim_parts = [], [], []
     for s in range(0, num, _ROWS):
         rows = np.arange(s, min(s + _ROWS, num))
         own, own_mask = index[rows, :k], recip[rows]  # R(i, k1): (n, k)
@@ -175,12 +178,19 @@ def _reciprocal_weights(items, index, k, k_half, row_max) -> _Sparse:
         first = np.ones(members.shape, bool)
         first[:, 1:] = members[:, 1:] != members[:, :-1]
         keep = first & (members >= 0)
+        # Most members are among the row's own neighbours, whose similarity is known.
+        match = members[:, :, None] == own[:, None, :]
+        found = match.any(-1)
+        known = np.take_along_axis(nn.similarity[rows, :k], match.argmax(-1), axis=1)
         row_parts.append(np.broadcast_to(rows[:, None], members.shape)[keep])
         col_parts.append(members[keep])
+        sim_parts.append(np.where(found, known, np.nan)[keep])
     rows, cols = np.concatenate(row_parts), np.concatenate(col_parts)
+    similarity = np.concatenate(sim_parts)
+    missing = np.isnan(similarity)
+    similarity[missing] = _pair_similarity(items, rows[missing], cols[missing])
 
     # exp(-o(i, j)), normalised per row.
-    similarity = _pair_similarity(items, rows, cols)
     weight = np.exp(-(_squared(similarity) / row_max[rows]))
     counts = np.bincount(rows, minlength=num)
     indptr = np.concatenate([[0], np.cumsum(counts)])
@@ -225,9 +235,10 @@ def _expand(v: _Sparse, nearest: np.ndarray) -> _Sparse:
     return _Sparse(indptr, out_cols, (sums / k2).astype(np.float32))
 
 
-def _final_distance(q, g, v: _Sparse, row_max, lam) -> np.ndarray:
-    """Steps 6-7 for every query against every gallery item: (Q, G) float32."""
-    num_q, num_g = len(q), len(g)
+def _final_distance(similarity, v: _Sparse, row_max, lam) -> np.ndarray:
+    """Steps 6-7 for every query against every gallery item, written over `similarity`
+    ((Q, G) float32 cosines), which is returned."""
+    num_q, num_g = similarity.shape
     rows = v.rows
     # Gallery rows of V by column (an inverted index): column l -> gallery rows j, values.
     gal = rows >= num_q
@@ -242,7 +253,7 @@ def _final_distance(q, g, v: _Sparse, row_max, lam) -> np.ndarray:
     q_seg = col_ptr[v.cols[:q_end] + 1] - col_ptr[v.cols[:q_end]]
     per_query = np.bincount(rows[:q_end], weights=q_seg, minlength=num_q)
     pairs = np.concatenate([[0], np.cumsum(per_query)])  # (Q + 1,) pairs before each query
-    out = np.empty((num_q, num_g), np.float32)
+    out = similarity
     max_rows = max(1, _BLOCK_ELEMENTS // num_g)
     s = 0
     while s < num_q:
@@ -260,7 +271,7 @@ def _final_distance(q, g, v: _Sparse, row_max, lam) -> np.ndarray:
         overlap = np.bincount(flat, weights=pair_min, minlength=(e - s) * num_g)
         overlap = overlap.reshape(e - s, num_g).astype(np.float32)
         jaccard = np.float32(1) - overlap / (np.float32(2) - overlap)
-        original = _squared(q[s:e] @ g.T) / row_max[s:e, None]
+        original = _squared(out[s:e]) / row_max[s:e, None]
         out[s:e] = jaccard * np.float32(1 - lam) + original * np.float32(lam)
         s = e
     return out
