@@ -89,4 +89,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.modes = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
+    # Flip test: embed each image and its horizontal mirror and average (twice the cost).
+    evaluation.flip = False
     return config

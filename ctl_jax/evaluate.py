@@ -43,6 +43,12 @@ _VERIFICATION = flags.DEFINE_bool(
     "verification", True, "Pair verification metrics (AUC, TPR at FPR, thresholds)."
 )
 _PLOT = flags.DEFINE_string("plot", None, "Folder for roc.png and cmc.png.")
+_FLIP = flags.DEFINE_bool(
+    "flip",
+    False,
+    "With --workdir: flip test, each image's embedding averaged with its mirror's "
+    "(default: the config's eval.flip).",
+)
 
 
 def evaluation_options() -> dict:
@@ -96,14 +102,21 @@ def evaluate_embedding_files(
         modes=tuple(modes),
         **(options or {}),
     )
-    return results, {"query": str(query_path), "gallery": str(gallery_path)}
+    # Whether the files hold flip-test embeddings was decided when they were embedded.
+    meta = {"query": str(query_path), "gallery": str(gallery_path), "flip": None}
+    return results, meta
 
 
 def evaluate_checkpoint(
-    workdir: str, config=None, step=None, modes=None, options: dict | None = None
+    workdir: str,
+    config=None,
+    step=None,
+    modes=None,
+    options: dict | None = None,
+    flip: bool | None = None,
 ) -> tuple[dict, dict]:
     """Metrics of a checkpoint on its (or `config`'s) dataset; `options` as for
-    `evaluate_embedding_files`."""
+    `evaluate_embedding_files`; `flip` overrides the config's eval.flip."""
     from ctl_jax.data.source import load_dataset
     from ctl_jax.training import sharding
     from ctl_jax.training.evaluator import Evaluator
@@ -114,7 +127,7 @@ def evaluate_checkpoint(
     dataset, readers = load_dataset(config.data)
     if distributed.is_primary():
         print(dataset.statistics_table())
-    evaluator = Evaluator(restored.model, dataset, readers, config, sharding.make_mesh())
+    evaluator = Evaluator(restored.model, dataset, readers, config, sharding.make_mesh(), flip=flip)
     results = evaluator.run(
         restored.variables, modes or tuple(config.eval.modes), **(options or {})
     )
@@ -123,6 +136,7 @@ def evaluate_checkpoint(
         "checkpoint": str(workdir),
         "step": restored.step,
         "dataset": config.data.name,
+        "flip": evaluator.flip,
     }
     return results, meta
 
@@ -154,11 +168,19 @@ def main(argv):
             cli.fail("--query and --gallery go together")
         if _WORKDIR.value:
             cli.fail("give either --workdir or --query/--gallery, not both")
+        if _FLIP.present:
+            cli.fail(
+                "--flip applies when embedding images (--workdir); embed the .npz files with "
+                "python -m ctl_jax.embed --flip"
+            )
         results, meta = evaluate_embedding_files(
             _QUERY.value, _GALLERY.value, modes or MODES, options
         )
     elif _WORKDIR.value:
-        results, meta = evaluate_checkpoint(_WORKDIR.value, _CONFIG(), _STEP.value, modes, options)
+        flip = _FLIP.value if _FLIP.present else None
+        results, meta = evaluate_checkpoint(
+            _WORKDIR.value, _CONFIG(), _STEP.value, modes, options, flip
+        )
     else:
         cli.fail("give --workdir=DIR, or --query=Q.npz and --gallery=G.npz")
     results, curves = results if options["return_curves"] else (results, None)

@@ -38,6 +38,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training work directory (with -
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint (with --images).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per batch with --images.")
+_FLIP = flags.DEFINE_bool(
+    "flip", False, "With --images: average each query's embedding with its mirror's."
+)
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Matches per query.")
 _OUTPUT = flags.DEFINE_string("output", None, "Search results .json to write.")
 _VISUALIZE = flags.DEFINE_string("visualize", None, "Folder for one ranked-results PNG per query.")
@@ -100,6 +103,8 @@ def _check_flags() -> None:
         cli.fail("--images needs the model: --workdir=DIR or --checkpoint=DIR")
     if (_WORKDIR.value or _CHECKPOINT.value) and not _IMAGES.value:
         cli.fail("--workdir/--checkpoint are only used with --images")
+    if _FLIP.value and not _IMAGES.value:
+        cli.fail("--flip applies when embedding --images (embed the .npz files with --flip)")
     if _TOP_K.value < 1:
         cli.fail(f"--top_k must be >= 1, got {_TOP_K.value}")
     if _INDEX.value and _SAVE_INDEX.value:
@@ -178,9 +183,10 @@ def _queries():
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
     restored = restore_model(directory, step=_STEP.value)
     queries, report = embed_images(
-        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value
+        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value, flip=_FLIP.value
     )
-    print(f"queries: {report.summary()} with {directory} (step {restored.step})")
+    flipped = " (flip test)" if _FLIP.value else ""
+    print(f"queries: {report.summary()}{flipped} with {directory} (step {restored.step})")
     return queries, f"{_IMAGES.value}"
 
 

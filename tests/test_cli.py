@@ -188,6 +188,21 @@ def test_evaluate_checkpoint_every_mode(checkpoint_dir, tmp_path):
     assert metrics["instance"]["num_query"] > 0
 
 
+def test_evaluate_checkpoint_flip_test(checkpoint_dir, tmp_path):
+    plain, flipped = tmp_path / "plain.json", tmp_path / "flip.json"
+    args = [f"--workdir={checkpoint_dir}", "--modes=instance", "--noverification"]
+    for out, extra in ((plain, []), (flipped, ["--flip"])):
+        result = run("ctl_jax.evaluate", *args, *extra, f"--output={out}")
+        assert result.returncode == 0, result.stderr
+    plain, flipped = json.loads(plain.read_text()), json.loads(flipped.read_text())
+    assert plain["meta"]["flip"] is False and flipped["meta"]["flip"] is True
+    assert plain["instance"]["num_query"] == flipped["instance"]["num_query"] > 0
+    npz = tmp_path / "e.npz"
+    _embeddings(np.random.default_rng(0), 4, 3, 2, 2).save(npz)
+    result = run("ctl_jax.evaluate", f"--query={npz}", f"--gallery={npz}", "--flip")
+    assert_one_line_error(result, "--flip applies when embedding images")
+
+
 def test_evaluate_missing_step_and_corrupt_checkpoint(checkpoint_dir, tmp_path):
     missing = run("ctl_jax.evaluate", f"--workdir={checkpoint_dir}", "--step=3")
     assert_one_line_error(missing, "step 3")

@@ -17,13 +17,16 @@ class Evaluator:
       model: the `ReidModel`.
       dataset: `RetrievalDataset` with query and gallery splits.
       readers: split name -> image reader.
-      config: the run config (`data` group for preprocessing and batch size).
+      config: the run config (`data` group for preprocessing and batch size, `eval.flip`).
       mesh: the device mesh the embedding runs on.
+      flip: flip test (mean embedding of each image and its mirror); default the config's
+        `eval.flip` (False when the config predates it).
     """
 
-    def __init__(self, model, dataset, readers, config, mesh):
+    def __init__(self, model, dataset, readers, config, mesh, flip: bool | None = None):
         self.dataset, self.readers, self.config, self.mesh = dataset, readers, config, mesh
-        self._embed = make_embed_fn(model, mesh)
+        self.flip = bool(config.eval.get("flip", False)) if flip is None else bool(flip)
+        self._embed = make_embed_fn(model, mesh, flip=self.flip)
 
     def embeddings(self, variables) -> tuple[np.ndarray, np.ndarray]:
         """(query (Q, D), gallery (G, D)) BNNeck embeddings, not normalised."""
