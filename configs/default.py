@@ -108,4 +108,6 @@ def get_config() -> ml_collections.ConfigDict:
     # "" = the dataset's published protocol; else market, recall_at_k, revisited, holidays.
     evaluation.protocol = ""
     evaluation.modes = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
+    # Flip test: embed each image and its horizontal mirror and average (twice the cost).
+    evaluation.flip = False
     return config

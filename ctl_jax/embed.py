@@ -29,6 +29,9 @@ _BATCH_SIZE = flags.DEFINE_integer(
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_FLIP = flags.DEFINE_bool(
+    "flip", False, "Flip test: average each image's embedding with its mirror's (2x time)."
+)
 
 
 def main(argv):
@@ -56,12 +59,13 @@ def main(argv):
     start = time.time()
     restored = restore_model(directory, step=_STEP.value)
     embeddings, report = embed_images(
-        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value
+        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value, flip=_FLIP.value
     )
     embeddings.save(output, overwrite=_OVERWRITE.value)
     known = int((embeddings.pids >= 0).sum())
     print(
-        f"{report.summary()} with {directory} (step {restored.step}) in "
+        f"{report.summary()}{' (flip test)' if _FLIP.value else ''} with {directory} "
+        f"(step {restored.step}) in "
         f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings, {known:,} with a "
         f"Market-style identity, written to {output}"
     )

@@ -23,18 +23,21 @@ class Evaluator:
       model: the `ReidModel`.
       dataset: `RetrievalDataset` with query and gallery splits.
       readers: split name -> image reader.
-      config: the run config (`data` group for preprocessing and batch size).
+      config: the run config (`data` group for preprocessing and batch size, `eval.flip`).
       mesh: the device mesh the embedding runs on.
+      flip: flip test (mean embedding of each image and its mirror); default the config's
+        `eval.flip` (False when the config predates it).
     """
 
-    def __init__(self, model, dataset, readers, config, mesh):
+    def __init__(self, model, dataset, readers, config, mesh, flip: bool | None = None):
         self.dataset, self.readers, self.config, self.mesh = dataset, readers, config, mesh
         if config.eval.modes:  # a protocol or mode that does not fit fails now, not later
             protocol = choose_protocol(
                 dataset.protocols, config.eval.get("protocol", ""), f"dataset {dataset.name!r}"
             )
             check_modes(protocol, config.eval.modes)
-        self._embed = make_embed_fn(model, mesh)
+        self.flip = bool(config.eval.get("flip", False)) if flip is None else bool(flip)
+        self._embed = make_embed_fn(model, mesh, flip=self.flip)
 
     def embeddings(self, variables) -> tuple[np.ndarray, np.ndarray]:
         """(query (Q, D), gallery (G, D)) BNNeck embeddings, not normalised.
@@ -60,11 +63,13 @@ class Evaluator:
             out.append(embeddings)
         return out[0], out[1]
 
-    def run(self, state_or_variables, modes, protocol: str | None = None) -> dict:
+    def run(self, state_or_variables, modes, protocol: str | None = None, **options) -> dict:
         """Metrics {mode: {"mAP", "rank1", ...}} for the given train state or variables.
 
         `protocol` (default: the config's `eval.protocol`, else the dataset's published
-        one) chooses among the protocols of `ctl_jax.evaluation.protocols`.
+        one) chooses among the protocols of `ctl_jax.evaluation.protocols`. `options`
+        (re-ranking, query expansion, verification, curves) go to `evaluation.evaluate`
+        under the Market protocol.
         """
         protocol = choose_protocol(
             self.dataset.protocols,
@@ -76,7 +81,7 @@ class Evaluator:
             return evaluate_dataset(self.dataset, query, gallery, modes, protocol)
         q, g = self.dataset.query, self.dataset.gallery
         return evaluation.evaluate(
-            query, q.pids, q.camids, gallery, g.pids, g.camids, modes=tuple(modes)
+            query, q.pids, q.camids, gallery, g.pids, g.camids, modes=tuple(modes), **options
         )
 
     @staticmethod

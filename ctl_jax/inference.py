@@ -19,8 +19,14 @@ from ctl_jax.data.pipeline import eval_num_batches, make_eval_iterator
 from ctl_jax.data.records import Split
 
 
-def make_embed_fn(model, mesh: Mesh) -> Callable:
+def make_embed_fn(model, mesh: Mesh, flip: bool = False) -> Callable:
     """Jitted `embed(variables, images) -> (bn_features, features)`, batch sharded on `mesh`.
+
+    Args:
+      model: the `ReidModel`.
+      mesh: the device mesh.
+      flip: flip test: each output is the mean of the un-normalised outputs for the image
+        and its horizontal mirror (two forward passes in the one compiled function).
 
     Args (of the returned function):
       variables: {"params", "batch_stats"}, replicated.
@@ -33,6 +39,9 @@ def make_embed_fn(model, mesh: Mesh) -> Callable:
 
     def embed(variables, images):
         out = model.apply(variables, images, train=False)
+        if flip:
+            mirrored = model.apply(variables, images[:, :, ::-1, :], train=False)
+            return tuple((out[key] + mirrored[key]) * 0.5 for key in ("bn_features", "features"))
         return out["bn_features"], out["features"]
 
     return jax.jit(

@@ -20,7 +20,17 @@ from ctl_jax.models.reid import build_model, init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "rank20", "rank50", "num_query", "num_gallery"}
+METRIC_KEYS = {
+    "mAP",
+    "mINP",
+    "rank1",
+    "rank5",
+    "rank10",
+    "rank20",
+    "rank50",
+    "num_query",
+    "num_gallery",
+}
 
 
 def run(module, *args, cwd=REPO):
@@ -94,7 +104,7 @@ def test_evaluate_embedding_files_writes_metrics_json_and_never_overwrites(tmp_p
     assert out.read_text() == before
     replaced = run("ctl_jax.evaluate", *args, f"--output={out}", "--modes=instance", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
-    assert set(json.loads(out.read_text())) - {"meta"} == {"instance"}
+    assert set(json.loads(out.read_text())) - {"meta", "verification"} == {"instance"}
 
 
 def test_evaluate_rejects_bad_embedding_files(tmp_path):
@@ -112,6 +122,42 @@ def test_evaluate_rejects_bad_embedding_files(tmp_path):
         "--modes=instance,centroids",
     )
     assert_one_line_error(bad_mode, "centroids")
+
+
+def test_evaluate_rerank_expansion_verification_and_plots(tmp_path):
+    rng = np.random.default_rng(3)
+    _embeddings(rng, 20, 8, 5, 3).save(tmp_path / "q.npz")
+    _embeddings(rng, 60, 8, 5, 3).save(tmp_path / "g.npz")
+    out, plots = tmp_path / "metrics.json", tmp_path / "plots"
+    args = [f"--query={tmp_path / 'q.npz'}", f"--gallery={tmp_path / 'g.npz'}"]
+    options = ["--rerank", "--rerank_k1=8", "--rerank_k2=3", "--aqe", "--aqe_alpha=2"]
+    result = run("ctl_jax.evaluate", *args, *options, f"--output={out}", f"--plot={plots}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["meta"]["rerank"] == {"k1": 8, "k2": 3, "lambda": 0.3}
+    assert metrics["meta"]["aqe"] == {"k": 5, "alpha": 2.0, "times": 1}
+    assert metrics["meta"]["verification"] is True
+    assert set(metrics["verification"]) == set(MODES)
+    assert set(metrics["verification"]["instance"]["threshold_at_fpr"]) == {
+        "0.0001",
+        "0.001",
+        "0.01",
+    }
+    assert sorted(p.name for p in plots.iterdir()) == ["cmc.png", "roc.png"]
+    assert "mINP" in result.stdout and "TPR@FPR=0.001" in result.stdout
+
+    plain = run("ctl_jax.evaluate", *args, "--noverification", "--modes=instance")
+    assert plain.returncode == 0, plain.stderr
+    assert "TPR@FPR" not in plain.stdout
+
+    for bad, message in [
+        (["--rerank", "--rerank_k1=0"], "--rerank_k1 must be an integer >= 1"),
+        (["--rerank", "--rerank_k1=5", "--rerank_k2=6"], "--rerank_k2 must not exceed"),
+        (["--aqe", "--aqe_alpha=-1"], "--aqe_alpha must be >= 0"),
+        (["--rerank_k1=5"], "--rerank_k1 need(s) --rerank"),
+        ([f"--plot={plots}"], "roc.png exists"),
+    ]:
+        assert_one_line_error(run("ctl_jax.evaluate", *args, *bad), message)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +186,21 @@ def test_evaluate_checkpoint_every_mode(checkpoint_dir, tmp_path):
     assert set(MODES) <= set(metrics)
     assert metrics["meta"]["step"] == 7
     assert metrics["instance"]["num_query"] > 0
+
+
+def test_evaluate_checkpoint_flip_test(checkpoint_dir, tmp_path):
+    plain, flipped = tmp_path / "plain.json", tmp_path / "flip.json"
+    args = [f"--workdir={checkpoint_dir}", "--modes=instance", "--noverification"]
+    for out, extra in ((plain, []), (flipped, ["--flip"])):
+        result = run("ctl_jax.evaluate", *args, *extra, f"--output={out}")
+        assert result.returncode == 0, result.stderr
+    plain, flipped = json.loads(plain.read_text()), json.loads(flipped.read_text())
+    assert plain["meta"]["flip"] is False and flipped["meta"]["flip"] is True
+    assert plain["instance"]["num_query"] == flipped["instance"]["num_query"] > 0
+    npz = tmp_path / "e.npz"
+    _embeddings(np.random.default_rng(0), 4, 3, 2, 2).save(npz)
+    result = run("ctl_jax.evaluate", f"--query={npz}", f"--gallery={npz}", "--flip")
+    assert_one_line_error(result, "--flip applies when embedding images")
 
 
 def test_evaluate_missing_step_and_corrupt_checkpoint(checkpoint_dir, tmp_path):

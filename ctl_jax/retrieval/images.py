@@ -111,6 +111,7 @@ def embed_files(
     batch_size: int,
     mesh=None,
     progress: bool = True,
+    flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BNNeck embeddings of image files with the test-time preprocessing.
 
@@ -122,6 +123,7 @@ def embed_files(
       batch_size: images per step (rounded up to a multiple of the device count).
       mesh: device mesh (default: all devices).
       progress: show a progress bar.
+      flip: flip test (mean of the embeddings of each image and its mirror).
 
     Returns:
       embeddings (N, D) float32, not normalised (rows of unreadable images are zero), and
@@ -135,7 +137,7 @@ def embed_files(
     mesh = mesh if mesh is not None else parallel.make_mesh()
     split = image_split(paths)
     return embed_split(
-        make_embed_fn(model, mesh),
+        make_embed_fn(model, mesh, flip=flip),
         variables,
         split,
         FileImageReader(split.paths),
@@ -168,9 +170,14 @@ class EmbedReport:
 
 
 def embed_images(
-    restored, images: str | os.PathLike, batch_size: int | None = None, progress: bool = True
+    restored,
+    images: str | os.PathLike,
+    batch_size: int | None = None,
+    progress: bool = True,
+    flip: bool = False,
 ) -> tuple[Embeddings, EmbedReport]:
-    """Embeds one image or a folder tree with a restored model (`restore_model`).
+    """Embeds one image or a folder tree with a restored model (`restore_model`); `flip`
+    averages each image's embedding with its mirror's.
 
     Non-image files are skipped and counted; so are images that cannot be decoded.
 
@@ -193,6 +200,7 @@ def embed_images(
             int(data_cfg.width),
             int(batch_size or data_cfg.eval_batch_size),
             progress=progress,
+            flip=flip,
         )
     paths = np.asarray(listing.paths)
     unreadable = paths[~valid].tolist()
