@@ -314,10 +314,10 @@ def test_training_initialises_from_converted_imagenet_weights(converted, base_co
     report, output, _, _ = converted("resnet18-torchvision-zip")
     config = ml_collections.ConfigDict(base_config.to_dict())
     config.model.init_checkpoint = str(output)
-    from ctl_jax.models.reid import build_model
+    from ctl_jax.build import build_model
 
     num_classes = 5
-    model = build_model(config.model, num_classes)
+    model = build_model(config, num_classes)
     logs = []
     variables = initialisation.initial_variables(
         model, config.model, jax.random.key(0), (HEIGHT, WIDTH, 3), log=logs.append
@@ -339,7 +339,7 @@ def test_training_initialises_from_converted_imagenet_weights(converted, base_co
 
     # Even when the class count equals ImageNet's, the ImageNet fc is not a re-ID classifier.
     imagenet_classes = converted_state["params"]["classifier"]["kernel"].shape[-1]
-    model = build_model(config.model, imagenet_classes)
+    model = build_model(config, imagenet_classes)
     variables = initialisation.initial_variables(
         model, config.model, jax.random.key(0), (HEIGHT, WIDTH, 3), log=logs.append
     )

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from ctl_jax import configs
+from ctl_jax.build import build_model
 from ctl_jax.data import transforms
-from ctl_jax.models.reid import build_model, init_variables
+from ctl_jax.models.reid import init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.images import embed_images, list_images, model_directory
 from ctl_jax.training.checkpoints import CheckpointStore
@@ -30,7 +31,7 @@ def checkpoint(tmp_path_factory, image_folder):
     config = configs.load_config(str(REPO / "configs" / "default.py"))
     config.data.height, config.data.width = H, W
     config.data.eval_batch_size = 4
-    model = build_model(config.model, NUM_CLASSES)
+    model = build_model(config, NUM_CLASSES)
     variables = init_variables(model, jax.random.key(0), (H, W, 3))
     # Running variances away from 1, so that a forward pass in training mode would differ.
     rng = np.random.default_rng(0)

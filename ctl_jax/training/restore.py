@@ -8,7 +8,7 @@ import pathlib
 import ml_collections
 
 from ctl_jax import configs as config_lib
-from ctl_jax.models.reid import build_model
+from ctl_jax.build import build_model
 from ctl_jax.training.checkpoints import CheckpointError, CheckpointStore
 
 
@@ -58,7 +58,7 @@ def restore_model(
     else:
         config = saved
     num_classes = int(meta["num_classes"])
-    model = build_model(saved.model, num_classes)
+    model = build_model(saved, num_classes, cpu_fast_path=config.get("cpu_fast_path"))
     state = store.restore_raw(step)
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     return RestoredModel(model, variables, config, int(step), num_classes)
