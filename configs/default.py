@@ -2,7 +2,8 @@
 
 Every other config starts from this one and changes a few visible lines. Field groups:
 `data` (dataset and input pipeline), `model`, `loss`, `solver` (optimiser, schedule, epochs),
-`train` (logging, checkpoints, periodic evaluation), `eval` (evaluation modes).
+`train` (logging, checkpoints, periodic evaluation), `eval` (evaluation modes); top-level
+`name`, `seed` and `cpu_fast_path`.
 """
 
 import ml_collections
@@ -13,6 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "default"
     config.seed = 0
+    # How the model runs, not what it is (checkpoints do not depend on it): "auto" uses the
+    # CPU layers of ctl_jax/cpu/ (same parameters and results, faster on XLA's CPU backend)
+    # on the CPU backend in float32 and the plain Flax layers elsewhere; "on" / "off" force.
+    config.cpu_fast_path = "auto"
 
     config.data = data = ml_collections.ConfigDict()
     # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder, msmt17,
@@ -67,11 +72,6 @@ def get_config() -> ml_collections.ConfigDict:
     # ReLU for IBN-a). Set True/False to force.
     model.stem_relu = config_dict.placeholder(bool)
     model.dtype = "float32"  # "bfloat16" on accelerators: bf16 compute, f32 parameters.
-    model.fast_1x1 = True  # 1x1 convolutions as matrix products (much faster on XLA CPU).
-    # The other XLA CPU rewrites (ctl_jax/models/cpu_ops.py: Winograd, kernel gradients as
-    # matrix products, the max pool's backward pass) and the batch norms' one-pass moments
-    # and hand-written backward pass (any backend); same parameters and results.
-    model.fast_ops = True
     # A ctl_jax checkpoint (e.g. converted ImageNet weights) to initialise from; "" = random.
     model.init_checkpoint = ""
 

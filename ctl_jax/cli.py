@@ -18,8 +18,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ctl_jax.cpu import configure_process
 from ctl_jax.errors import DEBUG_ENV, UserError, debug_requested, report_user_error
-from ctl_jax.malloc import tune_malloc
 
 _DEBUG = flags.DEFINE_bool(
     "debug", False, f"Show the traceback of user errors too (same as {DEBUG_ENV}=1)."
@@ -28,7 +28,6 @@ _DEBUG = flags.DEFINE_bool(
 
 def enable_compilation_cache() -> None:
     """Persists compiled XLA programs, so a second run skips the 20-40 s of compilation."""
-    import jax
 
     cache = os.environ.get("CTL_JAX_COMPILATION_CACHE") or str(
         pathlib.Path.home() / ".cache" / "ctl_jax" / "xla"
@@ -97,14 +96,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     raised by `main` (exit 1); other exceptions propagate with their traceback."""
 
     def guarded(argv):
-        tune_malloc()  # before JAX starts its threads (see ctl_jax/malloc.py)
-        # Before the CPU client exists (it reads the option when created): single-device CPU
-        # computations run on the calling thread, so a step has freed its temporary buffer
-        # when the call returns. Dispatched asynchronously, the next step allocated its own
-        # while the last one's was still being freed and the heap kept both (ResNet-50
-        # 128x64 training, peak RSS 3.2 -> 2.3 GB). No effect on GPU/TPU or on computations
-        # over several CPU devices.
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
+        # Allocator settings and synchronous CPU dispatch, before JAX starts its threads and
+        # creates its CPU client.
+        configure_process()
         # orbax and grain log every save and restore through absl (INFO), and warn about
         # routine things such as opening a checkpoint read-only; our own errors are explicit.
         logging.set_verbosity(logging.ERROR)

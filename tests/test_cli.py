@@ -13,10 +13,11 @@ import pytest
 from tiny_data import make_tiny_reid
 from xla_flags import xla_flags
 
+from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.configs import config_to_json, load_config
 from ctl_jax.evaluation import MODES
-from ctl_jax.models.reid import build_model, init_variables
+from ctl_jax.models.reid import init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def checkpoint_dir(tmp_path_factory):
     config.data.root = str(root)
     config.data.height, config.data.width = 32, 16
     workdir = tmp_path_factory.mktemp("run")
-    model = build_model(config.model, 6)
+    model = build_model(config, 6)
     variables = jax.device_get(init_variables(model, jax.random.key(0), (32, 16, 3)))
     store = CheckpointStore(workdir)
     meta = {"config": json.loads(config_to_json(config)), "num_classes": 6}

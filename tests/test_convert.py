@@ -311,10 +311,11 @@ def test_converted_model_embeds_like_pytorch(case, converted, images):
 
 def _initial_variables(config, num_classes, logs):
     """The model variables of a new training run's initial state."""
-    from ctl_jax.models.reid import build_model, feature_dim
+    from ctl_jax.build import build_model
+    from ctl_jax.models.reid import feature_dim
     from ctl_jax.training.optimizer import make_optimizer
 
-    model = build_model(config.model, num_classes)
+    model = build_model(config, num_classes)
     dim = feature_dim(config.model.arch)
     tx = make_optimizer(config.solver)
     state = initialisation.init_train_state(model, tx, num_classes, dim, (HEIGHT, WIDTH, 3), 0)

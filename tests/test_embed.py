@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from ctl_jax import configs
+from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore, restore_model
 from ctl_jax.data import transforms
-from ctl_jax.models.reid import build_model, init_variables
+from ctl_jax.models.reid import init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.images import embed_images, list_images, model_directory
 
@@ -29,7 +30,7 @@ def checkpoint(tmp_path_factory, image_folder):
     config = configs.load_config(str(REPO / "configs" / "default.py"))
     config.data.height, config.data.width = H, W
     config.data.eval_batch_size = 4
-    model = build_model(config.model, NUM_CLASSES)
+    model = build_model(config, NUM_CLASSES)
     variables = init_variables(model, jax.random.key(0), (H, W, 3))
     # Running variances away from 1, so that a forward pass in training mode would differ.
     rng = np.random.default_rng(0)
@@ -155,13 +156,13 @@ def test_flip_test_averages_each_image_with_its_mirror(checkpoint, image_folder)
 
 
 def test_training_time_evaluation_reads_eval_flip(checkpoint):
-    from ctl_jax.training.evaluator import Evaluator
-
-    from ctl_jax.training import sharding
+    from ctl_jax import parallel
+    from ctl_jax.evaluator import Evaluator
 
     _, model, _ = checkpoint
     config = configs.load_config(str(REPO / "configs" / "default.py"))
-    mesh = sharding.make_mesh()
+    config.eval.modes = ()  # no dataset here to check the modes against
+    mesh = parallel.make_mesh()
     assert Evaluator(model, None, None, config, mesh).flip is False
     config.eval.flip = True
     assert Evaluator(model, None, None, config, mesh).flip is True

@@ -1,8 +1,10 @@
 """The training step and loop: sharding invariance, optimiser semantics, the center SGD,
 compile-once, non-finite losses, and resume-equals-uninterrupted on a tiny synthetic set."""
 
+import copy
 import json
 import math
+import shutil
 import signal
 
 import jax
@@ -12,9 +14,12 @@ import pytest
 from tiny_data import make_tiny_reid
 
 from ctl_jax import parallel
-from ctl_jax.checkpoints import CheckpointStore
-from ctl_jax.configs import load_config
-from ctl_jax.models.reid import build_model, feature_dim, init_variables
+from ctl_jax.build import build_model
+from ctl_jax.checkpoints import CheckpointStore, restore_model
+from ctl_jax.configs import config_to_json, load_config
+from ctl_jax.cpu import CPU_LAYERS
+from ctl_jax.models.layers import REFERENCE_LAYERS
+from ctl_jax.models.reid import feature_dim, init_variables
 from ctl_jax.training import loop
 from ctl_jax.training.optimizer import learning_rate, make_optimizer
 from ctl_jax.training.position import DataPosition
@@ -50,7 +55,7 @@ def _batch(seed=0, num_padded=3):
 
 
 def _setup(config, mesh):
-    model = build_model(config.model, K)
+    model = build_model(config, K)
     tx = make_optimizer(config.solver)
     variables = init_variables(model, jax.random.key(0), (H, W, 3))
     state = create_train_state(variables, tx, K, feature_dim(config.model.arch), jax.random.key(1))
@@ -348,6 +353,41 @@ def test_workdir_of_another_config_is_refused(tiny_dataset, uninterrupted):
         loop.train_and_evaluate(config, uninterrupted, log=lambda *_: None)
     saved = json.loads((uninterrupted / "config.json").read_text())
     assert saved["model"]["arch"] == "resnet18"
+
+
+def _saved_before_cpu_fast_path(config_dict: dict) -> dict:
+    """A config as earlier versions saved it: `model.fast_1x1` and `model.fast_ops`, no
+    top-level `cpu_fast_path`."""
+    old = copy.deepcopy(config_dict)
+    del old["cpu_fast_path"]
+    old["model"].update(fast_1x1=True, fast_ops=False)
+    return old
+
+
+def test_workdir_saved_before_cpu_fast_path_resumes(tiny_dataset, uninterrupted, tmp_path):
+    workdir = tmp_path / "old"
+    shutil.copytree(uninterrupted, workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps(_saved_before_cpu_fast_path(saved)))
+    before = CheckpointStore(workdir, read_only=True).all_steps()
+    loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
+    assert CheckpointStore(workdir, read_only=True).all_steps() == before
+    assert json.loads((workdir / "config.json").read_text())["cpu_fast_path"] == "auto"
+
+
+def test_checkpoint_saved_before_cpu_fast_path_restores(tmp_path):
+    config = _config()
+    variables = jax.device_get(init_variables(build_model(config, K), jax.random.key(0), (H, W, 3)))
+    meta_config = _saved_before_cpu_fast_path(json.loads(config_to_json(config)))
+    store = CheckpointStore(tmp_path)
+    store.save(1, dict(variables), {"epoch": 1}, {"config": meta_config, "num_classes": K})
+    store.close()
+    restored = restore_model(tmp_path)
+    assert restored.model.layers is CPU_LAYERS  # "auto", on the CPU backend in float32
+    jax.tree.map(np.testing.assert_array_equal, restored.variables, dict(variables))
+    # A config given when restoring chooses how the model runs.
+    config.cpu_fast_path = "off"
+    assert restore_model(tmp_path, config=config).model.layers is REFERENCE_LAYERS
 
 
 def test_bfloat16_step_keeps_float32_state_and_finite_losses():

@@ -2,7 +2,8 @@
 
 Parameter tree (a contract for weight import): `backbone/...` (see `resnet.py`),
 `bnneck/scale` (no `bias`: the BNNeck shift is zero by construction), `classifier/kernel`
-of shape (C, num_classes); batch statistics under `batch_stats` with the same paths.
+of shape (C, num_classes); batch statistics under `batch_stats` with the same paths. The
+layer set (`ctl_jax.models.layers`) changes how the model computes, never these names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from ctl_jax.errors import ConfigError
 from ctl_jax.models import resnet
+from ctl_jax.models.layers import REFERENCE_LAYERS, Layers
 
 _ARCHS: dict[str, Callable[..., resnet.ResNet]] = {
     "resnet18": resnet.ResNet18,
@@ -47,14 +49,16 @@ class ReidModel(nn.Module):
 
     Attributes:
       backbone: a callable building the trunk, e.g. `functools.partial(ResNet50, last_stride=1)`;
-        it is called with `dtype=` and `name="backbone"`.
+        it is called with `dtype=`, `layers=` and `name="backbone"`.
       num_classes: number of training identities.
       dtype: compute dtype of the backbone; the head always computes in float32.
+      layers: the layer set of the backbone and of the BNNeck's batch norm.
     """
 
     backbone: Callable[..., nn.Module]
     num_classes: int
     dtype: Any = jnp.float32
+    layers: Layers = REFERENCE_LAYERS
 
     @nn.compact
     def __call__(
@@ -73,11 +77,11 @@ class ReidModel(nn.Module):
           dict with float32 `features` (N, C) = pooled feature f (triplet, CTL, center losses),
           `bn_features` (N, C) = BNNeck output (retrieval embedding), `logits` (N, num_classes).
         """
-        fmap = self.backbone(dtype=self.dtype, name="backbone")(images, train=train, valid=valid)
+        backbone = self.backbone(dtype=self.dtype, layers=self.layers, name="backbone")
+        fmap = backbone(images, train=train, valid=valid)
         features = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
-        bn_features = resnet.BatchNorm(use_bias=False, dtype=jnp.float32, name="bnneck")(
-            features, train=train, valid=valid
-        )
+        bnneck = self.layers.norm(use_bias=False, dtype=jnp.float32, name="bnneck")
+        bn_features = bnneck(features, train=train, valid=valid)
         logits = nn.Dense(
             self.num_classes,
             use_bias=False,
@@ -89,15 +93,19 @@ class ReidModel(nn.Module):
         return {"features": features, "bn_features": bn_features, "logits": logits}
 
 
-def build_model(model_cfg: Any, num_classes: int) -> ReidModel:
-    """Builds a `ReidModel` from a config group.
+def model_from_config(
+    model_cfg: Any, num_classes: int, layers: Layers = REFERENCE_LAYERS
+) -> ReidModel:
+    """Builds a `ReidModel` from a config's `model` group and a layer set.
 
     Args:
       model_cfg: object with `arch` (one of `ARCH_NAMES`), `last_stride` (int), `stem_relu`
-        (None = the architecture's original choice: False for plain ResNets, True for IBN-a),
-        `dtype` ('float32' or 'bfloat16'), `fast_1x1` and `fast_ops` (bools; a config saved
-        before `fast_ops` existed gets True).
+        (None = the architecture's original choice: False for plain ResNets, True for IBN-a)
+        and `dtype` ('float32' or 'bfloat16'). Other keys are ignored (configs saved by
+        earlier versions hold `fast_1x1` and `fast_ops`).
       num_classes: number of training identities (classifier width).
+      layers: the layer set; the model's parameters do not depend on it. Applications pick
+        it with `ctl_jax.build.build_model`.
 
     Returns:
       An unbound `ReidModel`.
@@ -105,16 +113,19 @@ def build_model(model_cfg: Any, num_classes: int) -> ReidModel:
     arch = model_cfg.arch
     _check_arch(arch)
     if model_cfg.dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {model_cfg.dtype!r}; valid: {', '.join(_DTYPES)}")
-    kwargs: dict[str, Any] = {
-        "last_stride": int(model_cfg.last_stride),
-        "fast_1x1": bool(model_cfg.fast_1x1),
-        "fast_ops": bool(model_cfg.get("fast_ops", True)),
-    }
+        raise ConfigError(
+            f"config model.dtype: unknown dtype {model_cfg.dtype!r}; valid: {', '.join(_DTYPES)}"
+        )
+    kwargs: dict[str, Any] = {"last_stride": int(model_cfg.last_stride)}
     if model_cfg.stem_relu is not None:
         kwargs["stem_relu"] = bool(model_cfg.stem_relu)
     backbone = functools.partial(_ARCHS[arch], **kwargs)
-    return ReidModel(backbone=backbone, num_classes=num_classes, dtype=_DTYPES[model_cfg.dtype])
+    return ReidModel(
+        backbone=backbone,
+        num_classes=num_classes,
+        dtype=_DTYPES[model_cfg.dtype],
+        layers=layers,
+    )
 
 
 def init_variables(

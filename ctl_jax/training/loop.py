@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from ctl_jax import configs as config_lib
 from ctl_jax import parallel
+from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore
+from ctl_jax.cpu.malloc import release_free_memory
 from ctl_jax.data import pipeline
 from ctl_jax.data.source import check_trainable, load_dataset
 from ctl_jax.errors import NonFiniteLossError, WorkdirMismatchError
 from ctl_jax.evaluator import Evaluator
-from ctl_jax.malloc import release_free_memory
-from ctl_jax.models.reid import build_model, feature_dim
+from ctl_jax.models.reid import feature_dim
 from ctl_jax.training.initialisation import init_train_state, with_init_checkpoint
 from ctl_jax.training.logbook import MetricsLog, flatten_eval
 from ctl_jax.training.optimizer import make_optimizer
@@ -112,7 +113,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
 
     mesh = parallel.make_mesh()
     parallel.check_batch_layout(config.data.num_identities, config.data.num_instances, mesh)
-    model = build_model(config.model, num_classes)
+    model = build_model(config, num_classes)
     tx = make_optimizer(config.solver)
     image_shape = (config.data.height, config.data.width, 3)
 
@@ -221,7 +222,7 @@ def _evaluate(evaluator, state, step, epoch, config, metrics_log, log) -> tuple[
     """Runs the configured evaluation modes after epoch `epoch` (1-based), logs and prints
     them; returns the results and their flat metrics."""
     results = evaluator.run(state, config.eval.modes)
-    release_free_memory()  # the evaluation's buffers (see ctl_jax/malloc.py)
+    release_free_memory()  # the evaluation's buffers (see ctl_jax/cpu/malloc.py)
     flat = flatten_eval(results)
     metrics_log.write("eval", step, flat, epoch=epoch)
     log(f"epoch {epoch} evaluation (step {step}):\n{evaluator.table(results)}")
@@ -231,7 +232,7 @@ def _evaluate(evaluator, state, step, epoch, config, metrics_log, log) -> tuple[
 def _compiled_on_first_call(jitted):
     """`jitted`, compiled ahead of time on its first call's arguments; the compiler's working
     memory is handed back to the kernel before the first step allocates its buffers (with
-    glibc's trimming off it would otherwise add to the run's peak; see ctl_jax/malloc.py)."""
+    glibc's trimming off it would otherwise add to the run's peak; see ctl_jax/cpu/malloc.py)."""
     compiled = None
 
     def call(state, batch):

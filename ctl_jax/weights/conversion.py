@@ -134,15 +134,15 @@ def convert_checkpoint(
       torch_pickle.TorchFileError (a ValueError): unreadable file or unsupported model.
       FileExistsError / NotADirectoryError: see `check_output`.
     """
+    from ctl_jax.build import build_model
     from ctl_jax.checkpoints import CheckpointStore
-    from ctl_jax.models.reid import build_model
 
     source, output = pathlib.Path(source), pathlib.Path(output)
     check_output(output, overwrite)
     torch_file = torch_pickle.load(source)
     source_model = mapping.read_source(torch_file.root, str(source))
     resolved, notes = resolve_config(config, source_model)
-    model = build_model(resolved.model, source_model.num_classes)
+    model = build_model(resolved, source_model.num_classes)
     weights = mapping.map_state_dict(source_model, abstract_variable_shapes(model), str(source))
 
     state = {"params": weights.params, "batch_stats": weights.batch_stats}
