@@ -21,7 +21,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from ctl_jax.data.readers import DatasetError, open_dataset
+from ctl_jax.data.catalog import open_dataset
+from ctl_jax.data.readers import DatasetError
 
 BINS = 16
 STRIPES = 3

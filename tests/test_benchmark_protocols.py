@@ -395,7 +395,7 @@ def test_evaluate_revisited_on_embedding_files(tmp_path):
 def test_datasets_choose_their_published_protocol(tmp_path):
     from benchmark_fixtures import make_holidays, make_inshop, make_revisited, make_sop
 
-    from ctl_jax.data.readers import open_dataset
+    from ctl_jax.data.catalog import open_dataset
     from ctl_jax.evaluation.protocols import evaluate_dataset
 
     rng = np.random.default_rng(4)

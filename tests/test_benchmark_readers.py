@@ -21,9 +21,10 @@ from benchmark_fixtures import (
 from PIL import Image
 
 from ctl_jax.configs import load_config
+from ctl_jax.data.catalog import open_dataset
 from ctl_jax.data.image_edits import EditedImageReader, ImageEdits
 from ctl_jax.data.landmarks import load_revisited_ground_truth
-from ctl_jax.data.readers import DatasetError, open_dataset
+from ctl_jax.data.readers import DatasetError
 from ctl_jax.data.source import check_trainable, load_dataset
 
 

@@ -1,5 +1,5 @@
 """The benchmark datasets beyond Market-1501, DukeMTMC-reID and the fashion sets: their
-readers, by name, for `readers.open_dataset`, and the `data.*` config keys each one reads.
+readers, by name, for `catalog.open_dataset`, and the `data.*` config keys each one reads.
 
 | name | reader | config keys |
 | --- | --- | --- |

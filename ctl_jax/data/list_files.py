@@ -9,7 +9,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from ctl_jax.data.readers import DatasetError
+from ctl_jax.errors import DatasetError
 
 
 def require_file(path: Path, what: str, layout: str) -> Path:

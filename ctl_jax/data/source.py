@@ -57,7 +57,7 @@ def load_dataset(data_cfg) -> tuple[RetrievalDataset, dict]:
 
 def _open(data_cfg, name: str, root) -> RetrievalDataset:
     from ctl_jax.data import benchmarks
-    from ctl_jax.data.readers import open_dataset
+    from ctl_jax.data.catalog import open_dataset
 
     kwargs = benchmarks.reader_options(name, data_cfg)
     if name in ("street2shop", "deepfashion"):
