@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from ctl_jax.cpu.layers import CPU_LAYERS
 from ctl_jax.cpu.process import configure_process
+from ctl_jax.errors import ConfigError
 from ctl_jax.models.layers import REFERENCE_LAYERS, Layers
 
 SETTINGS = ("auto", "on", "off")
@@ -38,7 +39,7 @@ def use_cpu_layers(setting: str, dtype: str, platform: str | None = None) -> boo
         JAX's default backend.
     """
     if setting not in SETTINGS:
-        raise ValueError(
+        raise ConfigError(
             f"config cpu_fast_path: expected one of {', '.join(SETTINGS)}, got {setting!r}"
         )
     if setting != "auto":

@@ -13,6 +13,8 @@ import io
 import os
 import pickle
 
+from ctl_jax.errors import MissingFileError
+
 # Types a plain pickle may produce without naming any global.
 PLAIN_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 
@@ -50,7 +52,7 @@ def load_plain_pickle(path: str | os.PathLike):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"ground-truth file {path} does not exist")
+        raise MissingFileError(f"ground-truth file {path} does not exist")
     with open(path, "rb") as f:
         data = f.read()
     try:

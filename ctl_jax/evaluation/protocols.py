@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctl_jax.errors import OptionError
 from ctl_jax.evaluation.average_precision import holidays_metrics
 from ctl_jax.evaluation.protocol import DEFAULT_MODES, MODES, evaluate
 from ctl_jax.evaluation.recall import DEFAULT_RECALL_KS, RECALL_MODES, recall_at_k
@@ -45,15 +46,15 @@ def choose_protocol(supported, requested: str | None = None, what: str = "the da
     supported = tuple(supported)
     if requested:
         if requested not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {requested!r}; valid: {', '.join(PROTOCOLS)}")
+            raise OptionError(f"unknown protocol {requested!r}; valid: {', '.join(PROTOCOLS)}")
         if requested not in supported:
-            raise ValueError(
+            raise OptionError(
                 f"protocol {requested!r} does not apply to {what}; it supports: "
                 f"{', '.join(supported) or 'none (no query/gallery split)'}"
             )
         return requested
     if not supported:
-        raise ValueError(f"{what} has no query/gallery split to evaluate")
+        raise OptionError(f"{what} has no query/gallery split to evaluate")
     return supported[0]
 
 
@@ -65,7 +66,7 @@ def check_modes(protocol: str, modes) -> tuple[str, ...]:
     valid = PROTOCOL_MODES[protocol]
     unknown = [m for m in modes if m not in valid]
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"mode(s) {unknown} do not apply to protocol {protocol!r}; valid: {', '.join(valid)} "
             "(--modes, or eval.modes in the config)"
         )
@@ -120,7 +121,7 @@ def evaluate_protocol(
         }
     if protocol == "revisited":
         if ground_truth is None or not hasattr(ground_truth, "qimlist"):
-            raise ValueError("protocol 'revisited' needs the ground truth (gnd_*.pkl)")
+            raise OptionError("protocol 'revisited' needs the ground truth (gnd_*.pkl)")
         return revisited_metrics(query_emb, gallery_emb, ground_truth)
     if protocol == "holidays":
         return {
@@ -128,7 +129,7 @@ def evaluate_protocol(
                 query_emb, query.pids, query.paths, gallery_emb, gallery.pids, gallery.paths
             )
         }
-    raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    raise OptionError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
 
 
 def evaluate_dataset(dataset, query_emb, gallery_emb, modes=None, protocol: str | None = None):

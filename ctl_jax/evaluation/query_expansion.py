@@ -22,6 +22,7 @@ import dataclasses
 
 import numpy as np
 
+from ctl_jax.errors import OptionError
 from ctl_jax.evaluation.neighbours import nearest_neighbours
 from ctl_jax.evaluation.ranking import l2_normalize
 
@@ -44,11 +45,11 @@ class QueryExpansionParams:
 
     def __post_init__(self):
         if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
-            raise ValueError(f"--aqe_k must be an integer >= 1, got {self.k}")
+            raise OptionError(f"--aqe_k must be an integer >= 1, got {self.k}")
         if not np.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"--aqe_alpha must be >= 0, got {self.alpha}")
+            raise OptionError(f"--aqe_alpha must be >= 0, got {self.alpha}")
         if isinstance(self.times, bool) or int(self.times) != self.times or self.times < 1:
-            raise ValueError(f"--aqe_times must be an integer >= 1, got {self.times}")
+            raise OptionError(f"--aqe_times must be an integer >= 1, got {self.times}")
 
     def as_dict(self) -> dict:
         return {"k": int(self.k), "alpha": float(self.alpha), "times": int(self.times)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctl_jax.errors import OptionError
 from ctl_jax.evaluation.average_precision import same_path_pairs
 from ctl_jax.evaluation.ranking import l2_normalize
 
@@ -54,10 +55,10 @@ def recall_at_k(
       query is counted).
     """
     if mode not in RECALL_MODES:
-        raise ValueError(f"unknown Recall@K mode {mode!r}; valid: {', '.join(RECALL_MODES)}")
+        raise OptionError(f"unknown Recall@K mode {mode!r}; valid: {', '.join(RECALL_MODES)}")
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
-        raise ValueError(f"Recall@K needs ks >= 1, got {ks}")
+        raise OptionError(f"Recall@K needs ks >= 1, got {ks}")
     q_pids = np.asarray(query_pids, np.int64)
     g_pids = np.asarray(gallery_pids, np.int64)
     g_emb = np.asarray(gallery_emb, np.float32)

@@ -35,6 +35,7 @@ import dataclasses
 
 import numpy as np
 
+from ctl_jax.errors import OptionError
 from ctl_jax.evaluation.neighbours import nearest_neighbours
 from ctl_jax.evaluation.ranking import l2_normalize
 
@@ -63,15 +64,15 @@ class RerankParams:
 
     def __post_init__(self):
         if isinstance(self.k1, bool) or int(self.k1) != self.k1 or self.k1 < 1:
-            raise ValueError(f"--rerank_k1 must be an integer >= 1, got {self.k1}")
+            raise OptionError(f"--rerank_k1 must be an integer >= 1, got {self.k1}")
         if isinstance(self.k2, bool) or int(self.k2) != self.k2 or self.k2 < 1:
-            raise ValueError(f"--rerank_k2 must be an integer >= 1, got {self.k2}")
+            raise OptionError(f"--rerank_k2 must be an integer >= 1, got {self.k2}")
         if self.k2 > self.k1:
-            raise ValueError(
+            raise OptionError(
                 f"--rerank_k2 must not exceed --rerank_k1, got k2={self.k2} > k1={self.k1}"
             )
         if not 0.0 <= float(self.lambda_value) <= 1.0:
-            raise ValueError(f"--rerank_lambda must lie in [0, 1], got {self.lambda_value}")
+            raise OptionError(f"--rerank_lambda must lie in [0, 1], got {self.lambda_value}")
 
     def as_dict(self) -> dict:
         return {"k1": int(self.k1), "k2": int(self.k2), "lambda": float(self.lambda_value)}

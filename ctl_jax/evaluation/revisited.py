@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from ctl_jax.errors import FileContentError
 from ctl_jax.evaluation.average_precision import average_precision, ranked_positions
 
 SETTINGS = ("easy", "medium", "hard")
@@ -63,11 +64,11 @@ def revisited_metrics(
     """
     num_q, num_db = len(ground_truth.qimlist), len(ground_truth.imlist)
     if len(query_emb) != num_q:
-        raise ValueError(
+        raise FileContentError(
             f"{len(query_emb)} query embeddings for {num_q} queries in the ground truth"
         )
     if len(gallery_emb) < num_db:
-        raise ValueError(
+        raise FileContentError(
             f"{len(gallery_emb)} gallery embeddings for {num_db} ground-truth database images"
         )
     # Every annotated item of every query, ranked once.
@@ -130,11 +131,11 @@ def align_by_name(ground_truth, query_paths, gallery_paths, distractor_count: in
         for i, path in enumerate(paths):
             stem = _stem(path)
             if stem in position:
-                raise ValueError(f"{what} embeddings hold {stem!r} twice")
+                raise FileContentError(f"{what} embeddings hold {stem!r} twice")
             position[stem] = i
         missing = [n for n in names if n not in position]
         if missing:
-            raise ValueError(
+            raise FileContentError(
                 f"{what} embeddings lack {len(missing)} image(s) of {source}, e.g. {missing[0]!r}"
                 " (matched by file name without extension)"
             )
@@ -142,7 +143,7 @@ def align_by_name(ground_truth, query_paths, gallery_paths, distractor_count: in
         if extra:
             known = set(names)
             example = next(p for p in paths if _stem(p) not in known)
-            raise ValueError(
+            raise FileContentError(
                 f"{what} embeddings hold {extra} image(s) not in {source}, e.g. {example!r}"
                 + (" (give the +1M distractors as a separate file)" if what == "gallery" else "")
             )

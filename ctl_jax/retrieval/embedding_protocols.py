@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from ctl_jax.errors import FileContentError
 from ctl_jax.evaluation.protocols import evaluate_protocol
 
 
@@ -69,7 +70,7 @@ def _with_holidays_groups(embeddings, what):
     groups = [holidays_group(p) for p in embeddings.paths]
     bad = [p for p, g in zip(embeddings.paths, groups) if g is None]
     if bad:
-        raise ValueError(
+        raise FileContentError(
             f"{what} embeddings: {len(bad)} path(s) are not Holidays names NNNNNN.jpg, "
             f"e.g. {bad[0]!r}"
         )

@@ -18,6 +18,8 @@ import pathlib
 
 import numpy as np
 
+from ctl_jax.errors import FileContentError, MissingFileError, OptionError
+
 # The evaluation mode whose verification block calibrates each kind of search gallery.
 CALIBRATION_MODES = {"instance": "instance", "centroid": "centroid"}
 
@@ -48,7 +50,7 @@ def parse_min_score(text: str) -> MinScore:
         except ValueError:
             fpr = math.nan
         if not 0 < fpr < 1:
-            raise ValueError(
+            raise OptionError(
                 f"--min_score={text}: expected auto:F with a false-positive rate 0 < F < 1, "
                 "e.g. auto:0.001"
             )
@@ -58,7 +60,7 @@ def parse_min_score(text: str) -> MinScore:
     except ValueError:
         value = math.nan
     if not -1.0 <= value <= 1.0:
-        raise ValueError(
+        raise OptionError(
             f"--min_score={text}: expected a cosine score in [-1, 1] or auto:F (e.g. auto:0.001)"
         )
     return MinScore(value)
@@ -81,21 +83,21 @@ def calibrated_min_score(path: str | pathlib.Path, fpr: float, kind: str) -> tup
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--calibration={path} does not exist")
+        raise MissingFileError(f"--calibration={path} does not exist")
     try:
         metrics = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--calibration={path} is not a metrics JSON file: {e}") from e
+        raise FileContentError(f"--calibration={path} is not a metrics JSON file: {e}") from e
     blocks = metrics.get("verification") if isinstance(metrics, dict) else None
     if not isinstance(blocks, dict) or not blocks:
-        raise ValueError(
+        raise FileContentError(
             f"--calibration={path} has no verification block; write one with "
             "python -m ctl_jax.evaluate ... --output=FILE (verification is on by default)"
         )
     mode = CALIBRATION_MODES[kind]
     block = blocks.get(mode)
     if not isinstance(block, dict):
-        raise ValueError(
+        raise FileContentError(
             f"--calibration={path} has verification for {sorted(blocks)} but not for mode "
             f"{mode!r}, which calibrates a {kind} gallery; evaluate with --modes={mode}"
         )
@@ -104,7 +106,7 @@ def calibrated_min_score(path: str | pathlib.Path, fpr: float, kind: str) -> tup
     value = thresholds.get(key)
     if value is None or not math.isfinite(value):
         have = ", ".join(f"auto:{k}" for k, v in thresholds.items() if v is not None) or "none"
-        raise ValueError(
+        raise FileContentError(
             f"--calibration={path} has no {mode} threshold at FPR {key} (available: {have})"
         )
     return float(value), mode
