@@ -19,8 +19,9 @@ the package (`ctl_jax.evaluation`), so such a cycle is reported. Counting the im
 parent edges instead would report every package whose `__init__` re-exports its submodules.
 
 Layers (lowest first): errors, files, configs, malloc, parallel (device mesh) | data, models,
-losses, evaluation (metrics) | checkpoints | inference | evaluator, retrieval | training |
-the entry points (train, evaluate, embed, search, convert). The rules checked:
+losses, evaluation (metrics) | checkpoints | inference, weights (conversion) | evaluator,
+retrieval | training | cli, distributed (start-up helpers) and the entry points (train,
+evaluate, embed, search, convert). The rules checked:
 
 1. No cycles between modules.
 2. No cycles between the top-level parts of the package (`ctl_jax.training`,
@@ -28,8 +29,7 @@ the entry points (train, evaluate, embed, search, convert). The rules checked:
 3. Only `ctl_jax/training/` itself and its entry point `ctl_jax.train` import
    `ctl_jax.training`; in particular retrieval/, evaluation/, inference, evaluator, data/,
    models/, losses, checkpoints/, parallel and the other entry points do not.
-4. models/ imports nothing from cpu/ (the XLA CPU rewrites sit above the model; the rule
-   holds vacuously while there is no cpu/).
+4. models/ imports nothing from cpu/ (trivially true while there is no ctl_jax/cpu/).
 5. No module imports an entry point (each defines command-line flags at import).
 """
 
