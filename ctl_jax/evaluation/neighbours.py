@@ -93,12 +93,11 @@ def nearest_neighbours(
     for r0 in starts:
         r1 = min(r0 + size, num)
         strip = vectors[r0:r1] @ vectors[r0:].T  # rows of block I, columns from I on
-        strip[strip == 0] = 0  # no -0.0: equal values tie exactly
+        strip += np.float32(0)  # -0.0 becomes +0.0: equal values tie exactly
         for c0 in range(r0, num, _UPDATE_COLUMNS):  # ascending: the thresholds rise
             top.update(r0, c0, strip[:, c0 - r0 : c0 - r0 + _UPDATE_COLUMNS])
-        for c0 in starts:  # the rows of each later block J against the columns of I
-            if c0 > r0:
-                top.update(c0, r0, strip[:, c0 - r0 : min(c0 + size, num) - r0].T)
+        if r1 < num:  # the rows of all later blocks against the columns of I
+            top.update(r1, r0, strip[:, r1 - r0 :].T)
         if kept is not None:
             _keep_strip(kept, strip, r0, keep_rows, keep_from)
     return Neighbours(top.index, top.similarity, top.low, kept)
