@@ -178,6 +178,7 @@ def test_rerank_and_expansion_over_several_neighbour_blocks(monkeypatch):
     # 94 items (24 queries): five blocks, one across the query-gallery boundary, the last
     # padded.
     monkeypatch.setattr(neighbours, "_BLOCK", 20)
+    monkeypatch.setattr(neighbours, "_UPDATE_COLUMNS", 16)  # strips merged in parts
     q_emb, _, _, g_emb, _, _ = clustered(9)
     got = rerank_distances(q_emb, g_emb, RerankParams(20, 6, 0.3))
     np.testing.assert_allclose(got, reference_rerank(q_emb, g_emb, 20, 6, 0.3), atol=2e-6)

@@ -81,8 +81,10 @@ def evaluate(
             queries, items = expand_queries(queries, items, query_expansion)
         q_cams_seen, g_pids_mode, g_masks = gallery.query_cams, gallery.pids, gallery.cam_masks
         if rerank is not None:
+            scores = rerank_distances(queries, items, rerank)
+            np.negative(scores, out=scores)  # in place: (Q, G) can be large
             metrics = rank_scores(
-                -rerank_distances(queries, items, rerank),
+                scores,
                 q_pids,
                 q_cams_seen,
                 g_pids_mode,

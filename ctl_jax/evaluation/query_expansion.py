@@ -23,8 +23,7 @@ import dataclasses
 import numpy as np
 
 from ctl_jax.errors import OptionError
-from ctl_jax.evaluation.neighbours import nearest_neighbours
-from ctl_jax.evaluation.ranking import l2_normalize
+from ctl_jax.evaluation.neighbours import nearest_neighbours, normalized_rows
 
 _GATHER_BYTES = 64 * 1024 * 1024  # gathered neighbour rows per step
 
@@ -79,7 +78,7 @@ def expand_queries(
     k = min(int(params.k), num)
     alpha = np.float32(params.alpha)
     for _ in range(int(params.times)):
-        nn = nearest_neighbours(l2_normalize(features), k)
+        nn = nearest_neighbours(normalized_rows(features), k)
         weights = np.maximum(nn.similarity, np.float32(0)) ** alpha  # (N, k); 0^0 = 1
         expanded = np.empty_like(features)
         step = max(1, _GATHER_BYTES // (4 * k * max(dim, 1)))

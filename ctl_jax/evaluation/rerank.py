@@ -36,11 +36,12 @@ import dataclasses
 import numpy as np
 
 from ctl_jax.errors import OptionError
-from ctl_jax.evaluation.neighbours import nearest_neighbours
-from ctl_jax.evaluation.ranking import l2_normalize
+from ctl_jax.evaluation.neighbours import nearest_neighbours, normalized_rows
 
 # Rows handled at once in the vectorised steps; bounds the (rows x k1^2) temporaries.
 _ROWS = 1024
+# Elements of the (rows x N) position map of `_reciprocal_weights` (int32: 32 MB).
+_MAP_ELEMENTS = 8 * 1024 * 1024
 # Elements of a dense (query chunk x gallery) block of the final distance.
 _BLOCK_ELEMENTS = 4 * 1024 * 1024
 # (query entry, gallery entry) pairs of the Jaccard join handled at once (~200 MB of
@@ -91,12 +92,10 @@ def rerank_distances(
     Returns:
       (Q, G) float32 distances, the reference `re_ranking` output for d = 2 - 2 cos.
     """
-    q = l2_normalize(query_emb)
-    g = l2_normalize(gallery_emb)
-    num_q, num_g = len(q), len(g)
+    num_q, num_g = len(query_emb), len(gallery_emb)
     if num_q == 0 or num_g == 0:
         return np.zeros((num_q, num_g), np.float32)
-    items = np.concatenate([q, g])
+    items = normalized_rows(query_emb, gallery_emb)  # (N, D): queries, then gallery items
     num = len(items)
     k = min(params.k1 + 1, num)
     k_half = min(int(np.around(params.k1 / 2.0)) + 1, num)
@@ -156,14 +155,22 @@ def _reciprocal_weights(items, nn, k, k_half, row_max) -> _Sparse:
     recip = _reciprocal_mask(index, k)
     recip_half = _reciprocal_mask(index, k_half)
     nbr_half = index[:, :k_half]
+    # Per chunk of rows, a dense map of each row's own neighbour list: column -> position
+    # + 1 (0: not a neighbour). Membership tests and similarity look-ups become gathers.
+    chunk = int(max(1, min(_ROWS, _MAP_ELEMENTS // num)))
+    position = np.zeros((chunk, num), np.int32)
     row_parts, col_parts, sim_parts = [], [], []
-    for s in range(0, num, _ROWS):
-        rows = np.arange(s, min(s + _ROWS, num))
-        own, own_mask = index[rows, :k], recip[rows]  # R(i, k1): (n, k)
+    for s in range(0, num, chunk):
+        rows = np.arange(s, min(s + chunk, num))
+        local = np.arange(len(rows))[:, None]
+        own, own_mask = index[rows, :k], recip[rows]  # N(i, k1 + 1) and R(i, k1) in it
+        position[local, own] = np.arange(1, k + 1)
         cand = nbr_half[own]  # each neighbour's half-size list: (n, k, k_half)
         cand_mask = recip_half[own]  # ... its k1/2-reciprocal members
         # |R(c, k1/2) & R(i, k1)| for each candidate c = own[i, a].
-        in_own = ((cand[..., None] == own[:, None, None, :]) & own_mask[:, None, None, :]).any(-1)
+        at = position[local[:, :, None], cand]  # (n, k, k_half) position + 1 in N(i, k1 + 1)
+        in_own = np.take_along_axis(own_mask, np.maximum(at - 1, 0).reshape(len(rows), -1), 1)
+        in_own = in_own.reshape(at.shape) & (at > 0)
         shared = (in_own & cand_mask).sum(-1)
         size = cand_mask.sum(-1)
         # `> 2/3 |R(c, k1/2)|` in integers (the reference's float test agrees for these sizes).
@@ -180,12 +187,12 @@ def _reciprocal_weights(items, nn, k, k_half, row_max) -> _Sparse:
         first[:, 1:] = members[:, 1:] != members[:, :-1]
         keep = first & (members >= 0)
         # Most members are among the row's own neighbours, whose similarity is known.
-        match = members[:, :, None] == own[:, None, :]
-        found = match.any(-1)
-        known = np.take_along_axis(nn.similarity[rows, :k], match.argmax(-1), axis=1)
+        at = position[local, np.maximum(members, 0)]
+        known = np.take_along_axis(nn.similarity[rows, :k], np.maximum(at - 1, 0), axis=1)
         row_parts.append(np.broadcast_to(rows[:, None], members.shape)[keep])
         col_parts.append(members[keep])
-        sim_parts.append(np.where(found, known, np.nan)[keep])
+        sim_parts.append(np.where(at > 0, known, np.nan)[keep])
+        position[local, own] = 0
     rows, cols = np.concatenate(row_parts), np.concatenate(col_parts)
     similarity = np.concatenate(sim_parts)
     missing = np.isnan(similarity)
@@ -270,9 +277,18 @@ def _final_distance(similarity, v: _Sparse, row_max, lam) -> np.ndarray:
         pair_min = np.minimum(np.repeat(q_vals, seg), col_vals[pos])
         flat = np.repeat(q_rows, seg) * num_g + col_rows[pos]
         overlap = np.bincount(flat, weights=pair_min, minlength=(e - s) * num_g)
-        overlap = overlap.reshape(e - s, num_g).astype(np.float32)
-        jaccard = np.float32(1) - overlap / (np.float32(2) - overlap)
-        original = _squared(out[s:e]) / row_max[s:e, None]
-        out[s:e] = jaccard * np.float32(1 - lam) + original * np.float32(lam)
+        # Dense part, in place over the similarities: lambda o + (1 - lambda), i.e. the
+        # final distance of pairs without shared neighbours (Jaccard distance 1).
+        block = out[s:e]
+        block *= np.float32(-2)
+        block += np.float32(2)
+        np.maximum(block, np.float32(0), out=block)
+        block *= block
+        block *= (np.float32(lam) / row_max[s:e])[:, None]
+        block += np.float32(1 - lam)
+        # Pairs with shared neighbours: the Jaccard distance 1 - m / (2 - m) replaces 1.
+        shared = np.flatnonzero(overlap)
+        m = overlap[shared].astype(np.float32)
+        block.reshape(-1)[shared] -= np.float32(1 - lam) * (m / (np.float32(2) - m))
         s = e
     return out
