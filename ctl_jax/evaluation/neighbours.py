@@ -151,7 +151,8 @@ class _TopK:
             self._merge(row0, flat // m, flat % m + col0, sim.reshape(-1)[flat])
 
     def _merge(self, row0, r, c, v):
-        """Merges candidates (local row r ascending, column c, similarity v) into their rows."""
+        """Merges candidates (local row r, column c ascending within a row, similarity v)
+        into their rows."""
         k = self.k
         touched = np.unique(r)
         all_r = np.concatenate([np.repeat(touched, k), r])
