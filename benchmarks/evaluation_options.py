@@ -19,12 +19,11 @@ import statistics
 import time
 
 import jax
-from ctl_jax.training.evaluator import Evaluator
-from ctl_jax.training.restore import restore_model
 
-from ctl_jax import cli, evaluation
+from ctl_jax import cli, evaluation, parallel
+from ctl_jax.checkpoints import restore_model
 from ctl_jax.data.source import load_dataset
-from ctl_jax.training import sharding
+from ctl_jax.evaluator import Evaluator
 
 OPTIONS = {
     "plain": {},
@@ -62,7 +61,7 @@ def main():
     restored = restore_model(args.workdir)
     config = restored.config
     dataset, readers = load_dataset(config.data)
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     q, g = dataset.query, dataset.gallery
     modes = tuple(config.eval.modes)
     report = {
@@ -78,7 +77,7 @@ def main():
     }
     for flip in (False, True):
         evaluator = Evaluator(restored.model, dataset, readers, config, mesh, flip=flip)
-        variables = sharding.replicate(restored.variables, mesh)
+        variables = parallel.replicate(restored.variables, mesh)
         embed = functools.partial(evaluator.embeddings, variables)
         (query, gallery), first, warm = timed(embed, 1)
         name = "flip" if flip else "plain"
