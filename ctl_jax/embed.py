@@ -52,20 +52,20 @@ def main(argv):
     if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:
         cli.fail(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
 
-    from ctl_jax.checkpoints import restore_model
+    from ctl_jax.embedder import Embedder
     from ctl_jax.retrieval.images import embed_images, list_images
 
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
     start = time.time()
-    restored = restore_model(directory, step=_STEP.value)
-    embeddings, report = embed_images(
-        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value, flip=_FLIP.value
+    embedder = Embedder.load(
+        directory, step=_STEP.value, batch_size=_BATCH_SIZE.value, flip=_FLIP.value
     )
+    embeddings, report = embed_images(embedder, _IMAGES.value, progress=_PROGRESS.value)
     embeddings.save(output, overwrite=_OVERWRITE.value)
     known = int((embeddings.pids >= 0).sum())
     print(
         f"{report.summary()}{' (flip test)' if _FLIP.value else ''} with {directory} "
-        f"(step {restored.step}) in "
+        f"(step {embedder.step}) in "
         f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings, {known:,} with a "
         f"Market-style identity, written to {output}"
     )

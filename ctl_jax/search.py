@@ -178,17 +178,17 @@ def _queries():
 
     if _QUERY.value:
         return Embeddings.load(_QUERY.value), f"{_QUERY.value}"
-    from ctl_jax.checkpoints import restore_model
+    from ctl_jax.embedder import Embedder
     from ctl_jax.retrieval.images import embed_images, list_images, model_directory
 
     directory = model_directory(_WORKDIR.value, _CHECKPOINT.value)
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
-    restored = restore_model(directory, step=_STEP.value)
-    queries, report = embed_images(
-        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value, flip=_FLIP.value
+    embedder = Embedder.load(
+        directory, step=_STEP.value, batch_size=_BATCH_SIZE.value, flip=_FLIP.value
     )
+    queries, report = embed_images(embedder, _IMAGES.value, progress=_PROGRESS.value)
     flipped = " (flip test)" if _FLIP.value else ""
-    print(f"queries: {report.summary()}{flipped} with {directory} (step {restored.step})")
+    print(f"queries: {report.summary()}{flipped} with {directory} (step {embedder.step})")
     return queries, f"{_IMAGES.value}"
 
 

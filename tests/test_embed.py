@@ -16,6 +16,7 @@ from ctl_jax import configs
 from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore, restore_model
 from ctl_jax.data import transforms
+from ctl_jax.embedder import Embedder
 from ctl_jax.models.reid import init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.images import embed_images, list_images, model_directory
@@ -121,7 +122,9 @@ def test_embed_folder_matches_model_applied_directly(checkpoint, image_folder):
     root, images = image_folder
     restored = restore_model(directory)
     assert restored.num_classes == NUM_CLASSES and restored.step == 0
-    embeddings, report = embed_images(restored, root, batch_size=3, progress=False)
+    embedder = Embedder.load(directory, batch_size=3)
+    assert embedder.step == 0 and embedder.input_size == (H, W) and embedder.dim == 512
+    embeddings, report = embed_images(embedder, root, progress=False)
 
     assert embeddings.paths.tolist() == images  # the broken image is left out
     assert report.num_embedded == 5 and report.listing.num_skipped == 2
@@ -136,16 +139,16 @@ def test_embed_folder_matches_model_applied_directly(checkpoint, image_folder):
     cosine = normalized(want) @ normalized(want).T
     assert (cosine[~np.eye(5, dtype=bool)] < 0.9).all()
     # A single image gives the same embedding as inside the folder.
-    single, _ = embed_images(restored, images[2], progress=False)
+    single, _ = embed_images(Embedder.load(directory), images[2], progress=False)
     np.testing.assert_allclose(single.embeddings[0], want[2], rtol=1e-4, atol=1e-4)
 
 
 def test_flip_test_averages_each_image_with_its_mirror(checkpoint, image_folder):
     directory, model, state = checkpoint
     _, images = image_folder
-    restored = restore_model(directory)
     folder = pathlib.Path(images[0]).parent
-    flipped, _ = embed_images(restored, folder, batch_size=3, progress=False, flip=True)
+    embedder = Embedder.load(directory, batch_size=3, flip=True)
+    flipped, _ = embed_images(embedder, folder, progress=False)
     paths = flipped.paths.tolist()
     mirrored = preprocessed(paths)[:, :, ::-1, :]
     direct = model.apply(state, preprocessed(paths), train=False)["bn_features"]
@@ -172,10 +175,10 @@ def test_training_time_evaluation_reads_eval_flip(checkpoint):
 
 
 def test_nothing_readable_is_an_error(checkpoint, tmp_path):
-    restored = restore_model(checkpoint[0])
+    embedder = Embedder.load(checkpoint[0])
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"none of the 1 image\(s\) under .* could be decoded"):
-        embed_images(restored, tmp_path, progress=False)
+        embed_images(embedder, tmp_path, progress=False)
 
 
 def run_cli(module, *args):

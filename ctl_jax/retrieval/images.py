@@ -1,10 +1,10 @@
 """Embedding loose image files (one image or a folder tree) with a restored model.
 
 Shared by `python -m ctl_jax.embed` and `python -m ctl_jax.search --images`. Images go
-through the embedding loop evaluation uses (`ctl_jax.inference.embed_split`: the evaluation
-pipeline's decode, bilinear resize to the model's input size and ImageNet normalisation, in
-batches sharded over the devices, through the jitted forward pass), with unreadable images
-skipped and reported instead of failing the run.
+through an `ctl_jax.embedder.Embedder` (`Embedder.embed_files`: the evaluation pipeline's
+decode, bilinear resize to the model's input size and ImageNet normalisation, in batches
+sharded over the devices, through the jitted forward pass), with unreadable images skipped
+and reported instead of failing the run.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from ctl_jax.data.image_io import FileImageReader, UnreadableImageWarning
+from ctl_jax.data.image_io import UnreadableImageWarning
 from ctl_jax.data.records import Split
 from ctl_jax.errors import FileContentError, MissingFileError, OptionError
 from ctl_jax.retrieval.embedding_file import Embeddings, parse_market_name
@@ -102,55 +102,6 @@ def image_split(paths) -> Split:
     return Split.from_lists(list(paths), parsed[:, 0], parsed[:, 1])
 
 
-def embed_files(
-    model,
-    variables,
-    paths,
-    height: int,
-    width: int,
-    batch_size: int,
-    mesh=None,
-    progress: bool = True,
-    flip: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """BNNeck embeddings of image files with the test-time preprocessing.
-
-    Args:
-      model: a `ReidModel` (`model.apply(variables, images, train=False)`).
-      variables: {"params", "batch_stats"}.
-      paths: (N,) image file paths.
-      height, width: the model's input size.
-      batch_size: images per step (rounded up to a multiple of the device count).
-      mesh: device mesh (default: all devices).
-      progress: show a progress bar.
-      flip: flip test (mean of the embeddings of each image and its mirror).
-
-    Returns:
-      embeddings (N, D) float32, not normalised (rows of unreadable images are zero), and
-      valid (N,) bool, False for images that could not be read or decoded.
-    """
-    # Imported here: the commands check their flags and paths (`model_directory`,
-    # `list_images`) before paying for jax.
-    from ctl_jax import parallel
-    from ctl_jax.inference import embed_split, make_embed_fn
-
-    mesh = mesh if mesh is not None else parallel.make_mesh()
-    split = image_split(paths)
-    return embed_split(
-        make_embed_fn(model, mesh, flip=flip),
-        variables,
-        split,
-        FileImageReader(split.paths),
-        height,
-        width,
-        batch_size,
-        mesh,
-        skip_unreadable=True,
-        progress=progress,
-        leave=True,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class EmbedReport:
     """Counts of an `embed_images` run, for the command's summary line."""
@@ -170,14 +121,10 @@ class EmbedReport:
 
 
 def embed_images(
-    restored,
-    images: str | os.PathLike,
-    batch_size: int | None = None,
-    progress: bool = True,
-    flip: bool = False,
+    embedder, images: str | os.PathLike, progress: bool = True
 ) -> tuple[Embeddings, EmbedReport]:
-    """Embeds one image or a folder tree with a restored model (`restore_model`); `flip`
-    averages each image's embedding with its mirror's.
+    """Embeds one image or a folder tree with an `ctl_jax.embedder.Embedder` (its batch
+    size and flip test apply).
 
     Non-image files are skipped and counted; so are images that cannot be decoded.
 
@@ -188,20 +135,10 @@ def embed_images(
       FileNotFoundError / ValueError: missing path, no images, or none readable.
     """
     listing = list_images(images)
-    data_cfg = restored.config.data
     with warnings.catch_warnings():
         # Each unreadable image is reported once in the summary instead.
         warnings.simplefilter("ignore", UnreadableImageWarning)
-        embeddings, valid = embed_files(
-            restored.model,
-            restored.variables,
-            listing.paths,
-            int(data_cfg.height),
-            int(data_cfg.width),
-            int(batch_size or data_cfg.eval_batch_size),
-            progress=progress,
-            flip=flip,
-        )
+        embeddings, valid = embedder.embed_files(listing.paths, progress=progress)
     paths = np.asarray(listing.paths)
     unreadable = paths[~valid].tolist()
     if not valid.any():
