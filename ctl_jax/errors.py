@@ -89,6 +89,11 @@ class FaissUnavailableError(UserError, ImportError, ValueError):
     """faiss is not installed (an optional extra); the message says how to install it."""
 
 
+class OptionalDependencyError(UserError, ImportError):
+    """An optional package (an extra of setup.cfg, such as onnxruntime) is not installed; the
+    message says how to install it."""
+
+
 def debug_requested(flag: bool = False) -> bool:
     """True when `--debug` was given (`flag`) or `CTL_JAX_DEBUG` is set to a true value."""
     value = os.environ.get(DEBUG_ENV, "").strip().lower()

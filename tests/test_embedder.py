@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_model import cosine_rows, direct_embeddings, random_images, save_random_model
+from tiny_model import direct_embeddings, random_images, save_random_model
 
 import ctl_jax
 from ctl_jax.data import transforms
+from ctl_jax.deploy.verify import cosine_rows
 from ctl_jax.errors import CheckpointError, InvalidValueError, UnreadableImageError
 
 H, W = 32, 16

@@ -57,10 +57,3 @@ def direct_embeddings(model, state, images):
     """BNNeck outputs of the model applied directly to uint8 images at its input size."""
     out = model.apply(state, transforms.normalize(images), train=False)["bn_features"]
     return np.asarray(out)
-
-
-def cosine_rows(a, b):
-    """(N,) cosine similarity of each row of `a` with the same row of `b`."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return np.sum(a * b, axis=1)

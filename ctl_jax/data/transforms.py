@@ -25,9 +25,10 @@ from ctl_jax.errors import ConfigError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# normalise(x) = (x / 255 - mean) / std = x * _SCALE - _SHIFT, fused into one multiply-add.
-_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD))).astype(np.float32)
-_SHIFT = (np.asarray(IMAGENET_MEAN) / np.asarray(IMAGENET_STD)).astype(np.float32)
+# normalise(x) = (x / 255 - mean) / std = x * NORMALIZE_SCALE - NORMALIZE_SHIFT: one
+# multiply-add (also what the exported models compute, ctl_jax.deploy).
+NORMALIZE_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD))).astype(np.float32)
+NORMALIZE_SHIFT = (np.asarray(IMAGENET_MEAN) / np.asarray(IMAGENET_STD)).astype(np.float32)
 
 ERASING_FILLS = ("original", "zero")
 
@@ -92,7 +93,7 @@ def pad_and_random_crop(image: np.ndarray, rng: np.random.Generator, pad: int = 
 
 def normalize(image: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 ``(x / 255 - mean) / std`` with ImageNet mean and std."""
-    return image.astype(np.float32) * _SCALE - _SHIFT
+    return image.astype(np.float32) * NORMALIZE_SCALE - NORMALIZE_SHIFT
 
 
 def random_erasing(
