@@ -87,6 +87,7 @@ class Index:
         kind: str = "centroid",
         method: str = "exact",
         progress: bool = False,
+        source: str | None = None,
         **faiss_options,
     ) -> Index:
         """An index over the images of `embeddings` (an `Embeddings` or an embeddings .npz).
@@ -95,6 +96,7 @@ class Index:
           kind: "centroid" (one item per identity) or "instance" (one per image).
           method: "exact", or a faiss method: flat, ivf_flat, ivf_pq, hnsw (the faiss extra).
           progress: progress bar while adding vectors to a faiss index.
+          source: the gallery's name recorded in the index (default: the file's path).
           faiss_options: nlist, nprobe, pq_m, pq_bits, hnsw_m, ef_construction, ef_search
             (see `approximate.default_params`; 0 or missing = automatic).
 
@@ -113,7 +115,8 @@ class Index:
         unknown = sorted(set(faiss_options) - known)
         if unknown:
             raise InvalidValueError(f"unknown faiss options {unknown}")
-        embeddings, source = _as_embeddings(embeddings)
+        embeddings, path = _as_embeddings(embeddings)
+        source = path if source is None else source
         embeddings = dataclasses.replace(embeddings, pids=pids_for_labels(embeddings.labels))
         sums = None
         if kind == "centroid":
