@@ -4,8 +4,12 @@
 `--images` is one image or a folder, searched recursively for .jpg/.jpeg/.png files (other
 files are skipped and counted). Each image gets the model's test-time preprocessing (resize
 to the training input size, ImageNet normalisation) and the BNNeck embedding is written,
-not normalised, to an embeddings .npz (docs/formats.md); pid and camera are parsed from
-Market-style names (`0002_c1s1_...jpg`), -1 otherwise.
+not normalised, to an embeddings .npz (docs/formats.md). `--identity` says which identity
+each image shows (`labels` and `pids` in the file): `market` (Market-style names
+`0002_c1s1_...jpg`), `folder` (`DIR/<identity>/x.jpg`) or `csv:FILE` (rows
+`path,identity[,camera]`); by default Market names when every file follows them, else the
+folder (`ctl_jax.retrieval.identities`). The camera comes from Market-style names (or the
+CSV), -1 otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from absl import flags
 
 from ctl_jax import cli
+from ctl_jax.retrieval.identities import FLAG_HELP
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training work directory holding checkpoints/.")
 _CHECKPOINT = flags.DEFINE_string(
@@ -29,6 +34,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_IDENTITY = flags.DEFINE_string("identity", None, FLAG_HELP)
 _FLIP = flags.DEFINE_bool(
     "flip", False, "Flip test: average each image's embedding with its mirror's (2x time)."
 )
@@ -53,21 +59,24 @@ def main(argv):
         cli.fail(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
 
     from ctl_jax.embedder import Embedder
+    from ctl_jax.retrieval.identities import IdentitySource, assign_identities
     from ctl_jax.retrieval.images import embed_images, list_images
 
-    list_images(_IMAGES.value)  # fail on a bad --images before loading the model
+    # A bad --images or --identity fails before the model is loaded.
+    identity = IdentitySource.parse(_IDENTITY.value)
+    assign_identities(list_images(_IMAGES.value).paths, _IMAGES.value, identity)
     start = time.time()
     embedder = Embedder.load(
         directory, step=_STEP.value, batch_size=_BATCH_SIZE.value, flip=_FLIP.value
     )
-    embeddings, report = embed_images(embedder, _IMAGES.value, progress=_PROGRESS.value)
+    embeddings, report = embed_images(
+        embedder, _IMAGES.value, progress=_PROGRESS.value, identity=identity
+    )
     embeddings.save(output, overwrite=_OVERWRITE.value)
-    known = int((embeddings.pids >= 0).sum())
     print(
         f"{report.summary()}{' (flip test)' if _FLIP.value else ''} with {directory} "
         f"(step {embedder.step}) in "
-        f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings, {known:,} with a "
-        f"Market-style identity, written to {output}"
+        f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings written to {output}"
     )
 
 

@@ -1,7 +1,14 @@
 """Search a gallery: `python -m ctl_jax.search (--gallery=G.npz [--centroids] | --index=I.npz)
-(--query=Q.npz | --images=PATH (--workdir=DIR | --checkpoint=DIR)) [--top_k=10]
---output=FILE.json [--visualize=DIR] [--save_index=I.npz] [--method=exact|flat|ivf_flat|
-ivf_pq|hnsw] [--overwrite]`.
+[--add=NEW.npz] [--remove=label1,label2] (--query=Q.npz | --images=PATH (--workdir=DIR |
+--checkpoint=DIR)) [--query_centroids] [--top_k=10] --output=FILE.json [--visualize=DIR]
+[--save_index=I.npz] [--method=exact|flat|ivf_flat|ivf_pq|hnsw] [--overwrite]`.
+
+The index is a `ctl_jax.Index` (`ctl_jax.retrieval.updatable_index`), the one the Python API
+gives: `--add` adds the images of embeddings files to it, `--remove` drops identities by
+label, and `--save_index` writes the result (`--index=I.npz --add=NEW.npz
+--save_index=I2.npz` updates an index; a centroid index updated so equals the one rebuilt
+from all images). `--query_centroids` searches once per query identity with the centroid
+of its images (a tracklet, several photos of one product).
 
 The gallery holds the images of an embeddings file, or with --centroids one centroid per
 identity (mean of its un-normalised embeddings, then normalised; docs/method.md, 'Evaluation
@@ -27,6 +34,7 @@ import time
 from absl import flags
 
 from ctl_jax import cli
+from ctl_jax.retrieval.identities import FLAG_HELP
 
 _GALLERY = flags.DEFINE_string("gallery", None, "Gallery embeddings .npz to build the index from.")
 _INDEX = flags.DEFINE_string("index", None, "Index file saved earlier with --save_index.")
@@ -41,6 +49,15 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per batch with --images.")
 _FLIP = flags.DEFINE_bool(
     "flip", False, "With --images: average each query's embedding with its mirror's."
+)
+_IDENTITY = flags.DEFINE_string("identity", None, "With --images: " + FLAG_HELP)
+_ADD = flags.DEFINE_list("add", [], "Embeddings .npz file(s) whose images are added to the index.")
+_REMOVE = flags.DEFINE_list("remove", [], "Identity labels to remove from the index.")
+_QUERY_CENTROIDS = flags.DEFINE_bool(
+    "query_centroids",
+    False,
+    "Group the queries by identity label and search once per group with the centroid of its "
+    "embeddings (queries of unknown identity stay single).",
 )
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Matches per query.")
 _OUTPUT = flags.DEFINE_string("output", None, "Search results .json to write.")
@@ -95,7 +112,10 @@ def _check_flags() -> None:
         cli.fail("give either --query=Q.npz or --images=PATH, not both")
     has_queries = bool(_QUERY.value or _IMAGES.value)
     if not has_queries and not _SAVE_INDEX.value:
-        cli.fail("give queries (--query=Q.npz or --images=PATH), or --save_index to only build")
+        cli.fail(
+            "give queries (--query=Q.npz or --images=PATH), or --save_index to only build or "
+            "update an index"
+        )
     if has_queries and not (_OUTPUT.value or _VISUALIZE.value):
         cli.fail("give --output=FILE.json (and/or --visualize=DIR) for the results")
     if not has_queries and (_OUTPUT.value or _VISUALIZE.value):
@@ -108,8 +128,16 @@ def _check_flags() -> None:
         cli.fail("--flip applies when embedding --images (embed the .npz files with --flip)")
     if _TOP_K.value < 1:
         cli.fail(f"--top_k must be >= 1, got {_TOP_K.value}")
-    if _INDEX.value and _SAVE_INDEX.value:
-        cli.fail("--save_index builds from --gallery; the --index file is already saved")
+    changes = bool(_ADD.value or _REMOVE.value)
+    if _INDEX.value and _SAVE_INDEX.value and not changes:
+        cli.fail(
+            "--save_index with --index needs a change (--add=NEW.npz or --remove=LABELS); "
+            "the --index file is already saved"
+        )
+    if _IDENTITY.value and not _IMAGES.value:
+        cli.fail("--identity applies when embedding --images (embed the .npz files with it)")
+    if _CHECK_RECALL.value and changes:
+        cli.fail("--check_recall compares a freshly built index; drop --add/--remove")
     if _INDEX.value and _METHOD.present:
         cli.fail("--method applies when building from --gallery; an --index keeps its method")
     if _CHECK_RECALL.value and (_METHOD.value == "exact" or _INDEX.value):
@@ -135,40 +163,44 @@ def _check_flags() -> None:
 
 
 def _load_or_build_index():
-    """(index, exact index for --check_recall or None, description line)."""
-    from ctl_jax.retrieval import index as index_lib
+    """(index, exact index for --check_recall or None, description line), with --add and
+    --remove applied."""
+    from ctl_jax import Index
     from ctl_jax.retrieval.embedding_file import Embeddings
-    from ctl_jax.retrieval.gallery import gallery_vectors
 
     if _INDEX.value:
-        index = index_lib.load_index(_INDEX.value, search_params=_faiss_params())
-        kind = index.items.kind
+        index = Index.load(_INDEX.value, **_faiss_params())
+        kind = index.kind
         if _CENTROIDS.present and _CENTROIDS.value != (kind == "centroid"):
             cli.fail(
                 f"--index={_INDEX.value} holds {kind} items; "
                 f"{'omit --centroids' if kind == 'instance' else 'it was built with --centroids'}"
             )
-        return index, None, f"{index.items.describe()} from index {_INDEX.value} ({index.method})"
-
-    embeddings = Embeddings.load(_GALLERY.value)
-    items, vectors, dropped = gallery_vectors(
-        embeddings, _CENTROIDS.value, source=str(_GALLERY.value)
-    )
-    note = f" ({dropped:,} image(s) of unknown identity left out)" if dropped else ""
-    if _CENTROIDS.value:
-        note = f" of {int(items.counts.sum()):,} images" + note
-    exact = None
-    if _METHOD.value == "exact":
-        index = index_lib.ExactIndex(items, vectors)
+        described = f"{index.items.describe()} from index {_INDEX.value} ({index.method})"
+        exact = None
     else:
-        from ctl_jax.retrieval import approximate
-
-        index = approximate.build(
-            items, vectors, _METHOD.value, progress=_PROGRESS.value, **_faiss_params()
+        embeddings = Embeddings.load(_GALLERY.value)
+        kind = "centroid" if _CENTROIDS.value else "instance"
+        options = _faiss_params() if _METHOD.value != "exact" else {}
+        source = str(_GALLERY.value)
+        index = Index.build(
+            embeddings, kind, _METHOD.value, progress=_PROGRESS.value, source=source, **options
         )
-        if _CHECK_RECALL.value:
-            exact = index_lib.ExactIndex(items, vectors)
-    described = f"{items.describe()}{note} from {_GALLERY.value} ({index.method})"
+        exact = Index.build(embeddings, kind, source=source) if _CHECK_RECALL.value else None
+        dropped = int((embeddings.labels == "").sum()) if kind == "centroid" else 0
+        note = f" ({dropped:,} image(s) of unknown identity left out)" if dropped else ""
+        if kind == "centroid":
+            note = f" of {int(index.items.counts.sum()):,} images" + note
+        described = f"{index.items.describe()}{note} from {_GALLERY.value} ({index.method})"
+    for path in _ADD.value:
+        before = len(index)
+        added = Embeddings.load(path)
+        index.add(added)
+        described += f"; added {len(added):,} image(s) from {path} ({len(index) - before:+,} items)"
+    if _REMOVE.value:
+        before = len(index)
+        index.remove(_REMOVE.value)
+        described += f"; removed {len(_REMOVE.value)} identities ({len(index) - before:+,} items)"
     return index, exact, described
 
 
@@ -182,11 +214,17 @@ def _queries():
     from ctl_jax.retrieval.images import embed_images, list_images, model_directory
 
     directory = model_directory(_WORKDIR.value, _CHECKPOINT.value)
-    list_images(_IMAGES.value)  # fail on a bad --images before loading the model
+    from ctl_jax.retrieval.identities import IdentitySource, assign_identities
+
+    # A bad --images or --identity fails before the model is loaded.
+    identity = IdentitySource.parse(_IDENTITY.value)
+    assign_identities(list_images(_IMAGES.value).paths, _IMAGES.value, identity)
     embedder = Embedder.load(
         directory, step=_STEP.value, batch_size=_BATCH_SIZE.value, flip=_FLIP.value
     )
-    queries, report = embed_images(embedder, _IMAGES.value, progress=_PROGRESS.value)
+    queries, report = embed_images(
+        embedder, _IMAGES.value, progress=_PROGRESS.value, identity=identity
+    )
     flipped = " (flip test)" if _FLIP.value else ""
     print(f"queries: {report.summary()}{flipped} with {directory} (step {embedder.step})")
     return queries, f"{_IMAGES.value}"
@@ -214,7 +252,6 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     _check_flags()
-    from ctl_jax.retrieval import index as index_lib
     from ctl_jax.retrieval import results
     from ctl_jax.retrieval.gallery import check_queries
 
@@ -224,19 +261,26 @@ def main(argv):
     # Before any embedding or search: a bad --calibration fails fast.
     min_score, min_score_meta = _min_score(index.items.kind)
     if _SAVE_INDEX.value:
-        index_lib.save_index(index, _SAVE_INDEX.value, overwrite=_OVERWRITE.value)
+        index.save(_SAVE_INDEX.value, overwrite=_OVERWRITE.value)
         print(f"index written to {_SAVE_INDEX.value}")
     if not (_QUERY.value or _IMAGES.value):
         return
 
     queries, query_source = _queries()
+    members = None
+    if _QUERY_CENTROIDS.value:
+        from ctl_jax.retrieval.query_groups import query_centroids
+
+        num_images = len(queries)
+        queries, members = query_centroids(queries)
+        print(f"queries: {num_images:,} image(s) grouped by identity into {len(queries):,}")
     top_k = _TOP_K.value
     # Checked here too (search checks again) so the message names the query file.
     check_queries(
         queries.embeddings, index.dim, top_k, len(index), f"query embeddings ({query_source})"
     )
     search_start = time.time()
-    scores, indices = index.search(queries.embeddings, top_k, progress=_PROGRESS.value)
+    scores, indices = index.search_rows(queries.embeddings, top_k, progress=_PROGRESS.value)
     seconds = time.time() - search_start
     meta = {
         "gallery": index.items.source or None,
@@ -246,6 +290,9 @@ def main(argv):
         "method": index.method,
         "num_gallery": len(index),
         "num_queries": len(queries),
+        "query_centroids": bool(_QUERY_CENTROIDS.value),
+        "added": list(_ADD.value) or None,
+        "removed": list(_REMOVE.value) or None,
         "top_k": top_k,
         "search_seconds": round(seconds, 4),
     }
@@ -258,7 +305,7 @@ def main(argv):
     if exact is not None:
         from ctl_jax.retrieval.approximate import recall_at_k
 
-        _, exact_indices = exact.search(queries.embeddings, top_k)
+        _, exact_indices = exact.search_rows(queries.embeddings, top_k)
         meta[f"recall_at_{top_k}"] = round(recall_at_k(indices, exact_indices), 6)
         lines.append(
             f"recall@{top_k} of {index.method} against exact search: "
@@ -274,16 +321,25 @@ def main(argv):
             f"{int(known.sum()):,} of {len(known):,} queries known (a match scoring >= "
             f"{min_score:.4f}), {int((~known).sum()):,} unknown"
         )
-    labelled = (queries.pids >= 0) & (indices[:, 0] >= 0)
+    # Identities compared by label: files with named identities number them independently.
+    labelled = (queries.labels != "") & (indices[:, 0] >= 0)
     if labelled.any():
-        top1 = index.items.pids[indices[labelled, 0]] == queries.pids[labelled]
+        top1 = index.labels[indices[labelled, 0]] == queries.labels[labelled]
         lines.append(
             f"top-1 match has the query's identity for {int(top1.sum()):,} of "
             f"{int(labelled.sum()):,} queries with known identity (no camera filtering)"
         )
     if _OUTPUT.value:
         document = results.results_document(
-            queries.paths, queries.pids, scores, indices, index.items, meta, known=known
+            queries.paths,
+            queries.pids,
+            scores,
+            indices,
+            index.items,
+            meta,
+            known=known,
+            query_labels=queries.labels,
+            query_members=members,
         )
         results.write_json(_OUTPUT.value, document, overwrite=_OVERWRITE.value)
         lines.append(f"results written to {_OUTPUT.value}")
@@ -299,6 +355,7 @@ def main(argv):
             index.items,
             overwrite=_OVERWRITE.value,
             progress=_PROGRESS.value,
+            query_labels=queries.labels,
         )
         lines.append(f"{len(files):,} result picture(s) written to {_VISUALIZE.value}")
     lines.append(f"total {time.time() - start:.1f} s")

@@ -276,13 +276,20 @@ def test_results_document_follows_the_interface():
         ["q.jpg"], np.asarray([7]), np.asarray([[0.9, 0.1]]), np.asarray([[1, -1]]), items, {}
     )
     assert doc["queries"] == [
-        {"path": "q.jpg", "pid": 7, "matches": [{"pid": 7, "path": None, "score": 0.9}]}
+        {
+            "path": "q.jpg",
+            "label": "7",
+            "pid": 7,
+            "matches": [{"label": "7", "pid": 7, "path": None, "score": 0.9}],
+        }
     ]
-    items = GalleryItems("instance", [4, 7], [0, 1], ["a.jpg", "b.jpg"], [1, 1])
+    items = GalleryItems("instance", [4, 7], [0, 1], ["a.jpg", "b.jpg"], [1, 1], "", ["x", "y"])
     doc = results.results_document(
         ["q.jpg"], [-1], np.asarray([[0.5, 0.25]]), np.asarray([[1, 0]]), items
     )
     assert [m["path"] for m in doc["queries"][0]["matches"]] == ["b.jpg", "a.jpg"]
+    assert [m["label"] for m in doc["queries"][0]["matches"]] == ["y", "x"]
+    assert doc["queries"][0]["label"] is None  # unknown identity
     assert "meta" not in doc
 
 

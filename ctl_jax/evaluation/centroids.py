@@ -118,6 +118,23 @@ def build_search_gallery(
     raise ValueError(f"unknown evaluation mode {mode!r}")
 
 
+def identity_sums(emb: np.ndarray, pids: np.ndarray):
+    """Per-identity sums of embeddings, as the `centroid` mode builds its centroids.
+
+    Args:
+      emb: (N, D) un-normalised embeddings.
+      pids: (N,) int identities.
+
+    Returns:
+      (pids (K,) ascending, sums (K, D) float64, counts (K,) int64, member (N,) the row of
+      each image's identity).
+    """
+    emb = np.asarray(emb, dtype=np.float32)
+    pids = np.asarray(pids, dtype=np.int64)
+    uniq, sums, counts, _ = _group_sums(emb, pids, np.zeros_like(pids))
+    return uniq, sums, counts.astype(np.int64), np.searchsorted(uniq, pids)
+
+
 def _group_sums(emb, pids, cams):
     """Sums of `emb` rows per (pid, cam) group, groups sorted by (pid, cam).
 

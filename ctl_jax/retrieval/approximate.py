@@ -27,7 +27,7 @@ import math
 import numpy as np
 from tqdm.auto import tqdm
 
-from ctl_jax.errors import FaissUnavailableError, FileContentError, OptionError
+from ctl_jax.errors import FaissUnavailableError, FileContentError, InvalidValueError, OptionError
 from ctl_jax.evaluation.ranking import l2_normalize
 from ctl_jax.retrieval.gallery import GalleryItems, check_queries
 
@@ -126,12 +126,16 @@ class FaissIndex:
       method: one of METHODS.
       index: the faiss index (inner-product metric).
       params: the build and search parameters (see `default_params`).
+      ids: (N,) int64 ascending faiss id of each row, or None when the ids are the rows
+        (they stop being the rows when an IVF index has had vectors removed, see
+        `remove_rows`).
     """
 
     items: GalleryItems
     method: str
     index: object
     params: dict
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -190,6 +194,8 @@ class FaissIndex:
             scores[rows], indices[rows] = self.index.search(queries[rows], k)
         missing = indices < 0
         scores[missing] = -np.inf
+        if self.ids is not None:  # faiss ids -> rows
+            indices = np.where(missing, -1, np.searchsorted(self.ids, np.maximum(indices, 0)))
         return scores, indices
 
 
@@ -248,6 +254,51 @@ def build(
     return FaissIndex(items, method, index, params)
 
 
+# Methods whose faiss index can drop vectors (faiss's `remove_ids`); every method can add.
+REMOVABLE_METHODS = ("flat", "ivf_flat", "ivf_pq")
+
+
+def add_rows(index: FaissIndex, items: GalleryItems, vectors: np.ndarray) -> FaissIndex:
+    """Appends normalised `vectors` (M, D) with faiss's own `add`; `items` lists the rows
+    after the addition (the old ones, then the M new ones)."""
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    if len(items) != len(index) + len(vectors):
+        raise ValueError(f"{len(items)} items for {len(index)} + {len(vectors)} vectors")
+    ids = index.ids
+    if ids is None:
+        index.index.add(vectors)  # ids continue from ntotal: they stay the rows
+    else:
+        new = np.arange(len(vectors), dtype=np.int64) + (int(ids.max()) + 1 if len(ids) else 0)
+        index.index.add_with_ids(vectors, new)
+        ids = np.concatenate([ids, new])
+    return dataclasses.replace(index, items=items, ids=ids)
+
+
+def remove_rows(index: FaissIndex, rows: np.ndarray) -> FaissIndex:
+    """Drops `rows` with faiss's own `remove_ids` (methods in REMOVABLE_METHODS).
+
+    A flat index closes the gap (the ids stay the rows); an IVF index keeps each vector's
+    id, so the surviving ids are recorded in `FaissIndex.ids`.
+
+    Raises:
+      InvalidValueError: the method cannot remove vectors (HNSW graphs cannot).
+    """
+    if index.method not in REMOVABLE_METHODS:
+        raise InvalidValueError(
+            f"a faiss {index.method} index cannot remove vectors; rebuild it, or build the "
+            f"index with a method that can: exact, {', '.join(REMOVABLE_METHODS)}"
+        )
+    rows = np.asarray(rows, np.int64)
+    keep = np.ones(len(index), bool)
+    keep[rows] = False
+    ids = np.arange(len(index), dtype=np.int64) if index.ids is None else index.ids
+    index.index.remove_ids(np.ascontiguousarray(ids[rows]))
+    new_ids = None if index.method == "flat" else ids[keep]
+    if new_ids is not None and np.array_equal(new_ids, np.arange(len(new_ids))):
+        new_ids = None
+    return dataclasses.replace(index, items=index.items.select(keep), ids=new_ids)
+
+
 def serialize(index: FaissIndex) -> np.ndarray:
     """(B,) uint8 bytes of the faiss index (for the index file)."""
     return require_faiss().serialize_index(index.index)
@@ -260,9 +311,10 @@ def deserialize(
     params: dict,
     search_params: dict | None = None,
     path=None,
+    ids: np.ndarray | None = None,
 ) -> FaissIndex:
     """Rebuilds a `FaissIndex` from `serialize` output; `search_params` override nprobe /
-    ef_search. `path` only names the file in errors."""
+    ef_search; `ids` as `FaissIndex.ids`. `path` only names the file in errors."""
     if method not in METHODS:
         raise FileContentError(f"index file {path}: unknown method {method!r}")
     faiss = require_faiss()
@@ -275,7 +327,9 @@ def deserialize(
             f"index file {path}: the faiss index holds {index.ntotal} vectors but the file "
             f"lists {len(items)} items"
         )
-    result = FaissIndex(items, method, index, dict(params))
+    if ids is not None and (len(ids) != len(items) or np.any(np.diff(ids) <= 0)):
+        raise FileContentError(f"index file {path}: faiss_ids must be {len(items)} ascending ids")
+    result = FaissIndex(items, method, index, dict(params), ids)
     result.set_search_params(**(search_params or {}))
     return result
 

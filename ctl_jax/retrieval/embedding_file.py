@@ -1,7 +1,9 @@
 """Embedding files (`.npz`, docs/formats.md, 'Embeddings .npz') and Market-style file-name parsing.
 
 Keys: `embeddings` float32 (N, D), the BNNeck output, not normalised; `pids` int64 (N,),
--1 where unknown; `camids` int64 (N,), 0-based, -1 where unknown; `paths` unicode (N,).
+-1 where unknown; `camids` int64 (N,), 0-based, -1 where unknown; `paths` unicode (N,);
+`labels` unicode (N,), the identity names ("" where unknown; `ctl_jax.retrieval.labels`).
+`labels` is optional on reading: files written before it existed get labels from their pids.
 Files are written atomically and read with allow_pickle=False.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 from ctl_jax import files
 from ctl_jax.data import readers
 from ctl_jax.errors import FileContentError, MissingFileError
+from ctl_jax.retrieval.labels import check_labels, labels_from_pids, pids_for_labels
 
 REQUIRED_KEYS = ("embeddings", "pids", "camids", "paths")
 
@@ -36,12 +39,15 @@ class Embeddings:
       pids: (N,) int64, -1 where unknown.
       camids: (N,) int64, 0-based, -1 where unknown.
       paths: (N,) unicode.
+      labels: (N,) unicode identity names, "" where unknown; one label per pid and one pid
+        per label. None (the default) derives them from the pids ("2" for pid 2).
     """
 
     embeddings: np.ndarray
     pids: np.ndarray
     camids: np.ndarray
     paths: np.ndarray
+    labels: np.ndarray | None = None
 
     def __post_init__(self):
         arrays = _validated(
@@ -50,6 +56,7 @@ class Embeddings:
                 "pids": self.pids,
                 "camids": self.camids,
                 "paths": self.paths,
+                "labels": self.labels,
             },
             source="Embeddings",
         )
@@ -72,7 +79,12 @@ class Embeddings:
         path = files.refuse_overwrite(path, overwrite)
         with files.atomic_open(path) as f:
             np.savez(
-                f, embeddings=self.embeddings, pids=self.pids, camids=self.camids, paths=self.paths
+                f,
+                embeddings=self.embeddings,
+                pids=self.pids,
+                camids=self.camids,
+                paths=self.paths,
+                labels=self.labels,
             )
         return path
 
@@ -106,6 +118,7 @@ class Embeddings:
                 )
             try:
                 arrays = {k: data[k] for k in REQUIRED_KEYS}
+                arrays["labels"] = data["labels"] if "labels" in data.files else None
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
                 raise FileContentError(f"embeddings file {path} is not a readable .npz: {e}") from e
         try:
@@ -116,7 +129,29 @@ class Embeddings:
     def select(self, index) -> Embeddings:
         """The rows `index` (a mask, indices or slice) as new Embeddings."""
         return Embeddings(
-            self.embeddings[index], self.pids[index], self.camids[index], self.paths[index]
+            self.embeddings[index],
+            self.pids[index],
+            self.camids[index],
+            self.paths[index],
+            self.labels[index],
+        )
+
+    @classmethod
+    def concatenate(cls, parts) -> Embeddings:
+        """The rows of several Embeddings one after the other. The pids are renumbered from
+        the labels (`labels.pids_for_labels`), since files with named identities number them
+        independently."""
+        parts = list(parts)
+        dims = sorted({p.dim for p in parts if len(p)})
+        if len(dims) > 1:
+            raise ValueError(f"embeddings of different dimensions cannot be joined: {dims}")
+        labels = np.concatenate([p.labels for p in parts]).astype(str)
+        return cls(
+            np.concatenate([p.embeddings for p in parts]).reshape(-1, dims[0] if dims else 0),
+            pids_for_labels(labels),
+            np.concatenate([p.camids for p in parts]),
+            np.concatenate([p.paths for p in parts]).astype(str),
+            labels,
         )
 
 
@@ -141,6 +176,12 @@ def _validated(arrays: dict, source: str) -> dict:
     if paths.size and paths.dtype.kind not in "US":
         raise ValueError(f"{source}: 'paths' must be strings, got {paths.dtype}")
     out["paths"] = paths.astype(str)
+    labels = arrays.get("labels")
+    out["labels"] = (
+        labels_from_pids(out["pids"])
+        if labels is None
+        else check_labels(labels, out["pids"], source)
+    )
     lengths = {k: len(v) for k, v in out.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"{source}: arrays differ in length: {lengths}")

@@ -74,4 +74,4 @@ def _with_holidays_groups(embeddings, what):
             f"{what} embeddings: {len(bad)} path(s) are not Holidays names NNNNNN.jpg, "
             f"e.g. {bad[0]!r}"
         )
-    return dataclasses.replace(embeddings, pids=np.asarray(groups, np.int64))
+    return dataclasses.replace(embeddings, pids=np.asarray(groups, np.int64), labels=None)

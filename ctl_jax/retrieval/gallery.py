@@ -21,9 +21,10 @@ from typing import Protocol
 import numpy as np
 
 from ctl_jax.errors import InvalidValueError, OptionError
-from ctl_jax.evaluation.centroids import build_search_gallery
+from ctl_jax.evaluation.centroids import identity_sums
 from ctl_jax.evaluation.ranking import l2_normalize
 from ctl_jax.retrieval.embedding_file import Embeddings
+from ctl_jax.retrieval.labels import labels_from_pids
 
 KINDS = ("instance", "centroid")
 
@@ -39,6 +40,7 @@ class GalleryItems:
       paths: (N,) str image path (instances) or representative image path (centroids).
       counts: (N,) int64 number of gallery images behind each item.
       source: the embeddings file the gallery was built from ("" if none).
+      labels: (N,) str identity names, "" where unknown; None derives them from the pids.
     """
 
     kind: str
@@ -47,6 +49,7 @@ class GalleryItems:
     paths: np.ndarray
     counts: np.ndarray
     source: str = ""
+    labels: np.ndarray | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -57,6 +60,11 @@ class GalleryItems:
             "paths": np.asarray(self.paths).astype(str),
             "counts": np.asarray(self.counts, np.int64),
         }
+        arrays["labels"] = (
+            labels_from_pids(arrays["pids"])
+            if self.labels is None
+            else np.asarray(self.labels).astype(str)
+        )
         lengths = {key: len(value) for key, value in arrays.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"gallery item arrays differ in length: {lengths}")
@@ -68,7 +76,19 @@ class GalleryItems:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.pids, self.camids, self.paths, self.counts))
+        return sum(a.nbytes for a in (self.pids, self.camids, self.paths, self.counts, self.labels))
+
+    def select(self, rows) -> GalleryItems:
+        """The items `rows` (a mask, indices or slice), same kind and source."""
+        return GalleryItems(
+            self.kind,
+            self.pids[rows],
+            self.camids[rows],
+            self.paths[rows],
+            self.counts[rows],
+            self.source,
+            self.labels[rows],
+        )
 
     def describe(self) -> str:
         """E.g. "1,204 centroids" or "15,913 images"."""
@@ -109,43 +129,56 @@ def gallery_vectors(
     Raises:
       ValueError: empty gallery, or `centroids` without any known identity.
     """
+    if centroids:
+        items, _, vectors, dropped = centroid_gallery(embeddings, source)
+        return items, vectors, dropped
     name = source or "the gallery"
     if len(embeddings) == 0:
         raise InvalidValueError(f"{name} holds no embeddings; nothing to search")
-    if not centroids:
-        items = GalleryItems(
-            "instance",
-            embeddings.pids,
-            embeddings.camids,
-            embeddings.paths,
-            np.ones(len(embeddings), np.int64),
-            source,
-        )
-        return items, l2_normalize(embeddings.embeddings), 0
+    items = GalleryItems(
+        "instance",
+        embeddings.pids,
+        embeddings.camids,
+        embeddings.paths,
+        np.ones(len(embeddings), np.int64),
+        source,
+        embeddings.labels,
+    )
+    return items, l2_normalize(embeddings.embeddings), 0
 
+
+def centroid_gallery(
+    embeddings: Embeddings, source: str = "", require_known: bool = True
+) -> tuple[GalleryItems, np.ndarray, np.ndarray, int]:
+    """One item per identity: the mean of its un-normalised embeddings, normalised.
+
+    The sums are those of `evaluation.centroids` (float64), the code evaluation uses, so
+    search and evaluation agree. Identities are listed by ascending pid.
+
+    Args:
+      embeddings: N images, un-normalised; those of unknown identity (pid < 0) are left out.
+      source: recorded as `GalleryItems.source`.
+      require_known: raise when no image has a known identity (else return 0 items).
+
+    Returns:
+      (items, sums (K, D) float64, vectors (K, D) float32 normalised, images left out).
+      Each item's path is its member image closest to the centroid (to draw it).
+    """
+    name = source or "the gallery"
+    if require_known and len(embeddings) == 0:
+        raise InvalidValueError(f"{name} holds no embeddings; nothing to search")
     known = embeddings.pids >= 0
     dropped = int((~known).sum())
-    if not known.any():
+    if require_known and not known.any():
         raise InvalidValueError(
             f"--centroids needs identities, but every pid in {name} is unknown (-1); "
-            "name the images PPPP_cC*.jpg (Market-style) or search without --centroids"
+            "name the images PPPP_cC*.jpg (Market-style), embed with --identity=folder or "
+            "--identity=csv:FILE, or search without --centroids"
         )
     if dropped:
         embeddings = embeddings.select(known)
-    no_queries = np.zeros(0, np.int64)
-    gallery = build_search_gallery(
-        "centroid",
-        embeddings.embeddings,
-        embeddings.pids,
-        np.zeros(len(embeddings), np.int64),
-        no_queries,
-        no_queries,
-    )
-    vectors = l2_normalize(gallery.embeddings)
-    # build_search_gallery lists centroids by ascending pid, like np.unique.
-    pids, member_item, counts = np.unique(embeddings.pids, return_inverse=True, return_counts=True)
-    if not np.array_equal(pids, gallery.pids):
-        raise AssertionError("centroid order differs from np.unique(pids)")
+    pids, sums, counts, member_item = identity_sums(embeddings.embeddings, embeddings.pids)
+    vectors = centroid_vectors(sums, counts)
     representative = _representatives(embeddings.embeddings, member_item, vectors)
     items = GalleryItems(
         "centroid",
@@ -154,8 +187,16 @@ def gallery_vectors(
         embeddings.paths[representative],
         counts,
         source,
+        embeddings.labels[representative],
     )
-    return items, vectors, dropped
+    return items, sums, vectors, dropped
+
+
+def centroid_vectors(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(K, D) float32 normalised centroids of (K, D) float64 sums over (K,) counts, computed
+    as evaluation computes them (mean in float64, cast to float32, normalised)."""
+    sums = np.asarray(sums, np.float64).reshape(len(counts), -1)
+    return l2_normalize((sums / np.asarray(counts)[:, None]).astype(np.float32))
 
 
 def _representatives(

@@ -21,6 +21,8 @@ from ctl_jax.data.image_io import UnreadableImageWarning
 from ctl_jax.data.records import Split
 from ctl_jax.errors import FileContentError, MissingFileError, OptionError
 from ctl_jax.retrieval.embedding_file import Embeddings, parse_market_name
+from ctl_jax.retrieval.identities import IdentitySource, assign_identities
+from ctl_jax.retrieval.labels import pids_for_labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -109,9 +111,12 @@ class EmbedReport:
     num_embedded: int
     listing: ImageListing
     unreadable: list[str]
+    identities: str = ""
 
     def summary(self) -> str:
         parts = [f"embedded {self.num_embedded:,} image(s)"]
+        if self.identities:
+            parts.append(self.identities)
         if self.listing.skipped:
             parts.append(f"skipped {self.listing.skipped_summary()}")
         if self.unreadable:
@@ -121,10 +126,14 @@ class EmbedReport:
 
 
 def embed_images(
-    embedder, images: str | os.PathLike, progress: bool = True
+    embedder,
+    images: str | os.PathLike,
+    progress: bool = True,
+    identity: IdentitySource | str | None = None,
 ) -> tuple[Embeddings, EmbedReport]:
     """Embeds one image or a folder tree with an `ctl_jax.embedder.Embedder` (its batch
-    size and flip test apply).
+    size and flip test apply); `identity` (`--identity`: market, folder, csv:FILE, default
+    auto) names each image's identity (`identities.py`).
 
     Non-image files are skipped and counted; so are images that cannot be decoded.
 
@@ -135,6 +144,7 @@ def embed_images(
       FileNotFoundError / ValueError: missing path, no images, or none readable.
     """
     listing = list_images(images)
+    found = assign_identities(listing.paths, images, identity)
     with warnings.catch_warnings():
         # Each unreadable image is reported once in the summary instead.
         warnings.simplefilter("ignore", UnreadableImageWarning)
@@ -146,6 +156,9 @@ def embed_images(
             f"--images: none of the {len(paths)} image(s) under {images} could be decoded "
             f"(e.g. {unreadable[0]})"
         )
-    split = image_split(paths[valid])
-    result = Embeddings(embeddings[valid], split.pids, split.camids, split.paths)
-    return result, EmbedReport(int(valid.sum()), listing, unreadable)
+    labels = found.labels[valid]
+    result = Embeddings(
+        embeddings[valid], pids_for_labels(labels), found.camids[valid], paths[valid], labels
+    )
+    report = EmbedReport(int(valid.sum()), listing, unreadable, found.summary())
+    return result, report

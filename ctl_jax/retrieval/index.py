@@ -15,16 +15,21 @@ faiss's flat index on batches of queries (see `benchmarks/retrieval.py`). Ties a
 gallery position (lowest first). The approximate faiss indexes live in `approximate.py`.
 
 Index file (`.npz`, read with allow_pickle=False):
-  format: str scalar "ctl_jax.index"; version: int scalar (1).
+  format: str scalar "ctl_jax.index"; version: int scalar (2; version 1 files, written before
+    labels and sums existed, are read too: labels from the pids, no sums).
   kind: "instance" or "centroid"; method: "exact" or a faiss method of `approximate.METHODS`.
   pids (N,) int64, -1 where unknown; camids (N,) int64, -1 where unknown or for centroids;
   paths (N,) str: the image of an instance; for a centroid its representative image (the
     member closest to the centroid), used only to draw it;
   counts (N,) int64: images behind each item (1 for instances);
+  labels (N,) str: identity names, "" where unknown (version 2);
+  sums (N, D) float64: centroid indexes only, each identity's sum of un-normalised
+    embeddings, which lets `Index.add` update a centroid exactly (version 2);
   source: str, the embeddings file the gallery came from;
   vectors (N, D) float32, L2-normalised (method "exact");
   faiss_index (B,) uint8, the serialised faiss index, and params: JSON str of its build and
-    search parameters (faiss methods).
+    search parameters (faiss methods); faiss_ids (N,) int64, the faiss id of each row, only
+    when they are not 0..N-1 (an IVF index after removals).
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ from ctl_jax.evaluation.ranking import l2_normalize
 from ctl_jax.retrieval import approximate
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.gallery import GalleryItems, SearchIndex, check_queries, gallery_vectors
+from ctl_jax.retrieval.labels import check_labels
 
 FORMAT = "ctl_jax.index"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # Bytes of the per-step working set of exact search: the (query chunk x gallery chunk)
 # similarity block plus the gallery chunk XLA slices out. 64 MB keeps the matmul efficient
@@ -206,8 +213,15 @@ def _topk_fn(k: int, gallery_chunk: int):
 # --- files ---------------------------------------------------------------------------------
 
 
-def save_index(index: SearchIndex, path: str | os.PathLike, overwrite: bool = False):
+def save_index(
+    index: SearchIndex,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    sums: np.ndarray | None = None,
+):
     """Writes an exact or faiss index atomically (exactly at `path`, no suffix added).
+
+    `sums` (K, D) float64: a centroid index's per-identity sums (see the module docstring).
 
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
@@ -223,20 +237,32 @@ def save_index(index: SearchIndex, path: str | os.PathLike, overwrite: bool = Fa
         "camids": items.camids,
         "paths": items.paths,
         "counts": items.counts,
+        "labels": items.labels,
         "source": np.asarray(items.source),
     }
+    if sums is not None:
+        arrays["sums"] = np.asarray(sums, np.float64)
     if index.method == "exact":
         arrays["vectors"] = index.vectors
     else:
         arrays["faiss_index"] = approximate.serialize(index)
         arrays["params"] = np.asarray(json.dumps(index.params, sort_keys=True))
+        if index.ids is not None:
+            arrays["faiss_ids"] = index.ids
     with files.atomic_open(path) as f:
         np.savez(f, **arrays)
     return path
 
 
 def load_index(path: str | os.PathLike, search_params: dict | None = None) -> SearchIndex:
-    """Reads an index written by `save_index`.
+    """Reads an index written by `save_index` (see `read_index`)."""
+    return read_index(path, search_params)[0]
+
+
+def read_index(
+    path: str | os.PathLike, search_params: dict | None = None
+) -> tuple[SearchIndex, np.ndarray | None]:
+    """Reads an index written by `save_index`: (the index, its centroid sums or None).
 
     Args:
       path: the index file.
@@ -276,23 +302,33 @@ def load_index(path: str | os.PathLike, search_params: dict | None = None) -> Se
                 f"index file {path} ({method or 'no method'}) is missing {missing}"
             )
         version = int(data["version"])
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
             raise FileContentError(
                 f"index file {path} has format version {version}; this ctl_jax reads "
-                f"version {VERSION}: rebuild it with --save_index"
+                f"versions {', '.join(map(str, READABLE_VERSIONS))}: rebuild it with --save_index"
             )
         try:
+            pids = data["pids"]
+            labels = None
+            if "labels" in data.files:
+                labels = check_labels(data["labels"], pids, f"index file {path}")
             items = GalleryItems(
                 str(data["kind"]),
-                data["pids"],
+                pids,
                 data["camids"],
                 data["paths"],
                 data["counts"],
                 str(data["source"]),
+                labels,
             )
+            sums = data["sums"].astype(np.float64) if "sums" in data.files else None
+            if sums is not None and (sums.ndim != 2 or len(sums) != len(items)):
+                raise ValueError(f"'sums' has shape {sums.shape} for {len(items)} items")
             if method == "exact":
-                return ExactIndex(items, data["vectors"])
+                return ExactIndex(items, data["vectors"]), sums
             blob, params = data["faiss_index"], json.loads(str(data["params"]))
+            ids = data["faiss_ids"].astype(np.int64) if "faiss_ids" in data.files else None
         except ValueError as e:  # a bad kind, arrays of different lengths, broken params
             raise FileContentError(f"index file {path} is damaged: {e}") from e
-    return approximate.deserialize(items, method, blob, params, search_params, path)
+    index = approximate.deserialize(items, method, blob, params, search_params, path, ids)
+    return index, sums

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ctl_jax.errors import NotAFolderError, OutputExistsError
 from ctl_jax.retrieval.gallery import GalleryItems
+from ctl_jax.retrieval.labels import UNKNOWN, labels_from_pids
 
 QUERY_COLOR = (30, 90, 220)
 CORRECT_COLOR = (0, 170, 0)
@@ -34,13 +35,20 @@ _LINE_HEIGHT = 12
 _QUERY_GAP = 14  # extra space between the query and its matches
 
 
-def match_status(query_pid: int, match_pids: np.ndarray) -> np.ndarray:
-    """(k,) "correct" / "wrong" / "unknown" for matches of a query (pid -1 = unknown)."""
-    match_pids = np.asarray(match_pids)
-    if query_pid < 0:
-        return np.full(match_pids.shape, "unknown")
+def match_status(query_label, match_labels: np.ndarray) -> np.ndarray:
+    """(k,) "correct" / "wrong" / "unknown" for matches of a query, by identity label ("" =
+    unknown; integer pids, -1 = unknown, are accepted too)."""
+    match_labels = np.asarray(match_labels)
+    if match_labels.dtype.kind in "iu":
+        match_labels = labels_from_pids(match_labels)
+        query_label = labels_from_pids(np.asarray([query_label]))[0]
+    query_label = str(query_label)
+    if query_label == UNKNOWN:
+        return np.full(match_labels.shape, "unknown")
     return np.where(
-        match_pids < 0, "unknown", np.where(match_pids == query_pid, "correct", "wrong")
+        match_labels == UNKNOWN,
+        "unknown",
+        np.where(match_labels == query_label, "correct", "wrong"),
     )
 
 
@@ -119,6 +127,7 @@ def write_strips(
     height: int = 128,
     overwrite: bool = False,
     progress: bool = True,
+    query_labels: np.ndarray | None = None,
 ) -> list[pathlib.Path]:
     """Writes one PNG strip per query.
 
@@ -131,6 +140,8 @@ def write_strips(
       items: the gallery the rows refer to.
       width, height: thumbnail size in pixels.
       overwrite: replace existing strips; otherwise an existing one is an error.
+      query_labels: (Q,) query identity names ("" = unknown); default from `query_pids`.
+        Matches are judged and captioned by label.
 
     Returns:
       The written files, in query order.
@@ -151,21 +162,30 @@ def write_strips(
     directory.mkdir(parents=True, exist_ok=True)
     centroids = items.kind == "centroid"
     bar = tqdm(range(len(files)), desc="drawing", unit="query", disable=not progress)
+    if query_labels is None:
+        query_labels = labels_from_pids(query_pids)
+    query_labels = np.asarray(query_labels).astype(str)
     for q in bar:
-        query_pid = int(query_pids[q])
+        query_label = str(query_labels[q])
         query = (
             thumbnail(str(query_paths[q]), width, height),
-            ["query", f"id {query_pid}" if query_pid >= 0 else "id ?"],
+            ["query", f"id {_short(query_label)}"],
         )
         rows = indices[q][indices[q] >= 0]
-        status = match_status(query_pid, items.pids[rows])
+        status = match_status(query_label, items.labels[rows])
         matches = []
         for rank, (row, s) in enumerate(zip(rows.tolist(), status.tolist()), start=1):
-            pid = int(items.pids[row])
             score = f"{float(scores[q, rank - 1]):.3f}"
             if centroids:  # how many images the centroid averages
                 score += f" n={int(items.counts[row])}"
-            caption = [f"#{rank} id {pid if pid >= 0 else '?'}", score]
+            caption = [f"#{rank} id {_short(str(items.labels[row]))}", score]
             matches.append((thumbnail(str(items.paths[row]), width, height), caption, s))
         render_strip(query, matches, width, height).save(files[q], format="PNG")
     return files
+
+
+def _short(label: str, size: int = 9) -> str:
+    """A label as it fits under a thumbnail: "?" when unknown, cut with "~" when long."""
+    if label == UNKNOWN:
+        return "?"
+    return label if len(label) <= size else label[: size - 1] + "~"

@@ -1,0 +1,377 @@
+"""`ctl_jax.Index`: a gallery index to build, update, search and save from Python; the
+`search` command uses it too, so both take one code path.
+
+    from ctl_jax import Index
+    index = Index.build("gallery.npz", kind="centroid")        # or an Embeddings object
+    index.add("new_products.npz")                               # in place
+    index.remove(["sku_123"])
+    hits = index.search(queries, k=5)   # per query: [{"label", "pid", "path", "score"}, ...]
+    index.save("index.npz")
+    index = Index.load("index.npz")
+
+Kinds: `instance` (one item per image) or `centroid` (one per identity: the mean of its
+un-normalised embeddings, normalised; images of unknown identity are left out). Methods:
+`exact` (`index.ExactIndex`) or a faiss method of `approximate.METHODS`.
+
+Updates. A centroid index keeps each identity's float64 sum of embeddings and its image
+count, so adding images to an identity, adding identities and removing identities give the
+index `build` gives on all the images (vectors equal to float rounding, the same search
+results). The item drawn for a centroid (its `path`, used only by the result pictures) is
+chosen when the identity first enters the index and kept when images are added to it. An
+instance index appends and drops rows. Identities are keyed by label; the pids are
+renumbered from the labels after every change (`labels.pids_for_labels`), as a rebuild would
+number them. faiss indexes are changed with faiss's own add / remove (`approximate.add_rows`,
+`remove_rows`): every method can add, HNSW cannot remove (nor change an existing centroid,
+which is a removal and an addition). A change is checked completely before anything is
+modified, so a failed call leaves the index as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ctl_jax.errors import InvalidValueError
+from ctl_jax.evaluation.centroids import identity_sums
+from ctl_jax.retrieval import approximate, results
+from ctl_jax.retrieval.embedding_file import Embeddings
+from ctl_jax.retrieval.gallery import (
+    KINDS,
+    GalleryItems,
+    centroid_gallery,
+    centroid_vectors,
+    gallery_vectors,
+)
+from ctl_jax.retrieval.index import ExactIndex, read_index, save_index
+from ctl_jax.retrieval.labels import UNKNOWN, pids_for_labels
+
+METHODS = ("exact", *approximate.METHODS)
+
+
+def _as_embeddings(embeddings: Embeddings | str | os.PathLike) -> tuple[Embeddings, str]:
+    if isinstance(embeddings, Embeddings):
+        return embeddings, ""
+    return Embeddings.load(embeddings), str(embeddings)
+
+
+def _renumbered(items: GalleryItems) -> GalleryItems:
+    """`items` with pids recomputed from its labels (a rebuild's numbering)."""
+    return dataclasses.replace(items, pids=pids_for_labels(items.labels))
+
+
+class Index:
+    """A searchable gallery of instances or identity centroids (see the module docstring).
+
+    Attributes:
+      kind: "instance" or "centroid".
+      method: "exact" or a faiss method.
+      items: `GalleryItems`, what each row is (labels, pids, paths, counts).
+    """
+
+    def __init__(self, searcher, sums: np.ndarray | None = None):
+        """Wraps an `ExactIndex` or `approximate.FaissIndex`; `sums` (K, D) float64 are the
+        per-identity sums of a centroid index (None: it cannot be updated by `add`).
+        Use `build` or `load` rather than this."""
+        self._searcher = searcher
+        self._sums = sums
+
+    # --- building and files -------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: Embeddings | str | os.PathLike,
+        kind: str = "centroid",
+        method: str = "exact",
+        progress: bool = False,
+        source: str | None = None,
+        **faiss_options,
+    ) -> Index:
+        """An index over the images of `embeddings` (an `Embeddings` or an embeddings .npz).
+
+        Args:
+          kind: "centroid" (one item per identity) or "instance" (one per image).
+          method: "exact", or a faiss method: flat, ivf_flat, ivf_pq, hnsw (the faiss extra).
+          progress: progress bar while adding vectors to a faiss index.
+          source: the gallery's name recorded in the index (default: the file's path).
+          faiss_options: nlist, nprobe, pq_m, pq_bits, hnsw_m, ef_construction, ef_search
+            (see `approximate.default_params`; 0 or missing = automatic).
+
+        Raises:
+          InvalidValueError: unknown kind or method, no embeddings, a centroid index without
+            any known identity; FileContentError/MissingFileError for a bad file.
+        """
+        if kind not in KINDS:
+            raise InvalidValueError(f"index kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        if method not in METHODS:
+            raise InvalidValueError(
+                f"index method must be one of {', '.join(METHODS)}, not {method!r}"
+            )
+        known = {p for params in approximate.BUILD_PARAMS.values() for p in params}
+        known |= {p for params in approximate.SEARCH_PARAMS.values() for p in params}
+        unknown = sorted(set(faiss_options) - known)
+        if unknown:
+            raise InvalidValueError(f"unknown faiss options {unknown}")
+        embeddings, path = _as_embeddings(embeddings)
+        source = path if source is None else source
+        embeddings = dataclasses.replace(embeddings, pids=pids_for_labels(embeddings.labels))
+        sums = None
+        if kind == "centroid":
+            items, sums, vectors, _ = centroid_gallery(embeddings, source)
+        else:
+            items, vectors, _ = gallery_vectors(embeddings, False, source)
+        if method == "exact":
+            return cls(ExactIndex(items, vectors), sums)
+        searcher = approximate.build(items, vectors, method, progress=progress, **faiss_options)
+        return cls(searcher, sums)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **search_params) -> Index:
+        """Reads an index file (`save`, or `search --save_index`); `search_params` change
+        a faiss index's nprobe / ef_search. Files of format version 1 load too (labels from
+        their pids; a version-1 centroid index cannot take `add`: rebuild it)."""
+        searcher, sums = read_index(path, search_params)
+        return cls(searcher, sums)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> os.PathLike:
+        """Writes the index atomically to `path` (a temporary file renamed when complete).
+
+        Raises:
+          OutputExistsError: `path` exists and `overwrite` is False.
+        """
+        return save_index(self._searcher, path, overwrite=overwrite, sums=self._sums)
+
+    # --- what it holds ------------------------------------------------------------------
+
+    @property
+    def items(self) -> GalleryItems:
+        return self._searcher.items
+
+    @property
+    def kind(self) -> str:
+        return self.items.kind
+
+    @property
+    def method(self) -> str:
+        return self._searcher.method
+
+    @property
+    def params(self) -> dict:
+        """A faiss index's build and search parameters ({} for exact)."""
+        return dict(getattr(self._searcher, "params", {}))
+
+    @property
+    def dim(self) -> int:
+        return self._searcher.dim
+
+    @property
+    def nbytes(self) -> int:
+        return self._searcher.nbytes + (0 if self._sums is None else self._sums.nbytes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) str label of each item ("" where unknown)."""
+        return self.items.labels
+
+    @property
+    def updatable(self) -> bool:
+        """False for a centroid index read from a version-1 file (it lacks the sums)."""
+        return self.kind == "instance" or self._sums is not None
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(N, D) float32 normalised item vectors (exact indexes only)."""
+        if self.method != "exact":
+            raise InvalidValueError(f"a faiss {self.method} index does not keep its vectors")
+        return self._searcher.vectors
+
+    def __len__(self) -> int:
+        return len(self._searcher)
+
+    def __repr__(self) -> str:
+        return f"Index({self.items.describe()}, {self.dim}-d, {self.method})"
+
+    # --- searching ----------------------------------------------------------------------
+
+    def search_rows(
+        self, queries: np.ndarray, k: int, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k) float32 cosine best first, rows (Q, k) int64 of `items`; -1 where a
+        faiss index found fewer than k). `queries` (Q, D) are normalised here."""
+        return self._searcher.search(queries, k, progress=progress)
+
+    def search(
+        self, queries: np.ndarray, k: int = 10, min_score: float | None = None
+    ) -> list[list[dict]]:
+        """The top-k items of each query, as the search-results JSON lists its matches.
+
+        Args:
+          queries: (Q, D) float embeddings (raw BNNeck output is fine), or one (D,) vector.
+          k: matches per query, 1 <= k <= len(self).
+          min_score: drop matches whose cosine is below it (open-set search).
+
+        Returns:
+          One list per query of `{"label": str or None, "pid": int, "path": str or None
+          (None for a centroid), "score": float}`, best first.
+        """
+        queries = np.asarray(queries, np.float32)
+        if queries.ndim == 1:
+            queries = queries[None]
+        scores, rows = self.search_rows(queries, k)
+        if min_score is not None:
+            rows = np.where(scores >= np.float32(min_score), rows, -1)
+        return results.matches(scores, rows, self.items)
+
+    # --- updating -----------------------------------------------------------------------
+
+    def add(self, embeddings: Embeddings | str | os.PathLike) -> None:
+        """Adds the images of `embeddings` (an `Embeddings` or an .npz path) in place.
+
+        Instance index: one row per image, appended. Centroid index: each image joins its
+        identity's centroid (new identities get one); images of unknown identity are left
+        out.
+
+        Raises:
+          InvalidValueError: embeddings of another dimension; a version-1 centroid index
+            (no sums); changing a centroid of an HNSW index. Nothing is changed then.
+        """
+        embeddings, source = _as_embeddings(embeddings)
+        name = source or "the added embeddings"
+        if len(embeddings) == 0:
+            return
+        if embeddings.dim != self.dim:
+            raise InvalidValueError(
+                f"{name} have dimension {embeddings.dim} but the index has {self.dim}; "
+                "embed them with the model the index was built with"
+            )
+        if self.kind == "instance":
+            self._add_instances(embeddings)
+        else:
+            self._add_to_centroids(embeddings, name)
+
+    def remove(self, labels: Sequence[str]) -> None:
+        """Removes every item of the identities `labels` in place (all its images from an
+        instance index, its centroid from a centroid index).
+
+        Raises:
+          InvalidValueError: a label the index does not hold (named), or a faiss HNSW
+            index (it cannot remove). Nothing is changed then.
+        """
+        if isinstance(labels, str):
+            labels = [labels]
+        wanted = list(dict.fromkeys(str(label) for label in labels))
+        held = set(self.labels.tolist()) - {UNKNOWN}
+        missing = [label for label in wanted if label not in held]
+        if missing:
+            shown = ", ".join(sorted(held)[:5]) + (", ..." if len(held) > 5 else "")
+            raise InvalidValueError(
+                f"cannot remove unknown label(s) {', '.join(map(repr, missing))}: the index "
+                f"holds {len(held):,} identities ({shown})"
+            )
+        rows = np.flatnonzero(np.isin(self.labels, wanted))
+        self._remove_rows(rows)
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _replace(self, items: GalleryItems, vectors: np.ndarray, sums=None) -> None:
+        """Exact index: the new items, vectors and sums; a centroid index's rows sorted by
+        the renumbered pids, as `build` lists identities."""
+        items = _renumbered(items)
+        if self.kind == "centroid":
+            order = np.argsort(items.pids, kind="stable")
+            items, vectors, sums = items.select(order), vectors[order], sums[order]
+        self._searcher = ExactIndex(items, vectors)
+        self._sums = sums
+
+    def _add_instances(self, embeddings: Embeddings) -> None:
+        new_items, vectors, _ = gallery_vectors(embeddings, False, self.items.source)
+        items = _concatenate(self.items, new_items)
+        if self.method == "exact":
+            self._replace(items, np.concatenate([self._searcher.vectors, vectors]))
+        else:
+            self._searcher = approximate.add_rows(self._searcher, _renumbered(items), vectors)
+
+    def _add_to_centroids(self, embeddings: Embeddings, name: str) -> None:
+        if self._sums is None:
+            raise InvalidValueError(
+                "this centroid index was written by an older ctl_jax (index format version 1) "
+                "without the per-identity sums an update needs; rebuild it from the "
+                "embeddings (search --gallery=G.npz --centroids --save_index=I.npz)"
+            )
+        embeddings = embeddings.select(embeddings.labels != UNKNOWN)
+        if len(embeddings) == 0:
+            return
+        row_of = {label: row for row, label in enumerate(self.labels.tolist())}
+        rows = np.asarray([row_of.get(label, -1) for label in embeddings.labels.tolist()])
+        joining = rows >= 0
+        if joining.any() and self.method == "hnsw":
+            raise InvalidValueError(
+                f"a faiss hnsw index cannot change the centroid of an identity it holds "
+                f"({str(embeddings.labels[joining][0])!r} in {name}): HNSW cannot remove vectors; "
+                "rebuild it, or use a method that can: exact, "
+                f"{', '.join(approximate.REMOVABLE_METHODS)}"
+            )
+        # Images of identities the index holds join their sums...
+        sums, counts = self._sums.copy(), self.items.counts.copy()
+        changed = np.unique(rows[joining])
+        if len(changed):
+            part = embeddings.select(joining)
+            group_rows, part_sums, part_counts, _ = identity_sums(part.embeddings, rows[joining])
+            sums[group_rows] += part_sums
+            counts[group_rows] += part_counts
+        items = dataclasses.replace(self.items, counts=counts)
+        # ... the others make new identities, drawn by their member closest to the centroid.
+        if not joining.all():
+            fresh_items, fresh_sums, _, _ = centroid_gallery(
+                embeddings.select(~joining), self.items.source
+            )
+            items = _concatenate(items, fresh_items)
+            sums = np.concatenate([sums, fresh_sums])
+        if self.method == "exact":
+            self._replace(items, centroid_vectors(sums, items.counts), sums)
+            return
+        # faiss: a changed centroid is removed and added again at the end, new ones added.
+        stay = np.ones(len(items), bool)
+        stay[changed] = False
+        order = np.concatenate([np.flatnonzero(stay), changed])
+        searcher = (
+            approximate.remove_rows(self._searcher, changed) if len(changed) else (self._searcher)
+        )
+        items, sums = items.select(order), sums[order]
+        start = len(searcher.items)  # the rows kept; those after it are (re-)added
+        self._searcher = approximate.add_rows(
+            searcher, _renumbered(items), centroid_vectors(sums[start:], items.counts[start:])
+        )
+        self._sums = sums
+
+    def _remove_rows(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        keep = np.ones(len(self), bool)
+        keep[rows] = False
+        sums = None if self._sums is None else self._sums[keep]
+        if self.method == "exact":
+            vectors = self._searcher.vectors[keep]
+            if self.kind == "centroid" and sums is None:  # a version-1 file: no sums to sort
+                self._searcher = ExactIndex(_renumbered(self.items.select(keep)), vectors)
+            else:
+                self._replace(self.items.select(keep), vectors, sums)
+            return
+        searcher = approximate.remove_rows(self._searcher, rows)
+        self._searcher = dataclasses.replace(searcher, items=_renumbered(searcher.items))
+        self._sums = sums
+
+
+def _concatenate(first: GalleryItems, second: GalleryItems) -> GalleryItems:
+    return GalleryItems(
+        first.kind,
+        np.concatenate([first.pids, second.pids]),
+        np.concatenate([first.camids, second.camids]),
+        np.concatenate([first.paths, second.paths]),
+        np.concatenate([first.counts, second.counts]),
+        first.source,
+        np.concatenate([first.labels, second.labels]),
+    )
