@@ -21,7 +21,7 @@ parent edges instead would report every package whose `__init__` re-exports its 
 Layers (lowest first): errors, files, configs, malloc, parallel (device mesh) | data, models,
 losses, evaluation (metrics) | checkpoints | inference, weights (conversion) | evaluator,
 retrieval | training | cli, distributed (start-up helpers) and the entry points (train,
-evaluate, embed, search, convert). The rules checked:
+evaluate, embed, search, convert, export, serve). The rules checked:
 
 1. No cycles between modules.
 2. No cycles between the top-level parts of the package (`ctl_jax.training`,
@@ -43,7 +43,8 @@ import pytest
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1] / "ctl_jax"
 ENTRY_POINTS = tuple(
-    f"ctl_jax.{name}" for name in ("train", "evaluate", "embed", "search", "convert")
+    f"ctl_jax.{name}"
+    for name in ("train", "evaluate", "embed", "search", "convert", "export", "serve")
 )
 BELOW_TRAINING = tuple(
     f"ctl_jax.{name}"

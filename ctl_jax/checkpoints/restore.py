@@ -39,6 +39,15 @@ def restore_model(
         data and evaluation settings are used instead of the saved ones.
     """
     store = CheckpointStore(checkpoint_dir, read_only=True)
+    try:
+        return _restore(store, checkpoint_dir, step, config)
+    finally:
+        # Closed here: an open checkpoint manager keeps background threads, and a process
+        # that exits with them running can abort in C++ at interpreter shutdown.
+        store.close()
+
+
+def _restore(store, checkpoint_dir, step, config) -> RestoredModel:
     step = step if step is not None else store.latest_step()
     if step is None:
         raise CheckpointError(f"no checkpoints in {store.directory}")
