@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet -c constraints.txt
 # Compiled XLA programs are cached here so repeated runs skip compilation.
 export CTL_JAX_COMPILATION_CACHE ?= $(CURDIR)/.cache/jax
 
-.PHONY: install test lint demo benchmarks clean
+.PHONY: install test lint browser demo benchmarks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,19 @@ lint: $(VENV)/.installed-test
 # 11m50). More workers: make test TEST_WORKERS=4.
 TEST_WORKERS ?= 2
 
-test: lint
+test: lint browser
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) tests
+
+# Headless Chromium for the search page's test (tests/test_serve.py): Debian's chromium,
+# installed when missing if we are root with apt-get (as CI is); else that test is skipped
+# and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| command -v google-chrome >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			chromium >/dev/null) || echo "could not install chromium: the page test is skipped"; \
+	else echo "no Chromium (apt-get install chromium): the page test is skipped"; fi
 
 data/synthetic_reid: | $(VENV)/.installed
 	$(PY) -m ctl_jax.data.synthetic --output=data/synthetic_reid

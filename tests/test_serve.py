@@ -45,7 +45,13 @@ def gallery(tmp_path_factory):
     embeddings, _ = embed_images(embedder, root / "gallery", progress=False, identity="folder")
     index_path = root / "index.npz"
     ctl_jax.Index.build(embeddings, kind="instance").save(index_path)
-    return {"model": model_dir, "index": index_path, "paths": paths, "embedder": embedder}
+    return {
+        "model": model_dir,
+        "index": index_path,
+        "paths": paths,
+        "embedder": embedder,
+        "embeddings": embeddings,
+    }
 
 
 def start_server(gallery, *extra):
@@ -152,6 +158,19 @@ def test_health_search_embed_and_gallery_images(server, gallery):
     assert embedding["dim"] == 512 and embedding["input_size"] == [H, W]
     want = gallery["embedder"]([Image.open(path)])[0]
     np.testing.assert_allclose(embedding["embedding"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_centroid_matches_show_their_representative_image(gallery):
+    from ctl_jax.deploy.service import SearchService
+
+    index = ctl_jax.Index.build(gallery["embeddings"], kind="centroid")
+    service = SearchService(gallery["embedder"], index, top_k=2)
+    with open(gallery["paths"][6], "rb") as f:
+        document = service.search(f.read(), name="q.png")
+    top = document["queries"][0]["matches"][0]
+    assert top["label"] == "dave" and top["path"] is None  # a centroid is an identity
+    shown = urllib.parse.parse_qs(urllib.parse.urlsplit(top["image"]).query)["path"][0]
+    assert shown in gallery["paths"][6:8]
 
 
 def test_concurrent_clients_each_get_their_own_answer(server, gallery):
