@@ -134,9 +134,10 @@ def evaluate_embedding_files(
     query, gallery = Embeddings.load(query_path), Embeddings.load(gallery_path)
     # Files with named identities number them independently: one numbering from the labels
     # of both (unchanged for Market-style files, whose labels are their pids).
-    joint = Embeddings.concatenate([query, gallery])
-    query = dataclasses.replace(query, pids=joint.pids[: len(query)])
-    gallery = dataclasses.replace(gallery, pids=joint.pids[len(query) :])
+    if query.dim == gallery.dim:  # (else the evaluation names the mismatch)
+        joint = Embeddings.concatenate([query, gallery])
+        query = dataclasses.replace(query, pids=joint.pids[: len(query)])
+        gallery = dataclasses.replace(gallery, pids=joint.pids[len(query) :])
     # Whether the files hold flip-test embeddings was decided when they were embedded.
     meta = {"query": str(query_path), "gallery": str(gallery_path), "flip": None}
     if protocol != "market":

@@ -170,6 +170,39 @@ def test_evaluation_query_centroids_against_a_loop_reference():
     assert results["centroid"]["num_query"] <= 5  # identities with a gallery match
 
 
+def test_evaluate_files_with_named_identities_and_query_centroids(tmp_path):
+    """Query and gallery files number their named identities independently; evaluation
+    compares them by label. With query centroids, one query per identity (no cameras)."""
+    from ctl_jax.evaluate import evaluate_embedding_files
+
+    rng = np.random.default_rng(0)
+    centers = {"lamp": rng.standard_normal(8), "mug": rng.standard_normal(8)}
+    centers["vase"] = rng.standard_normal(8)
+
+    def files(labels, cams):
+        emb = np.asarray([centers[label] + 0.1 * rng.standard_normal(8) for label in labels])
+        paths = [f"{label}_{i}.jpg" for i, label in enumerate(labels)]
+        return Embeddings(emb.astype(np.float32), pids_for_labels(labels), cams, paths, labels)
+
+    gallery = files(["mug", "vase", "mug", "lamp", "vase"], [1, 1, 1, 1, 1])
+    queries = files(["vase", "vase", "mug"], [0, 0, 0])
+    # "mug" is 0 and "vase" 1 in the query file, but 1 and 2 in the gallery file.
+    assert queries.pids.tolist() == [1, 1, 0] and gallery.pids.tolist() == [1, 2, 1, 0, 2]
+    queries.save(tmp_path / "q.npz")
+    gallery.save(tmp_path / "g.npz")
+    results, _ = evaluate_embedding_files(
+        tmp_path / "q.npz", tmp_path / "g.npz", ["centroid"], options={"verification": False}
+    )
+    assert results["centroid"]["num_query"] == 3 and results["centroid"]["rank1"] == 1.0
+    grouped, _ = evaluate_embedding_files(
+        tmp_path / "q.npz",
+        tmp_path / "g.npz",
+        ["centroid"],
+        options={"verification": False, "query_centroids": True},
+    )
+    assert grouped["centroid"]["num_query"] == 2 and grouped["centroid"]["mAP"] == 1.0
+
+
 def run_cli(module, *args):
     env = dict(os.environ)
     env.setdefault("CTL_JAX_COMPILATION_CACHE", str(REPO / ".cache" / "jax"))
