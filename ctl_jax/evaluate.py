@@ -13,6 +13,7 @@ or centroids); pair verification metrics (AUC, TPR at FPR and thresholds, on by 
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import time
 
@@ -64,6 +65,12 @@ _VERIFICATION = flags.DEFINE_bool(
     "verification", True, "Pair verification metrics (AUC, TPR at FPR, thresholds)."
 )
 _PLOT = flags.DEFINE_string("plot", None, "Folder for roc.png and cmc.png.")
+_QUERY_CENTROIDS = flags.DEFINE_bool(
+    "query_centroids",
+    False,
+    "Multi-image queries: replace the queries of each identity (and camera, in the camera-"
+    "aware modes) by their centroid.",
+)
 _FLIP = flags.DEFINE_bool(
     "flip",
     False,
@@ -78,6 +85,8 @@ def evaluation_options() -> dict:
     from ctl_jax.evaluation import QueryExpansionParams, RerankParams
 
     options = {"verification": _VERIFICATION.value, "return_curves": bool(_PLOT.value)}
+    if _QUERY_CENTROIDS.value:
+        options["query_centroids"] = True
     for switch, params in (
         (_RERANK, (_RERANK_K1, _RERANK_K2, _RERANK_LAMBDA)),
         (_AQE, (_AQE_K, _AQE_ALPHA, _AQE_TIMES)),
@@ -101,6 +110,7 @@ def options_meta(options: dict) -> dict:
         "rerank": rerank.as_dict() if rerank else None,
         "aqe": expansion.as_dict() if expansion else None,
         "verification": bool(options.get("verification")),
+        "query_centroids": bool(options.get("query_centroids")),
     }
 
 
@@ -118,9 +128,16 @@ def evaluate_embedding_files(
     `options` go to `evaluation.evaluate`; with options["return_curves"] the results are
     (metrics, curves)."""
     from ctl_jax import evaluation
+    from ctl_jax.evaluation.query_centroids import evaluate_query_centroids
     from ctl_jax.retrieval.embedding_file import Embeddings
 
     query, gallery = Embeddings.load(query_path), Embeddings.load(gallery_path)
+    # Files with named identities number them independently: one numbering from the labels
+    # of both (unchanged for Market-style files, whose labels are their pids).
+    if query.dim == gallery.dim:  # (else the evaluation names the mismatch)
+        joint = Embeddings.concatenate([query, gallery])
+        query = dataclasses.replace(query, pids=joint.pids[: len(query)])
+        gallery = dataclasses.replace(gallery, pids=joint.pids[len(query) :])
     # Whether the files hold flip-test embeddings was decided when they were embedded.
     meta = {"query": str(query_path), "gallery": str(gallery_path), "flip": None}
     if protocol != "market":
@@ -130,7 +147,11 @@ def evaluate_embedding_files(
             protocol, query, gallery, modes, ground_truth, distractors, ks
         )
         return results, {**meta, "protocol": protocol, **extra}
-    results = evaluation.evaluate(
+    options = dict(options or {})
+    evaluate = (
+        evaluate_query_centroids if options.pop("query_centroids", False) else evaluation.evaluate
+    )
+    results = evaluate(
         query.embeddings,
         query.pids,
         query.camids,
@@ -138,7 +159,7 @@ def evaluate_embedding_files(
         gallery.pids,
         gallery.camids,
         modes=tuple(modes),
-        **(options or {}),
+        **options,
     )
     return results, meta
 
@@ -198,6 +219,7 @@ def _check_market_options(protocol: str, options: dict) -> None:
             ("--rerank", "rerank"),
             ("--aqe", "query_expansion"),
             ("--plot", "return_curves"),
+            ("--query_centroids", "query_centroids"),
         )
         if options.get(key)
     ]

@@ -12,6 +12,7 @@ import numpy as np
 from ctl_jax import evaluation
 from ctl_jax.checkpoints.variables import model_variables
 from ctl_jax.evaluation.protocols import check_modes, choose_protocol, evaluate_dataset
+from ctl_jax.evaluation.query_centroids import evaluate_query_centroids
 from ctl_jax.evaluation.report import format_table
 from ctl_jax.inference import embed_split, make_embed_fn, place_variables
 
@@ -69,8 +70,10 @@ class Evaluator:
         `protocol` (default: the config's `eval.protocol`, else the dataset's published
         one) chooses among the protocols of `ctl_jax.evaluation.protocols`. `options`
         (re-ranking, query expansion, verification, curves) go to `evaluation.evaluate`
-        under the Market protocol.
+        under the Market protocol; `query_centroids=True` evaluates query centroids instead
+        of single queries (`evaluation.query_centroids`).
         """
+        query_centroids = options.pop("query_centroids", False)
         protocol = choose_protocol(
             self.dataset.protocols,
             protocol or self.config.eval.get("protocol", ""),
@@ -80,7 +83,8 @@ class Evaluator:
         if protocol != "market":
             return evaluate_dataset(self.dataset, query, gallery, modes, protocol)
         q, g = self.dataset.query, self.dataset.gallery
-        return evaluation.evaluate(
+        evaluate = evaluate_query_centroids if query_centroids else evaluation.evaluate
+        return evaluate(
             query, q.pids, q.camids, gallery, g.pids, g.camids, modes=tuple(modes), **options
         )
 

@@ -130,8 +130,12 @@ def test_embed_folder_matches_model_applied_directly(checkpoint, image_folder):
     assert report.num_embedded == 5 and report.listing.num_skipped == 2
     assert report.unreadable == [str((root / "broken.jpg").resolve())]
     assert "skipped 1 unreadable image(s)" in report.summary()
-    assert embeddings.pids.tolist() == [1, 1, 2, -1, -1]
+    # Identities from the folders (not every name is Market-style), cameras from the names.
+    assert embeddings.labels.tolist() == ["a", "a", "c", "c", ""]
+    assert embeddings.pids.tolist() == [0, 0, 1, 1, -1]
     assert embeddings.camids.tolist() == [0, 1, 2, -1, -1]
+    market, _ = embed_images(embedder, root / "a", progress=False)  # only Market names
+    assert market.labels.tolist() == ["1", "1"] and market.pids.tolist() == [1, 1]
     want = direct_embeddings(model, state, images)
     assert embeddings.embeddings.shape == want.shape == (5, 512)
     np.testing.assert_allclose(embeddings.embeddings, want, rtol=1e-4, atol=1e-4)
@@ -205,6 +209,25 @@ def test_embed_and_search_images_commands(checkpoint, image_folder, tmp_path):
     assert "embedded 5 image(s)" in done.stdout and "skipped 2 non-image" in done.stdout
     embeddings = Embeddings.load(out)
     assert embeddings.paths.tolist() == images
+    # Not every name is Market-style, so the identity is the folder holding the image (none
+    # for z.JPEG, directly in --images); the camera still comes from Market-style names.
+    assert embeddings.labels.tolist() == ["a", "a", "c", "c", ""]
+    assert embeddings.pids.tolist() == [0, 0, 1, 1, -1]
+    assert embeddings.camids.tolist() == [0, 1, 2, -1, -1]
+    assert "identities from folder names: 4 of 5 image(s) in 2 identities" in done.stdout
+    bad = run_cli(
+        "ctl_jax.embed",
+        f"--checkpoint={directory}",
+        f"--images={root}",
+        f"--output={tmp_path / 'market.npz'}",
+        "--identity=market",
+    )
+    assert bad.returncode == 1 and not (tmp_path / "market.npz").exists()
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"error: --identity=market: {images[3]} does not follow the Market-style naming "
+        "PPPP_cC...jpg (e.g. 0002_c1s1_000451_03.jpg); use --identity=folder or "
+        "--identity=csv:FILE"
+    )
     np.testing.assert_allclose(
         embeddings.embeddings, direct_embeddings(model, state, images), rtol=1e-4, atol=1e-4
     )

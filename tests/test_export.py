@@ -48,10 +48,11 @@ def export(*args):
 @pytest.mark.parametrize("fmt", ["onnx", "stablehlo"])
 def test_export_matches_ctl_jax_for_every_image_and_batch_size(fmt, model_dir, embedder, tmp_path):
     output = tmp_path / f"model.{fmt}"
-    done = export(f"--checkpoint={model_dir}", f"--format={fmt}", f"--output={output}", "--verify")
+    verify = ["--verify"] if fmt == "onnx" else []  # one is enough: it compiles the model
+    done = export(f"--checkpoint={model_dir}", f"--format={fmt}", f"--output={output}", *verify)
     assert done.returncode == 0, done.stderr
     assert f"uint8 (N, {H}, {W}, 3)" in done.stdout and "float32 (N, 512)" in done.stdout
-    assert "lowest cosine similarity to ctl_jax" in done.stdout
+    assert ("lowest cosine similarity to ctl_jax" in done.stdout) == bool(verify)
     for n in (1, 7):
         images = random_images(n, H, W, seed=10 + n)
         got = run_exported(output, fmt, images)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ctl_jax import files
 from ctl_jax.data import readers
-from ctl_jax.errors import FileContentError, MissingFileError
+from ctl_jax.errors import FileContentError, InvalidValueError, MissingFileError
 from ctl_jax.retrieval.labels import check_labels, labels_from_pids, pids_for_labels
 
 REQUIRED_KEYS = ("embeddings", "pids", "camids", "paths")
@@ -144,7 +144,10 @@ class Embeddings:
         parts = list(parts)
         dims = sorted({p.dim for p in parts if len(p)})
         if len(dims) > 1:
-            raise ValueError(f"embeddings of different dimensions cannot be joined: {dims}")
+            raise InvalidValueError(
+                f"embeddings of different dimensions cannot be joined: {dims}; embed them "
+                "with the same model"
+            )
         labels = np.concatenate([p.labels for p in parts]).astype(str)
         return cls(
             np.concatenate([p.embeddings for p in parts]).reshape(-1, dims[0] if dims else 0),

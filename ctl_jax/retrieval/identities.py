@@ -109,7 +109,7 @@ def assign_identities(
             bad = next(p for p, found in zip(paths, parsed) if found is None)
             raise OptionError(
                 f"--identity=market: {bad} does not follow the Market-style naming "
-                "PPPP_cC..._.jpg (e.g. 0002_c1s1_000451_03.jpg); use --identity=folder or "
+                "PPPP_cC...jpg (e.g. 0002_c1s1_000451_03.jpg); use --identity=folder or "
                 "--identity=csv:FILE"
             )
         pids = np.asarray([pid for pid, _ in parsed], np.int64).reshape(-1)

@@ -160,5 +160,6 @@ def embed_images(
     result = Embeddings(
         embeddings[valid], pids_for_labels(labels), found.camids[valid], paths[valid], labels
     )
-    report = EmbedReport(int(valid.sum()), listing, unreadable, found.summary())
+    embedded = dataclasses.replace(found, labels=labels, camids=found.camids[valid])
+    report = EmbedReport(int(valid.sum()), listing, unreadable, embedded.summary())
     return result, report
