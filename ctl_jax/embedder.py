@@ -180,8 +180,8 @@ class Embedder:
         if not isinstance(items, np.ndarray) and all(
             isinstance(x, (str, os.PathLike)) for x in items
         ):
-            embeddings, valid = self.embed_files(items, skip_unreadable=False)
-            return embeddings
+            # Through the input pipeline; an unreadable file raises, naming it.
+            return self.embed_files(items, skip_unreadable=False)[0]
         return self._embed_in_memory(items)
 
     def embed_files(
