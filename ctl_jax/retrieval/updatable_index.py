@@ -338,7 +338,7 @@ class Index:
         stay[changed] = False
         order = np.concatenate([np.flatnonzero(stay), changed])
         searcher = (
-            approximate.remove_rows(self._searcher, changed) if len(changed) else (self._searcher)
+            approximate.remove_rows(self._searcher, changed) if len(changed) else self._searcher
         )
         items, sums = items.select(order), sums[order]
         start = len(searcher.items)  # the rows kept; those after it are (re-)added
