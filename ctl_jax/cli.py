@@ -4,13 +4,16 @@ cache, the allocator settings, and turning user errors into a one-line message.
 Exit codes: 2 for a usage error (a bad flag or a missing one, `fail`), 1 for a
 `ctl_jax.errors.UserError` raised while running (printed as `error: <message>`), and
 Python's traceback with exit code 1 for anything else: that is a bug, and the traceback is
-what a bug report needs. `--debug` (or `CTL_JAX_DEBUG=1`) prints a user error's traceback too.
+what a bug report needs. A stopped training exits with 128 + the signal: 130 for Ctrl-C,
+143 for SIGTERM (outside training, SIGTERM keeps its default action, which the shell also
+reports as 143). `--debug` (or `CTL_JAX_DEBUG=1`) prints a user error's traceback too.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import sys
 from collections.abc import Callable
 
@@ -107,7 +110,8 @@ def run(main: Callable[[list[str]], int | None]) -> None:
             return main(argv)
         except KeyboardInterrupt as e:
             print(f"\n{e or 'interrupted'}", file=sys.stderr)
-            sys.exit(130)
+            # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (training records which).
+            sys.exit(128 + getattr(e, "signal_number", signal.SIGINT))
         except UserError as e:  # anything else is a bug: its traceback is printed
             sys.exit(report_user_error(e, debug_requested(_DEBUG.value)))
 

@@ -19,7 +19,7 @@ import time
 from absl import flags
 
 from ctl_jax import cli, distributed
-from ctl_jax.errors import OptionError
+from ctl_jax.errors import FileContentError, OptionError
 
 _CONFIG = cli.define_config_flag(None, "Config file; default: the one saved with the checkpoint.")
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-process flags
@@ -121,6 +121,9 @@ def evaluate_embedding_files(
     from ctl_jax.retrieval.embedding_file import Embeddings
 
     query, gallery = Embeddings.load(query_path), Embeddings.load(gallery_path)
+    for path, embeddings in ((query_path, query), (gallery_path, gallery)):
+        if len(embeddings) == 0:
+            raise FileContentError(f"embeddings file {path} has no rows; nothing to evaluate")
     # Whether the files hold flip-test embeddings was decided when they were embedded.
     meta = {"query": str(query_path), "gallery": str(gallery_path), "flip": None}
     if protocol != "market":
@@ -130,6 +133,10 @@ def evaluate_embedding_files(
             protocol, query, gallery, modes, ground_truth, distractors, ks
         )
         return results, {**meta, "protocol": protocol, **extra}
+    # As `--workdir` reads a dataset: rows of identity -1 (Market junk, or a file name that
+    # gives no identity) are left out of the query and the gallery.
+    query = _known_identities(query, query_path, "query")
+    gallery = _known_identities(gallery, gallery_path, "gallery")
     results = evaluation.evaluate(
         query.embeddings,
         query.pids,
@@ -141,6 +148,23 @@ def evaluate_embedding_files(
         **(options or {}),
     )
     return results, meta
+
+
+def _known_identities(embeddings, path, role: str):
+    """The rows of `embeddings` with an identity (pid >= 0), saying how many were left out;
+    an error when none is left."""
+    known = embeddings.pids >= 0
+    if known.all():
+        return embeddings
+    if not known.any():
+        raise FileContentError(
+            f"embeddings file {path} has no row with an identity (every pid is -1); the "
+            f"{role} of the Market protocol needs Market-style file names (0002_c1s1_...jpg)"
+        )
+    dropped = int((~known).sum())
+    if distributed.is_primary():
+        print(f"{role}: left out {dropped} of {len(known)} rows of identity -1 (junk) in {path}")
+    return embeddings.select(known)
 
 
 def evaluate_checkpoint(
