@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -51,6 +52,14 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _unknown_key(error: BaseException) -> str:
+    """`bse_lr (did you mean base_lr?)` from ml_collections' `'bse_lr\\nDid you mean
+    "base_lr" instead of "bse_lr"?'`."""
+    text = _one_line(error)
+    match = re.match(r'(\S+)\s+Did you mean "([^"]+)"', text)
+    return f"{match.group(1)} (did you mean {match.group(2)}?)" if match else text.strip('"')
+
+
 def define_config_flag(default: str | None, help_text: str) -> Callable[[], object]:
     """`--config=FILE[:variant]` with `--config.<key>=<value>` overrides; returns a getter.
 
@@ -60,7 +69,7 @@ def define_config_flag(default: str | None, help_text: str) -> Callable[[], obje
     try:
         holder = config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
     except (AttributeError, KeyError) as e:
-        fail(f"unknown config key in an override: {_one_line(e)}")
+        fail(f"unknown config key in an override: {_unknown_key(e)}")
     except (TypeError, ValueError) as e:
         fail(f"bad config override: {_one_line(e)}")
 
@@ -73,7 +82,7 @@ def define_config_flag(default: str | None, help_text: str) -> Callable[[], obje
         except OSError as e:
             fail(f"cannot load the config file: {_one_line(e)}")
         except (AttributeError, KeyError) as e:
-            fail(f"unknown config key in an override: {_one_line(e)}")
+            fail(f"unknown config key in an override: {_unknown_key(e)}")
         except (TypeError, ValueError) as e:
             fail(f"bad config override: {_one_line(e)}")
 

@@ -59,7 +59,8 @@ def assert_one_line_error(result, *fragments):
 
 def test_config_key_typo_is_one_line(tmp_path):
     result = run("ctl_jax.train", "--config.solver.bse_lr=1", f"--workdir={tmp_path / 'w'}")
-    assert_one_line_error(result, "bse_lr", "base_lr")
+    assert_one_line_error(result, "bse_lr (did you mean base_lr?)")
+    assert "\\" not in result.stderr and "'" not in result.stderr  # no raw repr
     assert not (tmp_path / "w").exists()
 
 

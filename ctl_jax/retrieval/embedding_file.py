@@ -86,18 +86,14 @@ class Embeddings:
             ValueError); the message names the file and the problem.
         """
         path = pathlib.Path(path)
+        if path.is_dir():
+            raise FileContentError(
+                f"embeddings file {path} is a folder, not an .npz (images are embedded with "
+                "ctl_jax.embed, or search --images=FOLDER)"
+            )
         if not path.is_file():
             raise MissingFileError(f"embeddings file {path} does not exist")
-        with open(path, "rb") as f:
-            head = f.read(6)
-        # numpy reads anything that is neither a zip nor an .npy as a pickle and then advises
-        # allow_pickle=True, which is unsafe for a file from elsewhere: say what it is instead.
-        if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x93NUMPY")):
-            kind = "empty" if not head else "not a zip archive"
-            raise FileContentError(
-                f"embeddings file {path} is not an .npz ({kind}); expected the output of "
-                "ctl_jax.embed (numpy.savez with the arrays embeddings, pids, camids, paths)"
-            )
+        files.require_numpy_file(path, "embeddings file")
         try:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:

@@ -253,6 +253,7 @@ def load_index(path: str | os.PathLike, search_params: dict | None = None) -> Se
     path = pathlib.Path(path)
     if not path.is_file():
         raise MissingFileError(f"index file {path} does not exist")
+    files.require_numpy_file(path, "index file")
     try:
         data = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
