@@ -2,6 +2,7 @@
 half-written save), a training killed at random points, and two trainings on one work
 directory. Each must lose nothing and say what happened in one line."""
 
+import errno
 import json
 import os
 import random
@@ -289,3 +290,23 @@ def test_evaluate_falls_back_and_names_the_readable_steps(stopped, tmp_path):
     explicit = run("ctl_jax.evaluate", f"--workdir={workdir}", "--step=5", "--modes=instance")
     assert_one_line_error(explicit, "checkpoints/5", "readable steps: [3]")
     assert "Event loop" not in explicit.stderr
+
+
+def test_a_full_disk_while_saving_is_a_one_line_error(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path)
+    state = {"w": np.zeros(3, np.float32)}
+    store.save(1, state, {"epoch": 0}, {"num_classes": 1})
+    store.wait()
+
+    def full(*_args, **_kwargs):
+        # What an asynchronous save reports, wrapped as orbax wraps it.
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("save failed") from e
+
+    monkeypatch.setattr(store._manager, "save", full)
+    with pytest.raises(CheckpointError, match="no space left .* resumes from step 1"):
+        store.save(2, state, {"epoch": 0}, {"num_classes": 1})
+    monkeypatch.undo()
+    store.close()

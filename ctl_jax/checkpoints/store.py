@@ -19,7 +19,9 @@ later save of the same step number does not collide with it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import math
 import pathlib
 import sys
@@ -46,6 +48,19 @@ def _cause(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     line = text[0] if text else type(error).__name__
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _disk_full(error: BaseException) -> bool:
+    """True when `error` or an exception in its cause chain is ENOSPC or EDQUOT."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _quiet_closed_event_loop() -> None:
@@ -133,7 +148,8 @@ class CheckpointStore:
             data=ocp.args.JsonSave(data),
             meta=ocp.args.JsonSave(meta),
         )
-        self._manager.save(step, args=args, metrics=metrics, force=True)
+        with self._writing():
+            self._manager.save(step, args=args, metrics=metrics, force=True)
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON `meta` item (config and class count) of a checkpoint."""
@@ -297,8 +313,30 @@ class CheckpointStore:
         return step
 
     def wait(self):
-        self._manager.wait_until_finished()
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self):
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A full disk (or quota) while saving is a one-line error: an asynchronous save
+        reports it at the next save or wait, as whatever orbax wraps it in. The step being
+        written stays a temporary folder, which orbax ignores and removes later."""
+        try:
+            yield
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            readable = self.all_steps()
+            raise CheckpointError(
+                f"cannot write a checkpoint in {self.directory}: no space left on the device. "
+                f"Free some space and run the same command again "
+                f"(it resumes from step {max(readable)})"
+                if readable
+                else f"cannot write a checkpoint in {self.directory}: no space left on the device"
+            ) from e
