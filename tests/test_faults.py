@@ -251,8 +251,9 @@ def test_kill_9_at_random_points_resumes_to_the_uninterrupted_weights(
 ):
     first_epoch = sum(r["epoch"] == 1 for r in _logged(uninterrupted, "train"))
     rng = random.Random(14)
-    # Mid-step or mid-save early in epoch 1, then in the evaluation after epoch 1 (its last
-    # step logged), each after a random fraction of a second.
+    # Mid-epoch 1 (a random step, then a random fraction of a second: in a step, or in a
+    # periodic save), then in the evaluation after epoch 1 (0.3 s after its last step is
+    # logged the evaluation's embedding function is still compiling or running).
     kills = [(rng.randint(2, first_epoch - 1), rng.uniform(0, 0.5)), (first_epoch, 0.3)]
     workdir = tmp_path / "run"
     command = _train_command(tiny_dataset, workdir)

@@ -292,7 +292,13 @@ class CheckpointStore:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         target = self.directory / f"{step}{UNREADABLE_SUFFIX}{stamp}"
         if jax.process_index() == 0:
-            (self.directory / str(step)).rename(target)
+            try:
+                (self.directory / str(step)).rename(target)
+            except OSError as e:  # left in place, a later save of this step would collide
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} cannot be read and cannot be "
+                    f"moved aside ({e.strerror}); move or remove it, then run again"
+                ) from e
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
