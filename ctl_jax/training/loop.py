@@ -118,8 +118,16 @@ def _check_finite(step: int, metrics: dict) -> None:
 def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints) and evaluates.
 
+    Resumes from the newest readable checkpoint (newer unreadable ones are reported on
+    stderr and moved aside, see `CheckpointStore.restore`).
+
     Returns:
       The final evaluation results {mode: metrics} (empty if no evaluation mode is set).
+
+    Raises:
+      WorkdirInUseError: another training holds `workdir` (see `workdir_lock`).
+      CheckpointError: `workdir` holds checkpoints of which none can be read.
+      TrainingInterrupted: Ctrl-C or SIGTERM, after a checkpoint was saved.
     """
     workdir = pathlib.Path(workdir)
     # One training per work directory; in a multi-process run process 0 holds the lock for
