@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import errno
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Callable
@@ -44,7 +45,13 @@ def warn_on_stderr(message: str) -> None:
 
 
 def _cause(error: BaseException) -> str:
-    """The first line of an orbax/TensorStore error (they run to 60 lines), shortened."""
+    """The first line of the root cause of an orbax/TensorStore error, shortened: orbax
+    wraps TensorStore's own message ("OUT_OF_RANGE: Error reading ... Requested byte range
+    [0, 4096) is not valid for value of size 1000") in one that prints a 60-line spec."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
     text = str(error).strip().splitlines()
     line = text[0] if text else type(error).__name__
     return line if len(line) <= 300 else line[:297] + "..."
@@ -67,8 +74,9 @@ def _quiet_closed_event_loop() -> None:
     """Installed once (by every store). After a failed restore, TensorStore reads still in
     flight complete on a thread and try to wake orbax's event loop, which is closed by then:
     Python prints each as an "Event loop is closed" traceback (through
-    `sys.unraisablehook`), possibly long after the error was handled. Those are noise, not
-    a second failure: drop them, pass anything else on."""
+    `sys.unraisablehook`), possibly long after the error was handled, and the read
+    coroutines left behind print their error again when they are garbage-collected. Those
+    are noise, not a second failure: drop them, pass anything else on."""
     previous = sys.unraisablehook
     if getattr(previous, "_ctl_jax_quiet", False):
         return
@@ -76,6 +84,11 @@ def _quiet_closed_event_loop() -> None:
     def hook(unraisable):
         value = unraisable.exc_value
         if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+            return
+        # orbax's read coroutines closed by the garbage collector after the failure: each
+        # would print the whole TensorStore spec (60 lines) of the array it was reading.
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
             return
         previous(unraisable)
 
