@@ -1,5 +1,6 @@
 """Import PyTorch weights: `python -m ctl_jax.convert --source=FILE.(pth|ckpt) --output=DIR
-[--config=configs/<name>.py] [--overwrite]`, or `--source=FILE --inspect` to look first.
+[--config=configs/<name>.py] [--overwrite] [--allow_unsafe_globals]`, or `--source=FILE --inspect`
+to look first.
 
 Reads torchvision ResNet and ResNet-IBN-a `.pth` files and the original CTL Lightning
 checkpoints without executing pickled code and without torch, infers the architecture from the
