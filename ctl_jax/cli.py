@@ -4,13 +4,17 @@ cache, the allocator settings, and turning user errors into a one-line message.
 Exit codes: 2 for a usage error (a bad flag or a missing one, `fail`), 1 for a
 `ctl_jax.errors.UserError` raised while running (printed as `error: <message>`), and
 Python's traceback with exit code 1 for anything else: that is a bug, and the traceback is
-what a bug report needs. `--debug` (or `CTL_JAX_DEBUG=1`) prints a user error's traceback too.
+what a bug report needs. A stopped training exits with 128 + the signal: 130 for Ctrl-C,
+143 for SIGTERM (outside training, SIGTERM keeps its default action, which the shell also
+reports as 143). `--debug` (or `CTL_JAX_DEBUG=1`) prints a user error's traceback too.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
+import signal
 import sys
 from collections.abc import Callable
 
@@ -48,6 +52,14 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _unknown_key(error: BaseException) -> str:
+    """`bse_lr (did you mean base_lr?)` from ml_collections' `'bse_lr\\nDid you mean
+    "base_lr" instead of "bse_lr"?'`."""
+    text = _one_line(error)
+    match = re.match(r'(\S+)\s+Did you mean "([^"]+)"', text)
+    return f"{match.group(1)} (did you mean {match.group(2)}?)" if match else text.strip('"')
+
+
 def define_config_flag(default: str | None, help_text: str) -> Callable[[], object]:
     """`--config=FILE[:variant]` with `--config.<key>=<value>` overrides; returns a getter.
 
@@ -57,7 +69,7 @@ def define_config_flag(default: str | None, help_text: str) -> Callable[[], obje
     try:
         holder = config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
     except (AttributeError, KeyError) as e:
-        fail(f"unknown config key in an override: {_one_line(e)}")
+        fail(f"unknown config key in an override: {_unknown_key(e)}")
     except (TypeError, ValueError) as e:
         fail(f"bad config override: {_one_line(e)}")
 
@@ -70,7 +82,7 @@ def define_config_flag(default: str | None, help_text: str) -> Callable[[], obje
         except OSError as e:
             fail(f"cannot load the config file: {_one_line(e)}")
         except (AttributeError, KeyError) as e:
-            fail(f"unknown config key in an override: {_one_line(e)}")
+            fail(f"unknown config key in an override: {_unknown_key(e)}")
         except (TypeError, ValueError) as e:
             fail(f"bad config override: {_one_line(e)}")
 
@@ -107,7 +119,8 @@ def run(main: Callable[[list[str]], int | None]) -> None:
             return main(argv)
         except KeyboardInterrupt as e:
             print(f"\n{e or 'interrupted'}", file=sys.stderr)
-            sys.exit(130)
+            # 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM (training records which).
+            sys.exit(128 + getattr(e, "signal_number", signal.SIGINT))
         except UserError as e:  # anything else is a bug: its traceback is printed
             sys.exit(report_user_error(e, debug_requested(_DEBUG.value)))
 

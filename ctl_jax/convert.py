@@ -1,5 +1,6 @@
 """Import PyTorch weights: `python -m ctl_jax.convert --source=FILE.(pth|ckpt) --output=DIR
-[--config=configs/<name>.py] [--overwrite]`, or `--source=FILE --inspect` to look first.
+[--config=configs/<name>.py] [--overwrite] [--allow_unsafe_globals]`, or `--source=FILE --inspect`
+to look first.
 
 Reads torchvision ResNet and ResNet-IBN-a `.pth` files and the original CTL Lightning
 checkpoints without executing pickled code and without torch, infers the architecture from the
@@ -26,6 +27,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the checkpoints/ of a used --output.")
+_ALLOW_UNSAFE_GLOBALS = flags.DEFINE_bool(
+    "allow_unsafe_globals",
+    False,
+    "Convert the tensors of a file that names code-executing globals (os.system, builtins.eval, "
+    "...), which is refused otherwise. The globals are never called either way.",
+)
 _DESCRIBE_ONLY = flags.DEFINE_bool(
     "inspect", False, "Only describe --source (format, pickled objects, architecture)."
 )
@@ -56,7 +63,11 @@ def main(argv):
         cli.fail("--output=DIR is required (or pass --inspect to only look at the file)")
     config = _CONFIG.value if _CONFIG.value is not None else _default_config()
     report = conversion.convert_checkpoint(
-        _SOURCE.value, _OUTPUT.value, config, overwrite=_OVERWRITE.value
+        _SOURCE.value,
+        _OUTPUT.value,
+        config,
+        overwrite=_OVERWRITE.value,
+        allow_unsafe_globals=_ALLOW_UNSAFE_GLOBALS.value,
     )
     print(conversion.format_report(report))
 

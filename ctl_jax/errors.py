@@ -76,6 +76,10 @@ class WorkdirMismatchError(ConfigError):
     """The work directory holds checkpoints of a different config."""
 
 
+class WorkdirInUseError(UserError, RuntimeError):
+    """Another training holds the work directory (its lock file, see docs/formats.md)."""
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss (too high a learning rate, or broken data)."""
 

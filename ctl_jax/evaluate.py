@@ -20,7 +20,7 @@ import time
 from absl import flags
 
 from ctl_jax import cli, distributed
-from ctl_jax.errors import OptionError
+from ctl_jax.errors import FileContentError, OptionError
 
 _CONFIG = cli.define_config_flag(None, "Config file; default: the one saved with the checkpoint.")
 flags.adopt_module_key_flags(distributed)  # --help lists the multi-process flags
@@ -132,6 +132,9 @@ def evaluate_embedding_files(
     from ctl_jax.retrieval.embedding_file import Embeddings
 
     query, gallery = Embeddings.load(query_path), Embeddings.load(gallery_path)
+    for path, embeddings in ((query_path, query), (gallery_path, gallery)):
+        if len(embeddings) == 0:
+            raise FileContentError(f"embeddings file {path} has no rows; nothing to evaluate")
     # Files with named identities number them independently: one numbering from the labels
     # of both (unchanged for Market-style files, whose labels are their pids).
     if query.dim == gallery.dim:  # (else the evaluation names the mismatch)
@@ -147,6 +150,10 @@ def evaluate_embedding_files(
             protocol, query, gallery, modes, ground_truth, distractors, ks
         )
         return results, {**meta, "protocol": protocol, **extra}
+    # As `--workdir` reads a dataset: rows of identity -1 (Market junk, or an image with no
+    # identity) are left out of the query and the gallery.
+    query = _known_identities(query, query_path, "query")
+    gallery = _known_identities(gallery, gallery_path, "gallery")
     options = dict(options or {})
     evaluate = (
         evaluate_query_centroids if options.pop("query_centroids", False) else evaluation.evaluate
@@ -162,6 +169,24 @@ def evaluate_embedding_files(
         **options,
     )
     return results, meta
+
+
+def _known_identities(embeddings, path, role: str):
+    """The rows of `embeddings` with an identity (pid >= 0), saying how many were left out;
+    an error when none is left."""
+    known = embeddings.pids >= 0
+    if known.all():
+        return embeddings
+    if not known.any():
+        raise FileContentError(
+            f"embeddings file {path} has no row with an identity (every pid is -1); the "
+            f"{role} of the Market protocol needs identities: Market-style file names "
+            "(0002_c1s1_...jpg), or `embed --identity=folder|csv:FILE`"
+        )
+    dropped = int((~known).sum())
+    if distributed.is_primary():
+        print(f"{role}: left out {dropped} of {len(known)} rows of identity -1 (junk) in {path}")
+    return embeddings.select(known)
 
 
 def evaluate_checkpoint(

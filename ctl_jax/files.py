@@ -8,7 +8,7 @@ import os
 import pathlib
 import tempfile
 
-from ctl_jax.errors import OutputExistsError
+from ctl_jax.errors import FileContentError, OutputExistsError
 
 
 def refuse_overwrite(path: str | os.PathLike, overwrite: bool, flag: str = "--output"):
@@ -44,3 +44,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def require_numpy_file(path: pathlib.Path, what: str) -> None:
+    """Raises `FileContentError` unless `path` starts like an .npz (a zip) or an .npy.
+
+    numpy reads anything else as a pickle, and with allow_pickle=False then advises
+    allow_pickle=True: unsafe advice for a file from elsewhere. `what` names the file
+    ("embeddings file", "index file") and what should have written it.
+    """
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x93NUMPY")):
+        kind = "it is empty" if not head else "not a zip archive"
+        raise FileContentError(f"{what} {path} is not an .npz ({kind})")

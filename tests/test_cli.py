@@ -59,7 +59,8 @@ def assert_one_line_error(result, *fragments):
 
 def test_config_key_typo_is_one_line(tmp_path):
     result = run("ctl_jax.train", "--config.solver.bse_lr=1", f"--workdir={tmp_path / 'w'}")
-    assert_one_line_error(result, "bse_lr", "base_lr")
+    assert_one_line_error(result, "bse_lr (did you mean base_lr?)")
+    assert "\\" not in result.stderr and "'" not in result.stderr  # no raw repr
     assert not (tmp_path / "w").exists()
 
 
@@ -123,6 +124,15 @@ def test_evaluate_rejects_bad_embedding_files(tmp_path):
         "--modes=instance,centroids",
     )
     assert_one_line_error(bad_mode, "centroids")
+    text = tmp_path / "text.npz"
+    text.write_text("this is not numpy\n")
+    result = run("ctl_jax.evaluate", f"--query={text}", f"--gallery={tmp_path / 'g.npz'}")
+    assert_one_line_error(result, "text.npz", "not an .npz")
+    assert "allow_pickle" not in result.stderr  # numpy's advice, unsafe for a foreign file
+    empty = tmp_path / "empty.npz"
+    _embeddings(rng, 0, 4, 3, 2).save(empty)
+    result = run("ctl_jax.evaluate", f"--query={tmp_path / 'g.npz'}", f"--gallery={empty}")
+    assert_one_line_error(result, "empty.npz", "no rows")
 
 
 def test_evaluate_rerank_expansion_verification_and_plots(tmp_path):
@@ -216,6 +226,46 @@ def test_evaluate_missing_step_and_corrupt_checkpoint(checkpoint_dir, tmp_path):
     result = run("ctl_jax.evaluate", f"--workdir={broken}")
     assert_one_line_error(result, "checkpoint")
     assert (checkpoint_dir / "checkpoints" / "7").is_dir()
+
+
+def test_evaluate_on_embed_outputs_agrees_with_evaluate_workdir(checkpoint_dir, tmp_path):
+    # The gallery folder holds junk (pid -1) images: both paths must leave them out.
+    root = pathlib.Path(
+        CheckpointStore(checkpoint_dir, read_only=True).read_meta()["config"]["data"]["root"]
+    )
+    assert any(p.name.startswith("-1_") for p in (root / "bounding_box_test").iterdir())
+    files = {}
+    for split, folder in (("query", "query"), ("gallery", "bounding_box_test")):
+        files[split] = tmp_path / f"{split}.npz"
+        result = run(
+            "ctl_jax.embed",
+            f"--workdir={checkpoint_dir}",
+            f"--images={root / folder}",
+            f"--output={files[split]}",
+            "--noprogress",
+        )
+        assert result.returncode == 0, result.stderr
+    modes = ["--modes=instance,centroid", "--noverification"]
+    from_files, from_workdir = tmp_path / "files.json", tmp_path / "workdir.json"
+    result = run(
+        "ctl_jax.evaluate",
+        f"--query={files['query']}",
+        f"--gallery={files['gallery']}",
+        f"--output={from_files}",
+        *modes,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "gallery: left out" in result.stdout
+    result = run(
+        "ctl_jax.evaluate", f"--workdir={checkpoint_dir}", f"--output={from_workdir}", *modes
+    )
+    assert result.returncode == 0, result.stderr
+    a, b = json.loads(from_files.read_text()), json.loads(from_workdir.read_text())
+    for mode in ("instance", "centroid"):
+        assert a[mode]["num_gallery"] == b[mode]["num_gallery"], mode
+        assert a[mode]["num_query"] == b[mode]["num_query"], mode
+        for key in ("mAP", "rank1", "rank5", "mINP"):
+            assert a[mode][key] == pytest.approx(b[mode][key], abs=1e-4), (mode, key)
 
 
 # An entry point's main run through cli.run with one library function replaced, as a user's

@@ -477,3 +477,19 @@ def test_inspect_describes_a_file_without_converting_it(converted):
     )
     assert "layout: ctl_lightning; architecture: resnet18" in text
     assert f"classes: {NUM_CLASSES}" in text
+
+
+def test_convert_refuses_code_executing_globals_unless_allowed(tmp_path, base_config):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "resnet18-hostile.pth"
+    state = trm.make_resnet("resnet18", stem_relu=False).state_dict()
+    state["payload"] = _Exploit(marker)
+    torch.save(state, path)
+    output = tmp_path / "out"
+    with pytest.raises(torch_pickle.TorchFileError, match=r"system.*--allow_unsafe_globals"):
+        conversion.convert_checkpoint(path, output, base_config)
+    assert not output.exists() and not marker.exists()
+    assert "code-executing globals" in conversion.inspect_source(path)
+    report = conversion.convert_checkpoint(path, output, base_config, allow_unsafe_globals=True)
+    assert report.arch == "resnet18" and not marker.exists()
+    assert any(name.endswith(".system") for name in report.inert_objects)

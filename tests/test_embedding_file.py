@@ -100,8 +100,11 @@ def test_unreadable_files(tmp_path):
         Embeddings.load(tmp_path / "nope.npz")
     text = tmp_path / "text.npz"
     text.write_text("not numpy")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match="is not an .npz") as error:
         Embeddings.load(text)
+    assert "allow_pickle" not in str(error.value)  # numpy's advice, unsafe for such a file
+    with pytest.raises(ValueError, match="is a folder"):
+        Embeddings.load(tmp_path)
     single = tmp_path / "single.npy"
     np.save(single, np.zeros((2, 2)))
     with pytest.raises(ValueError, match="single array"):

@@ -329,7 +329,7 @@ def _train_evaluate_two_processes(config_path, workdir, logdir) -> int:
     except BaseException:
         run.kill()
         raise
-    outputs = run.wait(expect_codes=(130,))
+    outputs = run.wait(expect_codes=(143,))  # SIGTERM, or the vote on it
     stops = [re.search(r"stopped at step (\d+)", err) for _, err in outputs]
     assert all(stops), run.report("no 'stopped at step' message")
     stopped = {int(m.group(1)) for m in stops}

@@ -144,6 +144,26 @@ def test_coco_bad_input(tmp_path):
         read_coco_fashion(tmp_path, paths)
     with pytest.raises(DatasetError, match="not found"):
         read_coco_fashion(tmp_path, {**paths, "train": tmp_path / "nope.json"})
+    # Fields of the wrong JSON type: one line naming the field, not a TypeError.
+    for image, field in (
+        ({"id": 1, "file_name": 5}, "file_name"),
+        ({"id": [1], "file_name": "a.jpg"}, "id"),
+    ):
+        paths["query"].write_text(json.dumps({"images": [image], "annotations": []}))
+        with pytest.raises(DatasetError, match=rf"images\[0\]\.{field} must be"):
+            read_coco_fashion(tmp_path, paths)
+
+
+def test_fashion_config_without_annotation_names_says_which_keys(tmp_path):
+    from ctl_jax.configs import load_config
+    from ctl_jax.data.source import load_dataset
+    from ctl_jax.errors import ConfigError
+
+    config = load_config("configs/street2shop.py")
+    config.data.root = str(tmp_path)
+    config.data.query_json = ""
+    with pytest.raises(ConfigError, match="set data.query_json"):
+        load_dataset(config.data)
 
 
 def test_folder_per_identity(tmp_path):

@@ -159,7 +159,7 @@ def test_load_index_rejects_other_files(tmp_path):
     with pytest.raises(ValueError, match=r"not a ctl_jax index file \(it looks like an embed"):
         load_index(tmp_path / "g.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match="is not an .npz"):
         load_index(tmp_path / "junk.npz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_index(tmp_path / "missing.npz")

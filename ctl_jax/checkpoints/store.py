@@ -9,12 +9,24 @@ A checkpoint holds three items:
   - `meta`: the resolved config and the number of classes as JSON, so evaluate/embed can
     rebuild the network from the checkpoint alone.
 The latest `keep` checkpoints are kept, plus the best one by the monitored evaluation metric.
+
+A checkpoint that cannot be read (a data file truncated by a full disk or an interrupted copy,
+a metadata file missing) does not stop a run: reading "the latest" falls back to the newest
+readable step with a one-line warning, and a writable store moves the unreadable step folder
+aside as `<step>.unreadable-<UTC time>` (never deleted; orbax ignores such names), so that a
+later save of the same step number does not collide with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
 import math
+import os
 import pathlib
+import sys
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -22,6 +34,66 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from ctl_jax.errors import CheckpointError  # noqa: F401  (re-exported)
+
+# Suffix of a step folder moved aside because it could not be read (`<step>.unreadable-<time>`).
+# It must not end in `_<digits>`: orbax would take such a folder for a step.
+UNREADABLE_SUFFIX = ".unreadable-"
+
+
+def warn_on_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of the root cause of an orbax/TensorStore error, shortened: orbax
+    wraps TensorStore's own message ("OUT_OF_RANGE: Error reading ... Requested byte range
+    [0, 4096) is not valid for value of size 1000") in one that prints a 60-line spec."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _disk_full(error: BaseException) -> bool:
+    """True when `error` or an exception in its cause chain is ENOSPC or EDQUOT."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _quiet_closed_event_loop() -> None:
+    """Installed once (by every store). After a failed restore, TensorStore reads still in
+    flight complete on a thread and try to wake orbax's event loop, which is closed by then:
+    Python prints each as an "Event loop is closed" traceback (through
+    `sys.unraisablehook`), possibly long after the error was handled, and the read
+    coroutines left behind print their error again when they are garbage-collected. Those
+    are noise, not a second failure: drop them, pass anything else on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ctl_jax_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+            return
+        # orbax's read coroutines closed by the garbage collector after the failure: each
+        # would print the whole TensorStore spec (60 lines) of the array it was reading.
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook._ctl_jax_quiet = True
+    sys.unraisablehook = hook
 
 
 class CheckpointStore:
@@ -46,6 +118,8 @@ class CheckpointStore:
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints found: {self.directory} does not exist")
         self.monitor = monitor
+        self._read_only = read_only
+        _quiet_closed_event_loop()  # a damaged checkpoint's read fails with no more than an error
         policy = checkpoint_managers.AnyPreservationPolicy(
             [
                 checkpoint_managers.LatestN(n=max(keep, 1)),
@@ -87,7 +161,8 @@ class CheckpointStore:
             data=ocp.args.JsonSave(data),
             meta=ocp.args.JsonSave(meta),
         )
-        self._manager.save(step, args=args, metrics=metrics, force=True)
+        with self._writing():
+            self._manager.save(step, args=args, metrics=metrics, force=True)
 
     def read_meta(self, step: int | None = None) -> dict:
         """The JSON `meta` item (config and class count) of a checkpoint."""
@@ -105,33 +180,37 @@ class CheckpointStore:
             )
         except Exception as e:  # orbax raises many types for a damaged directory
             raise CheckpointError(
-                f"cannot read checkpoint {self.directory / str(step)}: {e}"
+                f"cannot read checkpoint {self.directory / str(step)}: {_cause(e)}"
             ) from e
         return restored[item]
 
-    def restore(self, abstract_state, step: int | None = None):
-        """Restores (state, data, meta) of `step` (default: latest) onto `abstract_state`.
+    def restore(
+        self, abstract_state, step: int | None = None, warn: Callable[[str], None] = warn_on_stderr
+    ):
+        """Restores (state, data, meta) of `step`, or of the newest readable checkpoint.
 
         Args:
           abstract_state: a pytree of `jax.ShapeDtypeStruct` (with shardings) shaped like the
             state, e.g. from `jax.eval_shape`.
+          step: the step to restore (an error if it cannot be read); default: the latest, or
+            when it cannot be read the newest one that can (each one skipped is reported
+            through `warn` and, in a writable store, moved aside).
         """
-        step = self._resolve(step)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
-        try:
-            restored = self._manager.restore(step, args=args)
-        except Exception as e:
-            raise CheckpointError(
-                f"cannot restore checkpoint {self.directory / str(step)} "
-                f"(corrupt, or written for a different model?): {e}"
-            ) from e
-        return restored["state"], restored["data"], restored["meta"]
 
-    def restore_raw(self, step: int | None = None) -> dict:
+        def read(s):
+            restored = self._manager.restore(s, args=args)
+            return restored["state"], restored["data"], restored["meta"]
+
+        return self._read_newest(read, step, warn)[1]
+
+    def restore_raw(
+        self, step: int | None = None, warn: Callable[[str], None] = warn_on_stderr
+    ) -> dict:
         """The `state` item as plain nested dicts of numpy arrays (no abstract state needed).
 
         Used to take weights from a checkpoint whose model differs (initialisation), and by
@@ -139,21 +218,106 @@ class CheckpointStore:
         and processes saved them, so a checkpoint written by a TPU pod or several processes
         opens on one CPU (without a target orbax would recreate the saved device layout,
         and fail with a topology mismatch), and every process of a multi-process run reads
-        its own full copy.
+        its own full copy. Without `step`, the newest readable checkpoint (see `restore`).
         """
-        step = self._resolve(step)
-        try:
-            metadata = self._manager.item_metadata(step)["state"]
-            target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-            )
-        except Exception as e:
-            raise CheckpointError(
-                f"cannot read checkpoint {self.directory / str(step)}: {e}"
-            ) from e
+        return self.restore_raw_and_meta(step, warn)[1]
+
+    def restore_raw_and_meta(
+        self, step: int | None = None, warn: Callable[[str], None] = warn_on_stderr
+    ) -> tuple[int, dict, dict]:
+        """(step, state, meta): `restore_raw` and `read_meta` of one checkpoint, `step` or the
+        newest one both can be read from (the ones skipped reported through `warn`, see
+        `restore`)."""
+        step, (state, meta) = self._read_newest(self._read_raw_and_meta, step, warn)
+        return step, state, meta
+
+    def _read_raw_and_meta(self, step: int) -> tuple[dict, dict]:
+        metadata = self._manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), metadata)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
         state = restored["state"]
-        return state if isinstance(state, dict) else dict(state.__dict__)
+        return (state if isinstance(state, dict) else dict(state.__dict__)), restored["meta"]
+
+    def readable_steps(self) -> list[int]:
+        """The steps whose state and meta items can be read (reads each one whole)."""
+        readable = []
+        for s in self.all_steps():
+            try:
+                self._read_raw_and_meta(s)
+            except Exception:
+                continue
+            readable.append(s)
+        return readable
+
+    def _read_newest(self, read, step: int | None, warn: Callable[[str], None]):
+        """`(step, read(step))` for the given step, or for the newest step `read` succeeds on.
+
+        A failure of a given step is an error listing the readable steps. Without a step,
+        each unreadable newer one is reported through `warn` (and moved aside when the store
+        is writable); when none can be read the error lists every step and its cause.
+        """
+        if step is not None:
+            self._resolve(step)
+            try:
+                return step, read(step)
+            except Exception as e:  # orbax raises many types for a damaged directory
+                cause = _cause(e)
+            others = [s for s in self.readable_steps() if s != step]
+            raise CheckpointError(
+                f"cannot read checkpoint {self.directory / str(step)} ({cause}); "
+                + (f"readable steps: {others}" if others else "no other step is readable")
+            )
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoints in {self.directory}")
+        failures = []
+        for s in steps:
+            try:
+                result = read(s)
+            except Exception as e:
+                failures.append((s, _cause(e)))
+                continue
+            for bad, cause in failures:
+                moved = self._move_aside(bad)
+                where = f"moved aside to {moved.name}" if moved else "left in place"
+                warn(
+                    f"checkpoint step {bad} in {self.directory} cannot be read ({cause}); "
+                    f"{where}, using step {s}"
+                )
+            return s, result
+        causes = "; ".join(f"step {s}: {cause}" for s, cause in failures)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be read ({causes}); move the folder "
+            "away to start a new run, or restore it from a backup"
+        )
+
+    def _move_aside(self, step: int) -> pathlib.Path | None:
+        """Renames an unreadable step folder to `<step>.unreadable-<UTC time>` (writable
+        store, process 0 only; the others wait for it); returns the new path, or None when
+        the folder stays (read-only store)."""
+        if self._read_only:
+            return None
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        target = self.directory / f"{step}{UNREADABLE_SUFFIX}{stamp}"
+        if jax.process_index() == 0:
+            try:
+                (self.directory / str(step)).rename(target)
+            except OSError as e:  # left in place, a later save of this step would collide
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} cannot be read and cannot be "
+                    f"moved aside ({e.strerror}); move or remove it, then run again"
+                ) from e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"ctl_jax moved aside step {step}")
+        self._manager.reload()
+        return target
 
     def _resolve(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -168,8 +332,30 @@ class CheckpointStore:
         return step
 
     def wait(self):
-        self._manager.wait_until_finished()
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self):
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A full disk (or quota) while saving is a one-line error: an asynchronous save
+        reports it at the next save or wait, as whatever orbax wraps it in. The step being
+        written stays a temporary folder, which orbax ignores and removes later."""
+        try:
+            yield
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            readable = self.all_steps()
+            raise CheckpointError(
+                f"cannot write a checkpoint in {self.directory}: no space left on the device. "
+                f"Free some space and run the same command again "
+                f"(it resumes from step {max(readable)})"
+                if readable
+                else f"cannot write a checkpoint in {self.directory}: no space left on the device"
+            ) from e

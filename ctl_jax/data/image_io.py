@@ -12,7 +12,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ctl_jax.errors import UnreadableImageError
 
@@ -66,6 +66,11 @@ def decode_pil(data: bytes, path_for_errors: str = "<bytes>") -> Image.Image:
         if image.mode != "RGB":
             image = image.convert("RGB")
         return image
+    except UnidentifiedImageError as e:  # its message names a BytesIO object, not the file
+        raise UnreadableImageError(
+            f"cannot decode image {path_for_errors!r}: not an image file (or a format PIL "
+            "cannot read)"
+        ) from e
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise UnreadableImageError(f"cannot decode image {path_for_errors!r}: {e}") from e
 

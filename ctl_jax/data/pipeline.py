@@ -153,9 +153,12 @@ class _LoadImage:
                 image = transforms.resize_pil(decoded, self.height, self.width)
             except OSError as e:
                 if not self.skip_unreadable:
-                    if isinstance(e, image_io.UnreadableImageError):
-                        raise
-                    raise image_io.UnreadableImageError(f"cannot read image {path!r}: {e}") from e
+                    message = e.args[0] if isinstance(e, image_io.UnreadableImageError) else (
+                        f"cannot read image {path!r}: {e}"
+                    )
+                    raise image_io.UnreadableImageError(
+                        f"{message} (training skips such images with data.skip_unreadable=True)"
+                    ) from e
                 image_io.UNREADABLE.report(path, e)
         element["image"] = image
         element["valid"] = np.bool_(image is not None)

@@ -187,6 +187,17 @@ def _load_json(path: Path) -> dict:
                     f"{path}: {key}[{i}] lacks one of {fields} (expected {expected}): "
                     f"{str(item)[:100]}"
                 )
+            for field in fields:
+                # Ids are matched as dictionary keys (an unhashable list would be a
+                # TypeError), file names joined to a folder: each must have its JSON type.
+                wanted = (str,) if field == "file_name" else (int, str)
+                value = item[field]
+                if not isinstance(value, wanted) or isinstance(value, bool):
+                    kind = "a string" if field == "file_name" else "an integer or a string"
+                    raise DatasetError(
+                        f"{path}: {key}[{i}].{field} must be {kind}, got "
+                        f"{type(value).__name__} {str(value)[:60]}"
+                    )
     return data
 
 

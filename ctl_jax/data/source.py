@@ -62,6 +62,12 @@ def _open(data_cfg, name: str, root) -> RetrievalDataset:
     kwargs = benchmarks.reader_options(name, data_cfg)
     if name in ("street2shop", "deepfashion"):
         root_path = pathlib.Path(root)
+        unset = [f"data.{split}_json" for split in SPLITS if not getattr(data_cfg, f"{split}_json")]
+        if unset:
+            raise ConfigError(
+                f"dataset {name!r} needs its annotation files: set {', '.join(unset)} (JSON "
+                f"file names relative to data.root, e.g. --config.data.train_json=train.json)"
+            )
         kwargs["json_paths"] = {
             split: str(root_path / getattr(data_cfg, f"{split}_json")) for split in SPLITS
         }

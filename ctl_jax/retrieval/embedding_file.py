@@ -98,8 +98,14 @@ class Embeddings:
             ValueError); the message names the file and the problem.
         """
         path = pathlib.Path(path)
+        if path.is_dir():
+            raise FileContentError(
+                f"embeddings file {path} is a folder, not an .npz (images are embedded with "
+                "ctl_jax.embed, or search --images=FOLDER)"
+            )
         if not path.is_file():
             raise MissingFileError(f"embeddings file {path} does not exist")
+        files.require_numpy_file(path, "embeddings file")
         try:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:

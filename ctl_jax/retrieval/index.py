@@ -279,6 +279,7 @@ def read_index(
     path = pathlib.Path(path)
     if not path.is_file():
         raise MissingFileError(f"index file {path} does not exist")
+    files.require_numpy_file(path, "index file")
     try:
         data = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:

@@ -26,8 +26,9 @@ def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
             f"containing checkpoints/ (create one with `python -m ctl_jax.convert`)"
         )
     store = CheckpointStore(path, read_only=True)
-    variables = model_variables(store.restore_raw())
-    if store.read_meta().get("converted_from") in IMAGENET_LAYOUTS:
+    _, state, meta = store.restore_raw_and_meta()  # the newest readable checkpoint
+    variables = model_variables(state)
+    if meta.get("converted_from") in IMAGENET_LAYOUTS:
         # An ImageNet classifier (1000 classes) is never a re-ID classifier, even for a
         # dataset that happens to have 1000 identities.
         variables["params"] = {k: v for k, v in variables["params"].items() if k != "classifier"}

@@ -23,6 +23,7 @@ from ctl_jax import configs as config_lib
 from ctl_jax import parallel
 from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore
+from ctl_jax.checkpoints.store import warn_on_stderr
 from ctl_jax.cpu.malloc import release_free_memory
 from ctl_jax.data import pipeline
 from ctl_jax.data.source import check_trainable, load_dataset
@@ -35,29 +36,47 @@ from ctl_jax.training.optimizer import make_optimizer
 from ctl_jax.training.position import DataPosition
 from ctl_jax.training.state import TrainState
 from ctl_jax.training.step import make_train_step
+from ctl_jax.training.workdir_lock import workdir_lock
 
 # Batch key and metric of the multi-process stop vote (see `_with_stop_vote`).
 STOP_VOTE = "stop_vote"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM arrived; a checkpoint was saved first."""
+    """Ctrl-C or SIGTERM arrived; a checkpoint was saved first.
+
+    `signal_number` is the signal that stopped the run (the command lines exit with
+    128 + it: 130 for Ctrl-C, 143 for SIGTERM). A process of a multi-process run that was
+    not signalled itself but stopped on the others' vote reports SIGTERM, the signal of a
+    preemption."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.signal_number = int(signal_number)
 
 
-def prepare_workdir(config, workdir: pathlib.Path) -> None:
-    """Creates the work directory, or checks that the run in it is this config's."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def _stop_signal(stop: dict) -> int:
+    return stop["signal"] if stop["signal"] is not None else signal.SIGTERM
+
+
+def check_workdir(config, workdir: pathlib.Path) -> None:
+    """Checks that the run in `workdir`, if any, is this config's (reads only)."""
     saved_path = workdir / "config.json"
-    current = json.loads(config_lib.config_to_json(config))
     if saved_path.exists() and (workdir / "checkpoints").is_dir():
         saved = json.loads(saved_path.read_text())
+        current = json.loads(config_lib.config_to_json(config))
         diffs = config_lib.identity_differences(saved, current)
         if diffs:
             raise WorkdirMismatchError(
                 f"work directory {workdir} holds checkpoints of a different config "
                 f"({'; '.join(diffs[:3])}); use another --workdir to start a new run"
             )
+
+
+def save_config(config, workdir: pathlib.Path) -> None:
+    """Writes `<workdir>/config.json` (process 0), atomically."""
     if jax.process_index() == 0:
+        saved_path = workdir / "config.json"
         tmp = saved_path.with_suffix(".json.tmp")
         tmp.write_text(config_lib.config_to_json(config))
         tmp.replace(saved_path)
@@ -71,7 +90,7 @@ def stop_requests():
 
     def handler(signum, _frame):
         if flag["signal"] is not None:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
+            raise TrainingInterrupted("stopped without saving a checkpoint", signum)
         flag["signal"] = signum
 
     previous = {}
@@ -99,13 +118,32 @@ def _check_finite(step: int, metrics: dict) -> None:
 def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints) and evaluates.
 
+    Resumes from the newest readable checkpoint (newer unreadable ones are reported on
+    stderr and moved aside, see `CheckpointStore.restore`).
+
     Returns:
       The final evaluation results {mode: metrics} (empty if no evaluation mode is set).
+
+    Raises:
+      WorkdirInUseError: another training holds `workdir` (see `workdir_lock`).
+      CheckpointError: `workdir` holds checkpoints of which none can be read.
+      TrainingInterrupted: Ctrl-C or SIGTERM, after a checkpoint was saved.
     """
     workdir = pathlib.Path(workdir)
+    # One training per work directory; in a multi-process run process 0 holds the lock for
+    # all (see ctl_jax/training/workdir_lock.py).
+    with workdir_lock(workdir, take=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir, log)
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
+    warn = warn_on_stderr
     if jax.process_index() != 0:  # in a multi-process run, process 0 speaks for all
-        log = _silent
-    prepare_workdir(config, workdir)
+        log = warn = _silent
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Nothing is written into the work directory before the checkpoint to resume from has
+    # been read: a failed resume leaves the run as it was.
+    check_workdir(config, workdir)
     dataset, readers = load_dataset(config.data)
     check_trainable(dataset, evaluates=bool(config.eval.modes))
     log(dataset.statistics_table())
@@ -128,12 +166,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
             jax.eval_shape(init_state),
         )
-        state, data, _ = store.restore(abstract)
+        # The newest readable checkpoint: unreadable newer ones are reported and moved aside.
+        state, data, _ = store.restore(abstract, warn=warn)
         position = DataPosition.from_json(data)
         log(f"resumed from {store.directory} at step {int(state.step)}")
     else:
         state = parallel.replicate(with_init_checkpoint(init_state(), config.model, log), mesh)
         position = DataPosition()
+    save_config(config, workdir)
 
     meta = {"config": json.loads(config_lib.config_to_json(config)), "num_classes": num_classes}
     train_step = make_train_step(model, tx, config)
@@ -205,7 +245,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
                 store.save(step, state, position.to_json(), meta, eval_metrics)
                 if interrupted:
                     store.wait()
-                    raise TrainingInterrupted(_stopped_message(step, epoch, store))
+                    raise TrainingInterrupted(
+                        _stopped_message(step, epoch, store), _stop_signal(stop)
+                    )
             if not results and config.eval.modes:
                 results = evaluator.run(state, config.eval.modes)
     finally:
@@ -345,7 +387,7 @@ def _run_epoch(
             if interrupted:
                 _log_step(*pending, config, metrics_log, bar, epoch)
                 store.wait()
-                raise TrainingInterrupted(_stopped_message(step, epoch, store))
+                raise TrainingInterrupted(_stopped_message(step, epoch, store), _stop_signal(stop))
         if pending is not None:
             _log_step(*pending, config, metrics_log, bar, epoch)
     finally:

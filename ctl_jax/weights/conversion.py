@@ -120,6 +120,7 @@ def convert_checkpoint(
     output: str | pathlib.Path,
     config: ml_collections.ConfigDict,
     overwrite: bool = False,
+    allow_unsafe_globals: bool = False,
 ) -> ConversionReport:
     """Converts a PyTorch file into a ctl_jax checkpoint directory.
 
@@ -129,9 +130,13 @@ def convert_checkpoint(
         replaced (nothing else in it is touched).
       config: the base config (e.g. `configs/default.py`); its model group is replaced by the
         inferred settings, the rest (dataset, evaluation) is kept.
+      allow_unsafe_globals: convert the tensors of a file that names code-executing globals
+        (`os.system`, `builtins.eval`, ...) instead of refusing it. They are never called
+        either way; this only records the user's consent to use such a file.
 
     Raises:
-      torch_pickle.TorchFileError (a ValueError): unreadable file or unsupported model.
+      torch_pickle.TorchFileError (a ValueError): unreadable file or unsupported model, or
+        a file naming code-executing globals without `allow_unsafe_globals`.
       FileExistsError / NotADirectoryError: see `check_output`.
     """
     from ctl_jax.build import build_model
@@ -140,6 +145,13 @@ def convert_checkpoint(
     source, output = pathlib.Path(source), pathlib.Path(output)
     check_output(output, overwrite)
     torch_file = torch_pickle.load(source)
+    if torch_file.code_names and not allow_unsafe_globals:
+        raise torch_pickle.TorchFileError(
+            f"{source} names code-executing globals ({', '.join(torch_file.code_names)}), "
+            "which no weights file needs: it was made to run code when loaded by torch.load. "
+            "Nothing was run. Pass --allow_unsafe_globals to convert its tensors anyway "
+            "(the globals are never called)"
+        )
     source_model = mapping.read_source(torch_file.root, str(source))
     resolved, notes = resolve_config(config, source_model)
     model = build_model(resolved, source_model.num_classes)
@@ -227,6 +239,11 @@ def inspect_source(source: str | pathlib.Path) -> str:
         "  anything else, kept as inert placeholders (never imported or run): "
         + (", ".join(by_kind.get("inert", [])) or "none"),
     ]
+    if torch_file.code_names:
+        lines.append(
+            f"  code-executing globals (convert refuses the file without "
+            f"--allow_unsafe_globals): {', '.join(torch_file.code_names)}"
+        )
     try:
         source_model = mapping.read_source(torch_file.root, str(source))
     except torch_pickle.TorchFileError as e:

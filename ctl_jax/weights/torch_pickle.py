@@ -336,6 +336,21 @@ _TENSOR_FUNCTIONS = {
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter_with_state,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
 }
+# Modules whose functions run programs or code, or reach files, processes and the network.
+# A weights file has no reason to name any of them (nor any builtin besides the containers
+# above): one that does was made to run code when loaded with an ordinary unpickler. This
+# reader never calls them either, but converting such a file needs the user's explicit
+# consent (`TorchFile.code_names`).
+_CODE_MODULES = frozenset(
+    {
+        "builtins", "os", "posix", "nt", "posixpath", "ntpath", "sys", "subprocess", "pty",
+        "shutil", "importlib", "runpy", "code", "codeop", "pickle", "_pickle", "marshal",
+        "ctypes", "types", "operator", "functools", "socket", "multiprocessing", "threading",
+        "_thread", "signal", "webbrowser", "pdb", "timeit", "asyncio", "io", "_io",
+        "tempfile", "pathlib", "urllib", "http", "ftplib", "smtplib", "platform", "commands",
+        "numpy.testing", "torch.hub", "torch.jit",
+    }
+)  # fmt: skip
 # Names that only appear as arguments of the functions above (ignored there).
 _TENSOR_MARKERS = ("torch.Tensor", "torch.nn.parameter.Parameter")
 
@@ -450,6 +465,19 @@ class TorchFile:
     @property
     def inert_names(self) -> list[str]:
         return sorted(n for n, kind in self.names.items() if kind == "inert")
+
+    @property
+    def code_names(self) -> list[str]:
+        """The inert names of functions that run code or reach the system (`os.system`,
+        `builtins.eval`, `subprocess.Popen`, ...); none in an honest weights file."""
+        return [n for n in self.inert_names if is_code_name(n)]
+
+
+def is_code_name(full_name: str) -> bool:
+    """True for a global (`module.name`) from a module that runs code or reaches the system
+    (see `_CODE_MODULES`), e.g. "posix.system", "builtins.eval", "subprocess.run"."""
+    parts = full_name.split(".")
+    return any(".".join(parts[:i]) in _CODE_MODULES for i in range(1, len(parts)))
 
 
 def load(path: str | pathlib.Path) -> TorchFile:
