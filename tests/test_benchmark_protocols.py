@@ -2,16 +2,13 @@
 from their definitions, and `ctl_jax.evaluate --protocol=...` on embedding files."""
 
 import json
-import os
 import pathlib
 import pickle
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from xla_flags import xla_flags
+from test_cli import run
 
 from ctl_jax.data.landmarks import RevisitedGroundTruth
 from ctl_jax.evaluation.average_precision import holidays_metrics
@@ -304,15 +301,7 @@ def test_protocol_choice():
 
 
 def _run(*args):
-    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
-    return subprocess.run(
-        [sys.executable, "-m", "ctl_jax.evaluate", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run("ctl_jax.evaluate", *args)
 
 
 def _embeddings(paths, emb):

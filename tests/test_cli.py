@@ -35,7 +35,10 @@ METRIC_KEYS = {
 
 
 def run(module, *args, cwd=REPO):
+    """Runs `python -m module args...` as a user would, with two virtual devices and the
+    suite's compilation cache; the other test files' commands run through here too."""
     env = dict(os.environ, XLA_FLAGS=xla_flags(2))
+    env.setdefault("CTL_JAX_COMPILATION_CACHE", str(REPO / ".cache" / "jax"))
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,

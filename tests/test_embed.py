@@ -2,15 +2,13 @@
 command and searching with query images embedded on the fly."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import run
 
 from ctl_jax import configs
 from ctl_jax.build import build_model
@@ -186,16 +184,7 @@ def test_nothing_readable_is_an_error(checkpoint, tmp_path):
 
 
 def run_cli(module, *args):
-    env = dict(os.environ)
-    env.setdefault("CTL_JAX_COMPILATION_CACHE", str(REPO / ".cache" / "jax"))
-    return subprocess.run(
-        [sys.executable, "-m", module, "--noprogress", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
+    return run(module, "--noprogress", *args)
 
 
 def test_embed_and_search_images_commands(checkpoint, image_folder, tmp_path):

@@ -4,14 +4,12 @@ evaluation against loop-based references), and updating an index from the comman
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import run
 
 from ctl_jax import evaluation
 from ctl_jax.errors import UserError
@@ -204,16 +202,7 @@ def test_evaluate_files_with_named_identities_and_query_centroids(tmp_path):
 
 
 def run_cli(module, *args):
-    env = dict(os.environ)
-    env.setdefault("CTL_JAX_COMPILATION_CACHE", str(REPO / ".cache" / "jax"))
-    return subprocess.run(
-        [sys.executable, "-m", module, "--noprogress", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
+    return run(module, "--noprogress", *args)
 
 
 def named(labels, seed):

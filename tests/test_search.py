@@ -3,7 +3,6 @@ faiss indexes and their recall, results JSON, ranked-results pictures, the searc
 
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import run
 
 from ctl_jax import errors
 from ctl_jax.retrieval import approximate, results, visualize
@@ -339,16 +339,7 @@ def test_visualisation_writes_valid_marked_strips(tmp_path):
 
 
 def run_cli(*args):
-    env = dict(os.environ)
-    env.setdefault("CTL_JAX_COMPILATION_CACHE", str(REPO / ".cache" / "jax"))
-    return subprocess.run(
-        [sys.executable, "-m", "ctl_jax.search", "--noprogress", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
+    return run("ctl_jax.search", "--noprogress", *args)
 
 
 def test_search_command_end_to_end(tmp_path):
