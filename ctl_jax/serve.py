@@ -33,7 +33,11 @@ _LOG = flags.DEFINE_bool("log", False, "Log every request to stderr.")
 
 
 def _stop(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    """SIGTERM stops the server as Ctrl-C does; `cli.run` then exits with 128 + signum (143),
+    the conventional code every ctl_jax command gives."""
+    stop = KeyboardInterrupt(f"stopped by signal {signum}")
+    stop.signal_number = signum
+    raise stop
 
 
 def main(argv):
@@ -90,6 +94,7 @@ def main(argv):
         server.serve_forever()
     except KeyboardInterrupt:
         print("shutting down", file=sys.stderr, flush=True)
+        raise  # after `finally`: the exit code says which signal stopped it (130 or 143)
     finally:
         server.server_close()
 
