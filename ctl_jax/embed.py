@@ -1,5 +1,5 @@
 """Embed images: `python -m ctl_jax.embed (--workdir=DIR | --checkpoint=DIR) --images=PATH
---output=FILE.npz [--step=N] [--batch_size=N] [--overwrite]`.
+--output=FILE.npz [--step=N] [--batch_size=N] [--whitening=FILE] [--overwrite]`.
 
 `--images` is one image or a folder, searched recursively for .jpg/.jpeg/.png files (other
 files are skipped and counted). Each image gets the model's test-time preprocessing (resize
@@ -29,6 +29,11 @@ _BATCH_SIZE = flags.DEFINE_integer(
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_WHITENING = flags.DEFINE_string(
+    "whitening",
+    None,
+    "Whitening .npz (ctl_jax.whiten) applied to the embeddings; they are then unit vectors.",
+)
 
 
 def main(argv):
@@ -53,11 +58,14 @@ def main(argv):
     from ctl_jax.training.restore import restore_model
 
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
+    whitening = _load_whitening(_WHITENING.value)
     start = time.time()
     restored = restore_model(directory, step=_STEP.value)
     embeddings, report = embed_images(
         restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value
     )
+    if whitening is not None:
+        embeddings = whitening.apply_to(embeddings)
     embeddings.save(output, overwrite=_OVERWRITE.value)
     known = int((embeddings.pids >= 0).sum())
     print(
@@ -65,6 +73,12 @@ def main(argv):
         f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings, {known:,} with a "
         f"Market-style identity, written to {output}"
     )
+
+
+def _load_whitening(path: str | None):
+    from ctl_jax.retrieval.whitening import Whitening
+
+    return Whitening.load(path) if path else None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Evaluate retrieval: `python -m ctl_jax.evaluate --workdir=DIR [--config=...] [--step=N]
-[--modes=instance,centroid_camera] [--output=FILE]`, or on precomputed embeddings:
-`python -m ctl_jax.evaluate --query=Q.npz --gallery=G.npz --modes=... --output=FILE`."""
+[--modes=instance,centroid_camera] [--whitening=FILE] [--output=FILE]`, or on precomputed
+embeddings: `python -m ctl_jax.evaluate --query=Q.npz --gallery=G.npz --modes=... --output=FILE`."""
 
 from __future__ import annotations
 
@@ -22,14 +22,21 @@ _MODES = flags.DEFINE_list(
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Metrics JSON to write (default: print only).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
+_WHITENING = flags.DEFINE_string(
+    "whitening", None, "Whitening .npz (ctl_jax.whiten) applied to query and gallery embeddings."
+)
 
 
-def evaluate_embedding_files(query_path: str, gallery_path: str, modes) -> tuple[dict, dict]:
-    """Metrics of precomputed embeddings (no model needed)."""
+def evaluate_embedding_files(
+    query_path: str, gallery_path: str, modes, whitening=None
+) -> tuple[dict, dict]:
+    """Metrics of precomputed embeddings (no model needed), optionally whitened first."""
     from ctl_jax import evaluation
     from ctl_jax.retrieval.embedding_file import Embeddings
 
     query, gallery = Embeddings.load(query_path), Embeddings.load(gallery_path)
+    if whitening is not None:
+        query, gallery = whitening.apply_to(query), whitening.apply_to(gallery)
     results = evaluation.evaluate(
         query.embeddings,
         query.pids,
@@ -42,8 +49,12 @@ def evaluate_embedding_files(query_path: str, gallery_path: str, modes) -> tuple
     return results, {"query": str(query_path), "gallery": str(gallery_path)}
 
 
-def evaluate_checkpoint(workdir: str, config=None, step=None, modes=None) -> tuple[dict, dict]:
-    """Metrics of a checkpoint on its (or `config`'s) dataset."""
+def evaluate_checkpoint(
+    workdir: str, config=None, step=None, modes=None, whitening=None
+) -> tuple[dict, dict]:
+    """Metrics of a checkpoint on its (or `config`'s) dataset, optionally with a whitening
+    (`ctl_jax.retrieval.whitening.Whitening`) applied to the embeddings."""
+    from ctl_jax import evaluation
     from ctl_jax.data.source import load_dataset
     from ctl_jax.training import sharding
     from ctl_jax.training.evaluator import Evaluator
@@ -55,7 +66,15 @@ def evaluate_checkpoint(workdir: str, config=None, step=None, modes=None) -> tup
     if distributed.is_primary():
         print(dataset.statistics_table())
     evaluator = Evaluator(restored.model, dataset, readers, config, sharding.make_mesh())
-    results = evaluator.run(restored.variables, modes or tuple(config.eval.modes))
+    modes = tuple(modes or config.eval.modes)
+    if whitening is None:
+        results = evaluator.run(restored.variables, modes)
+    else:
+        query, gallery = map(whitening.apply, evaluator.embeddings(restored.variables))
+        q, g = dataset.query, dataset.gallery
+        results = evaluation.evaluate(
+            query, q.pids, q.camids, gallery, g.pids, g.camids, modes=modes
+        )
     meta = {
         "config": config.name,
         "checkpoint": str(workdir),
@@ -81,17 +100,28 @@ def main(argv):
         unknown = sorted(set(modes) - set(MODES))
         if unknown:
             cli.fail(f"unknown --modes {unknown}; valid: {', '.join(MODES)}")
+    whitening = None
+    if _WHITENING.value:
+        from ctl_jax.retrieval.whitening import Whitening
+
+        whitening = Whitening.load(_WHITENING.value)
     start = time.time()
     if _QUERY.value or _GALLERY.value:
         if not (_QUERY.value and _GALLERY.value):
             cli.fail("--query and --gallery go together")
         if _WORKDIR.value:
             cli.fail("give either --workdir or --query/--gallery, not both")
-        results, meta = evaluate_embedding_files(_QUERY.value, _GALLERY.value, modes or MODES)
+        results, meta = evaluate_embedding_files(
+            _QUERY.value, _GALLERY.value, modes or MODES, whitening
+        )
     elif _WORKDIR.value:
-        results, meta = evaluate_checkpoint(_WORKDIR.value, _CONFIG(), _STEP.value, modes)
+        results, meta = evaluate_checkpoint(
+            _WORKDIR.value, _CONFIG(), _STEP.value, modes, whitening
+        )
     else:
         cli.fail("give --workdir=DIR, or --query=Q.npz and --gallery=G.npz")
+    if _WHITENING.value:
+        meta["whitening"] = _WHITENING.value
     meta["seconds"] = round(time.time() - start, 2)
     meta["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if not distributed.is_primary():  # every process computed the same results

@@ -46,8 +46,18 @@ def avg(x: jax.Array) -> jax.Array:
 
 
 def mac(x: jax.Array) -> jax.Array:
-    """Global max pooling (MAC): (N, H, W, C) -> (N, C)."""
-    return jnp.max(x, axis=(1, 2))
+    """Global max pooling (MAC): (N, H, W, C) -> (N, C).
+
+    Read at the argmax rather than with `jnp.max`, whose gradient divides by the number of
+    positions equal to the maximum: a ResNet-18 step with R-MAC compiled at XLA CPU's
+    optimisation level 0 had NaN gradients that way (presumably that count came out 0, the
+    map being recomputed with other rounding), and none with the gather, which has no
+    division. The gradient goes to one position, as in PyTorch's max pooling.
+    """
+    n, h, w, c = x.shape
+    flat = x.reshape(n, h * w, c)
+    index = jnp.argmax(flat, axis=1)
+    return jnp.take_along_axis(flat, index[:, None, :], axis=1)[:, 0, :]
 
 
 def gem(x: jax.Array, p: float | jax.Array = 3.0, eps: float = 1e-6) -> jax.Array:
@@ -136,7 +146,7 @@ def rmac(x: jax.Array, levels: int = 3, eps: float = 1e-6) -> jax.Array:
     """
     _, height, width, _ = x.shape
     regions = rmac_regions(height, width, levels)
-    total = _l2_normalise(jnp.max(x, axis=(1, 2)), eps)
+    total = _l2_normalise(mac(x), eps)
     by_side: dict[int, list[tuple[int, int]]] = {}
     for top, left, side in regions:
         by_side.setdefault(side, []).append((top, left))

@@ -1,8 +1,9 @@
-"""Re-ID model: ResNet backbone -> global average pool -> BNNeck -> bias-free classifier.
+"""Re-ID model: ResNet backbone -> global pooling -> BNNeck -> bias-free classifier.
 
 Parameter tree (a contract for weight import): `backbone/...` (see `resnet.py`),
 `bnneck/scale` (no `bias`: the BNNeck shift is zero by construction), `classifier/kernel`
-of shape (C, num_classes); batch statistics under `batch_stats` with the same paths.
+of shape (C, num_classes), and `pooling/p` (1,) only for a learnable GeM exponent; batch
+statistics under `batch_stats` with the same paths.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ctl_jax.models import resnet
+from ctl_jax import margin_losses
+from ctl_jax.models import pooling, resnet
+from ctl_jax.models.classifier import CosineClassifier
 
 _ARCHS: dict[str, Callable[..., resnet.ResNet]] = {
     "resnet18": resnet.ResNet18,
@@ -49,11 +52,20 @@ class ReidModel(nn.Module):
         it is called with `dtype=` and `name="backbone"`.
       num_classes: number of training identities.
       dtype: compute dtype of the backbone; the head always computes in float32.
+      pooling, gem_p, gem_learnable, rmac_levels: the global pooling (see `pooling.Pooling`).
+      classifier: "softmax" (linear logits) or a margin head ("cosface", "arcface"), whose
+        `logits` are the cosines between the normalised BNNeck feature and the normalised
+        class weights (the margin and scale are applied by the loss, which knows the labels).
     """
 
     backbone: Callable[..., nn.Module]
     num_classes: int
     dtype: Any = jnp.float32
+    pooling: str = "avg"
+    gem_p: float = 3.0
+    gem_learnable: bool = False
+    rmac_levels: int = 3
+    classifier: str = "softmax"
 
     @nn.compact
     def __call__(
@@ -70,33 +82,43 @@ class ReidModel(nn.Module):
 
         Returns:
           dict with float32 `features` (N, C) = pooled feature f (triplet, CTL, center losses),
-          `bn_features` (N, C) = BNNeck output (retrieval embedding), `logits` (N, num_classes).
+          `bn_features` (N, C) = BNNeck output (retrieval embedding), `logits` (N, num_classes)
+          (cosines for a margin head).
         """
         fmap = self.backbone(dtype=self.dtype, name="backbone")(images, train=train, valid=valid)
-        features = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+        features = pooling.Pooling(
+            self.pooling, self.gem_p, self.gem_learnable, self.rmac_levels, name="pooling"
+        )(fmap.astype(jnp.float32))
         bn_features = resnet.BatchNorm(use_bias=False, dtype=jnp.float32, name="bnneck")(
             features, train=train, valid=valid
         )
-        logits = nn.Dense(
-            self.num_classes,
-            use_bias=False,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            kernel_init=nn.initializers.normal(stddev=0.001),
-            name="classifier",
-        )(bn_features)
+        if self.classifier in margin_losses.MARGIN_CLASSIFIERS:
+            head = CosineClassifier(self.num_classes, name="classifier")
+        else:
+            head = nn.Dense(
+                self.num_classes,
+                use_bias=False,
+                dtype=jnp.float32,
+                param_dtype=jnp.float32,
+                kernel_init=nn.initializers.normal(stddev=0.001),
+                name="classifier",
+            )
+        logits = head(bn_features)
         return {"features": features, "bn_features": bn_features, "logits": logits}
 
 
-def build_model(model_cfg: Any, num_classes: int) -> ReidModel:
+def build_model(model_cfg: Any, num_classes: int, classifier: str = "softmax") -> ReidModel:
     """Builds a `ReidModel` from a config group.
 
     Args:
       model_cfg: object with `arch` (one of `ARCH_NAMES`), `last_stride` (int), `stem_relu`
         (None = the architecture's original choice: False for plain ResNets, True for IBN-a),
         `dtype` ('float32' or 'bfloat16'), `fast_1x1` and `fast_ops` (bools; a config saved
-        before `fast_ops` existed gets True).
+        before `fast_ops` existed gets True), `pooling`, `gem_p`, `gem_learnable`,
+        `rmac_levels` (a config saved before they existed gets average pooling).
       num_classes: number of training identities (classifier width).
+      classifier: the config's `loss.classifier`; only training needs it (the embedding and
+        the parameters are the same for every head).
 
     Returns:
       An unbound `ReidModel`.
@@ -113,7 +135,21 @@ def build_model(model_cfg: Any, num_classes: int) -> ReidModel:
     if model_cfg.stem_relu is not None:
         kwargs["stem_relu"] = bool(model_cfg.stem_relu)
     backbone = functools.partial(_ARCHS[arch], **kwargs)
-    return ReidModel(backbone=backbone, num_classes=num_classes, dtype=_DTYPES[model_cfg.dtype])
+    pool = {
+        "pooling": model_cfg.get("pooling", "avg"),
+        "gem_p": model_cfg.get("gem_p", 3.0),
+        "gem_learnable": bool(model_cfg.get("gem_learnable", False)),
+        "rmac_levels": model_cfg.get("rmac_levels", 3),
+    }
+    pooling.check_pooling(pool["pooling"], pool["gem_p"], pool["rmac_levels"])
+    margin_losses.check_classifier(classifier)
+    return ReidModel(
+        backbone=backbone,
+        num_classes=num_classes,
+        dtype=_DTYPES[model_cfg.dtype],
+        classifier=classifier,
+        **pool,
+    )
 
 
 def init_variables(

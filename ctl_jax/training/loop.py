@@ -132,7 +132,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
 
     mesh = sharding.make_mesh()
     sharding.check_batch_layout(config.data.num_identities, config.data.num_instances, mesh)
-    model = build_model(config.model, num_classes)
+    model = build_model(
+        config.model, num_classes, classifier=config.loss.get("classifier", "softmax")
+    )
     tx = make_optimizer(config.solver)
     image_shape = (config.data.height, config.data.width, 3)
 
@@ -413,7 +415,7 @@ def _log_step(step, metrics, config, metrics_log, bar, epoch) -> dict:
         metrics_log.write("train", step, logged, epoch=epoch + 1)
         shown = {
             k: logged[k]
-            for k in ("total_loss", "triplet_loss", "centroid_loss", "ce_loss")
+            for k in ("total_loss", "triplet_loss", "contrastive_loss", "centroid_loss", "ce_loss")
             if k in logged
         }
         bar.set_description_str(
