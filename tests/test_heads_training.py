@@ -31,12 +31,12 @@ def _config(**changes):
     return config
 
 
-def _batch(seed, num_padded):
+def _batch(seed, num_padded, height=H, width=W):
     rng = np.random.default_rng(seed)
     labels = np.repeat(rng.choice(K, P, replace=False), M).astype(np.int32)
     valid = np.ones(P * M, bool)
     valid[P * M - num_padded :] = False
-    images = rng.normal(size=(P * M, H, W, 3)).astype(np.float32)
+    images = rng.normal(size=(P * M, height, width, 3)).astype(np.float32)
     images[~valid] = 0.0
     return {"images": images, "labels": labels, "valid": valid}
 
@@ -45,7 +45,14 @@ def _batch(seed, num_padded):
     "changes",
     [
         {"model__pooling": "gem", "model__gem_learnable": True, "loss__classifier": "arcface"},
-        {"model__pooling": "rmac", "loss__classifier": "cosface", "loss__metric": "contrastive"},
+        # 64x32 images: a 4x2 feature map, whose R-MAC regions span more than one cell.
+        {
+            "model__pooling": "rmac",
+            "loss__classifier": "cosface",
+            "loss__metric": "contrastive",
+            "data__height": 64,
+            "data__width": 32,
+        },
     ],
     ids=["gem_arcface", "rmac_cosface_contrastive"],
 )
@@ -54,7 +61,8 @@ def test_switches_keep_one_compiled_step_and_train(changes):
     mesh = sharding.make_mesh(1)
     model = build_model(config.model, K, classifier=config.loss.classifier)
     tx = make_optimizer(config.solver)
-    variables = init_variables(model, jax.random.key(0), (H, W, 3))
+    height, width = config.data.height, config.data.width
+    variables = init_variables(model, jax.random.key(0), (height, width, 3))
     state = create_train_state(variables, tx, K, feature_dim(config.model.arch), jax.random.key(1))
     state = sharding.replicate(state, mesh)
     step = jax.jit(
@@ -65,7 +73,8 @@ def test_switches_keep_one_compiled_step_and_train(changes):
     p0 = np.asarray(state.params["pooling"]["p"]) if "pooling" in state.params else None
     for i in range(3):
         state = state.replace(epoch=sharding.replicate(jnp.int32(i), mesh))
-        state, metrics = step(state, sharding.put_batch(_batch(i, num_padded=i), mesh))
+        batch = _batch(i, num_padded=i, height=height, width=width)
+        state, metrics = step(state, sharding.put_batch(batch, mesh))
     assert step._cache_size() == 1
     metrics = jax.device_get(metrics)
     assert all(math.isfinite(float(v)) for v in metrics.values())

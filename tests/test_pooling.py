@@ -176,6 +176,30 @@ def test_rmac_gradient_is_finite_on_zero_regions():
     assert np.isfinite(np.asarray(grad)).all()
 
 
+@pytest.mark.parametrize("shape", [(8, 4), (4, 8), (7, 7), (2, 1)])
+def test_rmac_gradient_under_jit_matches_finite_differences(shape):
+    # Regions wider than one cell go through the sliding-window max, whose gradient must
+    # linearise under jit (the training step differentiates it there).
+    h, w = shape
+    x = np.random.default_rng(6).uniform(0.0, 1.0, (2, h, w, 3)).astype(np.float32)
+    weights = np.random.default_rng(7).normal(size=3)
+
+    def objective(v):
+        return jnp.sum(pooling.rmac(v, 3) @ weights)
+
+    grad = np.asarray(jax.jit(jax.grad(objective))(jnp.asarray(x)))
+    numeric = np.zeros_like(x, np.float64)
+    step = 1e-4
+    for index in np.ndindex(x.shape):
+        up, down = x.astype(np.float64), x.astype(np.float64)
+        up[index] += step
+        down[index] -= step
+        numeric[index] = (ref_rmac(up, 3) @ weights - ref_rmac(down, 3) @ weights).sum() / (
+            2 * step
+        )
+    np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-3)
+
+
 def test_bad_pooling_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="model.pooling='mean' is not one of avg, max, gem, rmac"):
         pooling.check_pooling("mean")

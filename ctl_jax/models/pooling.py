@@ -163,7 +163,9 @@ def _sliding_max(x: jax.Array, side: int) -> jax.Array:
     """Max over every side x side window at stride 1: (N, H, W, C) -> (N, H-s+1, W-s+1, C)."""
     if side == 1:
         return x
-    init = jnp.array(-jnp.inf, x.dtype)
+    # A Python -inf (not an array) lets lax recognise the max monoid, whose reduce_window has
+    # a reverse-mode rule; with an array init the gradient fails to linearise under jit.
+    init = -float("inf")
     rows = jax.lax.reduce_window(x, init, jax.lax.max, (1, side, 1, 1), (1, 1, 1, 1), "VALID")
     return jax.lax.reduce_window(rows, init, jax.lax.max, (1, 1, side, 1), (1, 1, 1, 1), "VALID")
 
