@@ -1,6 +1,6 @@
 """Colour-histogram retrieval baseline: how far raw colours get on a Market-style dataset.
 
-    python benchmarks/color_histogram_baseline.py --data=data/synthetic_reid [--name=synthetic]
+    python -m benchmarks.color_histogram_baseline --data=data/synthetic_reid [--name=synthetic]
 
 Each query/gallery image is embedded as an L2-normalised concatenation of per-channel RGB
 histograms (16 bins each) over three horizontal stripes (head+torso, middle, legs), i.e.
@@ -21,7 +21,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from ctl_jax.data.readers import DatasetError, open_dataset
+from ctl_jax.data.catalog import open_dataset
+from ctl_jax.data.readers import DatasetError
 
 BINS = 16
 STRIPES = 3

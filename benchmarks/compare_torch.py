@@ -1,7 +1,7 @@
 """ctl_jax vs the PyTorch reference: training step and embedding throughput, same machine.
 
-    python benchmarks/compare_torch.py                      # the three standard settings
-    python benchmarks/compare_torch.py --settings=resnet18_64x32 --rounds=9 --threads=2
+    python -m benchmarks.compare_torch                      # the three standard settings
+    python -m benchmarks.compare_torch --settings=resnet18_64x32 --rounds=9 --threads=2
 
 For every setting and task (train, inference) this starts two worker processes, one per
 framework, pinned to the same `--threads` cores (torch also gets `set_num_threads`). Each
@@ -27,7 +27,11 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+try:
+    from . import common, tasks
+except ImportError:  # run as a file: benchmarks/ is on sys.path (see common.py)
+    import common
+    import tasks
 
 # name -> (arch, height, width, P, M, inference batch).
 SETTINGS = {
@@ -40,23 +44,16 @@ DEFAULT_SETTINGS = "resnet50_128x64,resnet50_256x128,resnet18_64x32"
 PROTOCOL = "@@ "  # prefix of the worker's protocol lines on stdout (anything else is ignored)
 
 
-def loadavg() -> list[float]:
-    with open("/proc/loadavg") as f:
-        return [float(v) for v in f.read().split()[:3]]
-
-
 def worker(argv: list[str]) -> None:
     """Worker process: builds one benchmark, then runs timed steps on request.
 
     Reads commands from stdin: `run` (one timed step, answers its seconds) and `quit`
     (answers peak RSS and exits).
     """
-    import train_step
-
-    _, module, args, _ = train_step.parse_task(argparse.ArgumentParser(), argv, jax_only=False)
-    process = train_step.setup_process(args)
+    _, module, args, _ = tasks.parse_task(argparse.ArgumentParser(), argv, jax_only=False)
+    process = common.setup_process(args)
     bench = (module.build_jax if args.framework == "jax" else module.build_torch)(args)
-    train_step.time_steps(bench, 0, args.warmup)
+    common.time_steps(bench, 0, args.warmup)
 
     def say(obj):
         sys.stdout.write(PROTOCOL + json.dumps(obj) + "\n")
@@ -65,25 +62,25 @@ def worker(argv: list[str]) -> None:
     say({"ready": True, "compile_seconds": bench.compile_seconds, **process, **bench.info})
     for line in sys.stdin:
         if line.strip() == "run":
-            faults = train_step.page_faults()
+            faults = common.page_faults()
             t0 = time.perf_counter()
             bench.run()
             seconds = time.perf_counter() - t0
-            say({"seconds": seconds, "page_faults": train_step.page_faults() - faults})
+            say({"seconds": seconds, "page_faults": common.page_faults() - faults})
         else:
             break
-    say({"peak_rss_mb": train_step.peak_rss_mb()})
+    say({"peak_rss_mb": common.peak_rss_mb()})
 
 
 class Worker:
     """Parent-side handle of one worker process."""
 
     def __init__(self, task: str, framework: str, args: list[str]):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--task={task}"]
+        # The worker is this script, started the way this process was (see common.py).
+        script = ["-m", __spec__.name] if __package__ else [os.path.abspath(__file__)]
+        cmd = [sys.executable, *script, "--worker", f"--task={task}"]
         cmd += [f"--framework={framework}", *args]
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE
-        )
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def read(self) -> dict:
         for line in self.proc.stdout:
@@ -103,15 +100,15 @@ class Worker:
 
 
 def compare(
-    task: str, common: list[str], extra: dict, rounds: int, pause: float, batch: int
+    task: str, shared: list[str], extra: dict, rounds: int, pause: float, batch: int
 ) -> dict:
     """Interleaved timing of one task for both frameworks; returns the JSON fragment."""
     import statistics
 
-    load_before = loadavg()
+    load_before = common.loadavg()
     workers, ready = {}, {}
     for framework in ("jax", "torch"):  # built one at a time: compilation sees no rival
-        workers[framework] = Worker(task, framework, common + extra[framework])
+        workers[framework] = Worker(task, framework, shared + extra[framework])
         ready[framework] = workers[framework].read()
     times = {"jax": [], "torch": []}
     faults = {"jax": [], "torch": []}
@@ -146,7 +143,7 @@ def compare(
     result["jax_over_torch_best"] = round(
         result["jax"]["images_per_second_best"] / result["torch"]["images_per_second_best"], 3
     )
-    result["loadavg_before"], result["loadavg_after"] = load_before, loadavg()
+    result["loadavg_before"], result["loadavg_after"] = load_before, common.loadavg()
     return result
 
 
@@ -178,13 +175,13 @@ def main(argv=None) -> None:
         "threads": threads,
         "rounds": args.rounds,
         "dtype_jax": args.dtype,
-        "loadavg_start": loadavg(),
+        "loadavg_start": common.loadavg(),
         "results": [],
     }
     for name in args.settings.split(","):
         arch, height, width, p, m, infer_batch = SETTINGS[name]
         infer_batch = args.infer_batch or infer_batch
-        common = [
+        shared = [
             f"--arch={arch}",
             f"--height={height}",
             f"--width={width}",
@@ -203,11 +200,11 @@ def main(argv=None) -> None:
                 "torch": [f"--tune_malloc={args.tune_malloc_torch}"],
             }
             entry[task] = compare(
-                task, common + extra, per_framework, args.rounds, args.pause, batch
+                task, shared + extra, per_framework, args.rounds, args.pause, batch
             )
             print(json.dumps({"setting": name, "task": task, **entry[task]}), file=sys.stderr)
         out["results"].append(entry)
-    out["loadavg_end"] = loadavg()
+    out["loadavg_end"] = common.loadavg()
     print(json.dumps(out, indent=1))
 
 

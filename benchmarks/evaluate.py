@@ -6,7 +6,7 @@ the instance-mode protocol (distances of one query, stable argsort, filter, cums
 timed on the first `--loop_queries` queries and extrapolated linearly to all queries.
 Prints one JSON object.
 
-  python benchmarks/evaluate.py [--num_query 3368 --num_gallery 15913 --dim 2048]
+  python -m benchmarks.evaluate [--num_query 3368 --num_gallery 15913 --dim 2048]
 """
 
 from __future__ import annotations

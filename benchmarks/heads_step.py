@@ -3,11 +3,12 @@
 contrastive loss), timed in one process with their steps interleaved round by round, so
 that all of them see the same machine load.
 
-    python benchmarks/heads_step.py [--variants=avg,gem,rmac,cosface,arcface] [--rounds=10]
+    python -m benchmarks.heads_step [--variants=avg,gem,rmac,cosface,arcface] [--rounds=10]
         [--arch=resnet18 --height=64 --width=32 --p=8 --m=4]
 
-Prints one JSON object: per variant the median and best seconds per step, the median
-relative to the first variant, and the compile time.
+The step is the one training runs (`make_train_step`, jitted with the state donated, the
+layers `ctl_jax.build.build_model` picks). Prints one JSON object: per variant the median and
+best seconds per step, the median relative to the first variant, and the compile time.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("avg", "max", "gem", "rmac", "cosface", "arcface", "contrastive")
 
 
@@ -48,9 +48,10 @@ def build_step(args, variant: str):
     """(run one step and wait for it, compile seconds) for one demo variant."""
     import jax
 
+    from ctl_jax import parallel
+    from ctl_jax.build import build_model
     from ctl_jax.configs import load_config
-    from ctl_jax.models.reid import build_model, feature_dim, init_variables
-    from ctl_jax.training import sharding
+    from ctl_jax.models.reid import feature_dim, init_variables
     from ctl_jax.training.optimizer import make_optimizer
     from ctl_jax.training.state import create_train_state
     from ctl_jax.training.step import make_train_step
@@ -61,18 +62,18 @@ def build_step(args, variant: str):
     config.model.arch = args.arch
     config.data.height, config.data.width = args.height, args.width
     config.data.num_identities, config.data.num_instances = args.p, args.m
-    model = build_model(config.model, args.num_classes, classifier=config.loss.classifier)
+    model = build_model(config, args.num_classes)
     tx = make_optimizer(config.solver)
-    mesh = sharding.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     variables = init_variables(model, jax.random.key(0), (args.height, args.width, 3))
     state = create_train_state(
         variables, tx, args.num_classes, feature_dim(args.arch), jax.random.key(1)
     )
-    state = sharding.replicate(state, mesh)
-    rep = sharding.replicated(mesh)
+    state = parallel.replicate(state, mesh)
+    rep = parallel.replicated(mesh)
     step = jax.jit(
         make_train_step(model, tx, config),
-        in_shardings=(rep, sharding.batch_sharded(mesh)),
+        in_shardings=(rep, parallel.batch_sharded(mesh)),
         out_shardings=(rep, rep),
         donate_argnums=0,
     )
@@ -85,7 +86,7 @@ def build_step(args, variant: str):
         ),
         "valid": np.ones(n, bool),
     }
-    batch = sharding.put_batch(batch, mesh)
+    batch = parallel.put_batch(batch, mesh)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
@@ -100,10 +101,9 @@ def build_step(args, variant: str):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
     import jax
 
-    from ctl_jax.malloc import release_free_memory, tune_malloc
+    from ctl_jax.cpu.malloc import release_free_memory, tune_malloc
 
     tune_malloc()
     jax.config.update("jax_cpu_enable_async_dispatch", False)  # as the command lines run

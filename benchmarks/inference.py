@@ -1,7 +1,7 @@
 """Times embedding (inference) throughput: images in, BNNeck embeddings out.
 
-    python benchmarks/inference.py --arch=resnet50 --height=256 --width=128 --batch=128
-    python benchmarks/inference.py --framework=torch ...   # the same model in PyTorch
+    python -m benchmarks.inference --arch=resnet50 --height=256 --width=128 --batch=128
+    python -m benchmarks.inference --framework=torch ...   # the same model in PyTorch
 
 The ctl_jax path is the one evaluation uses (`ctl_jax.inference.make_embed_fn`: running
 batch-norm statistics, float32 `bn_features` and `features` out); the PyTorch one is
@@ -14,25 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import (  # noqa: E402
-    ROOT,
-    Bench,
-    add_common_args,
-    jax_config,
-    measure,
-)
+try:
+    from . import common
+except ImportError:  # run as a file: benchmarks/ is on sys.path (see common.py)
+    import common
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
+    common.add_common_args(parser)
     parser.add_argument("--batch", type=int, default=128)
     return parser.parse_args(argv)
 
@@ -42,42 +36,45 @@ def fake_images(args) -> np.ndarray:
     return rng.standard_normal((args.batch, args.height, args.width, 3)).astype(np.float32)
 
 
-def build_jax(args) -> Bench:
+def build_jax(args) -> common.Bench:
     """`make_embed_fn` compiled (timed) for one batch shape; `run` embeds one batch."""
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)
-    sys.path.insert(0, ROOT)
+    from ctl_jax import parallel
+    from ctl_jax.build import build_model
     from ctl_jax.inference import make_embed_fn
-    from ctl_jax.models.reid import build_model, init_variables
-    from ctl_jax.training import sharding
+    from ctl_jax.models.reid import init_variables
 
-    config = jax_config(args)
-    model = build_model(config.model, args.num_classes)
-    mesh = sharding.make_mesh(1)
+    config = common.jax_config(args)
+    model = build_model(config, args.num_classes)
+    mesh = parallel.make_mesh(1)
     variables = init_variables(model, jax.random.key(0), (args.height, args.width, 3))
-    variables = sharding.replicate(variables, mesh)
+    variables = parallel.replicate(variables, mesh)
     embed = make_embed_fn(model, mesh)
     host_images = fake_images(args)
-    images = sharding.put_batch({"images": host_images}, mesh)["images"]
+    images = parallel.put_batch({"images": host_images}, mesh)["images"]
     t0 = time.perf_counter()
     compiled = embed.lower(variables, images).compile()
     compile_seconds = time.perf_counter() - t0
 
     def run():
         # Host -> device -> host, as `embed_split` does for every batch.
-        placed = sharding.put_batch({"images": host_images}, mesh)["images"]
+        placed = parallel.put_batch({"images": host_images}, mesh)["images"]
         bn_features, _ = compiled(variables, placed)
         return np.asarray(bn_features)
 
-    info = {"jax": jax.__version__, "backend": jax.default_backend()}
-    return Bench(run, compile_seconds, info, compiled)
+    return common.Bench(run, compile_seconds, common.jax_info(model), compiled)
 
 
-def build_torch(args) -> Bench:
+def build_torch(args) -> common.Bench:
     """`ReidNet` in eval mode; `run` embeds one batch (NHWC numpy -> NCHW tensor -> numpy)."""
     import torch
-    from torch_reference import ReidNet
+
+    try:
+        from .torch_reference import ReidNet
+    except ImportError:  # run as a file (see common.py)
+        from torch_reference import ReidNet
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,13 +96,13 @@ def build_torch(args) -> Bench:
             return bn_features.numpy()
 
     info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    return Bench(run, 0.0, info)
+    return common.Bench(run, 0.0, info)
 
 
 def main(argv=None):
     args = parse_args(argv)
     builders = {"jax": build_jax, "torch": build_torch}
-    print(json.dumps(measure(args, "inference", builders, args.batch)))
+    print(json.dumps(common.measure(args, "inference", builders, args.batch)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ directory and times `make_train_iterator` for P=16, M=4 without and with worker 
 ``steady_images_per_s`` leaves out the first batch of every epoch (worker start-up, filling
 the prefetch buffer); ``images_per_s`` counts everything. Prints one JSON object.
 
-    python benchmarks/input_pipeline.py [--epochs 3] [--workers 0,2]
+    python -m benchmarks.input_pipeline [--epochs 3] [--workers 0,2]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where does a ctl_jax step spend its time? XLA ops by kind, from a profiler trace.
 
-    python benchmarks/profile_step.py --arch=resnet50 --height=128 --width=64 --steps=3
-    python benchmarks/profile_step.py --task=inference --arch=resnet18 --height=64 --width=32
+    python -m benchmarks.profile_step --arch=resnet50 --height=128 --width=64 --steps=3
+    python -m benchmarks.profile_step --task=inference --arch=resnet18 --height=64 --width=32
 
 Builds the training step (or the embedding function, `--task=inference`) as
 `benchmarks/train_step.py` (`inference.py`) does, runs the warm-up steps, then traces
@@ -30,7 +30,11 @@ import sys
 import tempfile
 import time
 
-import train_step
+try:
+    from . import common, tasks
+except ImportError:  # run as a file: benchmarks/ is on sys.path (see common.py)
+    import common
+    import tasks
 
 # XLA op events carry the HLO instruction's name (lower case, `-`/`_`, numeric suffixes);
 # the runtime's own events (`SlinkyThreadPool::Await`, `ParseArguments`, `end: ...`) do not.
@@ -96,10 +100,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=25, help="kinds and single ops listed")
     parser.add_argument("--trace_dir", default=None, help="keep the trace here (default: temp)")
-    args, module, common, _ = train_step.parse_task(parser, argv)
-    process = train_step.setup_process(common)
-    bench = module.build_jax(common)
-    for _ in range(common.warmup):
+    args, module, bench_args, _ = tasks.parse_task(parser, argv)
+    process = common.setup_process(bench_args)
+    bench = module.build_jax(bench_args)
+    for _ in range(bench_args.warmup):
         bench.run()
 
     import jax
@@ -108,20 +112,21 @@ def main(argv=None) -> None:
         trace_dir = pathlib.Path(args.trace_dir or tmp)
         t0 = time.perf_counter()
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
-            for _ in range(common.steps):
+            for _ in range(bench_args.steps):
                 bench.run()
         wall = time.perf_counter() - t0
         events = read_events(trace_dir)
     result = {
         "benchmark": "profile_step",
         "task": args.task,
-        "arch": common.arch,
-        "height": common.height,
-        "width": common.width,
-        "steps": common.steps,
-        "fast_ops": bool(common.fast_ops),
+        "arch": bench_args.arch,
+        "height": bench_args.height,
+        "width": bench_args.width,
+        "steps": bench_args.steps,
+        "cpu_fast_path": bench_args.cpu_fast_path,
         **process,
-        **summarise(events, common.steps, wall, args.top),
+        **bench.info,
+        **summarise(events, bench_args.steps, wall, args.top),
     }
     if args.trace_dir:
         result["trace_dir"] = str(trace_dir)

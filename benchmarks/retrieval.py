@@ -17,8 +17,8 @@ queries divided by their number (throughput), and the median of single-query cal
 item labels). `top1_identity` is the fraction of queries whose best match has their
 identity. Prints one JSON object.
 
-  python benchmarks/retrieval.py            # market + 1M (a few minutes on 2 cores)
-  python benchmarks/retrieval.py --small    # a quick check (well under a minute)
+  python -m benchmarks.retrieval           # market + 1M (a few minutes on 2 cores)
+  python -m benchmarks.retrieval --small   # a quick check (well under a minute)
 """
 
 from __future__ import annotations

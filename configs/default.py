@@ -2,7 +2,8 @@
 
 Every other config starts from this one and changes a few visible lines. Field groups:
 `data` (dataset and input pipeline), `model`, `loss`, `solver` (optimiser, schedule, epochs),
-`train` (logging, checkpoints, periodic evaluation), `eval` (evaluation modes).
+`train` (logging, checkpoints, periodic evaluation), `eval` (evaluation modes); top-level
+`name`, `seed` and `cpu_fast_path`.
 
 Variants (`--config=configs/default.py:<variant>`), each the demo with one change, to compare
 retrieval heads on the synthetic set: `gem`, `max`, `rmac` (pooling), `cosface`, `arcface`
@@ -12,6 +13,8 @@ retrieval heads on the synthetic set: `gem`, `max`, `rmac` (pooling), `cosface`,
 import ml_collections
 from ml_collections import config_dict
 
+from ctl_jax.errors import ConfigError
+
 VARIANTS = ("gem", "max", "rmac", "cosface", "arcface", "contrastive")
 
 
@@ -19,9 +22,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "default"
     config.seed = 0
+    # How the model runs, not what it is (checkpoints do not depend on it): "auto" uses the
+    # CPU layers of ctl_jax/cpu/ (same parameters and results, faster on XLA's CPU backend)
+    # on the CPU backend in float32 and the plain Flax layers elsewhere; "on" / "off" force.
+    config.cpu_fast_path = "auto"
 
     config.data = data = ml_collections.ConfigDict()
-    # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder.
+    # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder, msmt17,
+    # cuhk03_detected, cuhk03_labeled, veri776, roxford5k, rparis6k, holidays, gldv2, sop,
+    # inshop (the last ten read `root` as their unpacked download; see data/README.md).
     data.name = "synthetic"
     # Folder holding the dataset (for market1501/dukemtmc: the folder *containing*
     # market1501/ or DukeMTMC-reID/; for synthetic: the dataset folder itself).
@@ -34,6 +43,21 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     data.train_json = ""
     data.query_json = ""
     data.gallery_json = ""
+    # Evaluate on another dataset than the one trained on (e.g. train gldv2, evaluate
+    # roxford5k); "" evaluates on `name`'s own query/gallery. `eval_root` defaults to `root`.
+    data.eval_name = ""
+    data.eval_root = ""
+    # Training identities with fewer than `num_instances` images: "pad" keeps them (their
+    # P x M groups are padded with masked slots), "drop" removes them (folder source only).
+    data.small_identities = "pad"
+    # MSMT17: add list_val.txt to the training images (the published 32,621-image set).
+    data.use_val = True
+    # Revisited Oxford/Paris: the revisitop1m folder (revisitop1m.txt, jpg/) as +1M
+    # distractors added to the gallery; "" for none.
+    data.distractors = ""
+    # INRIA Holidays: "" (images as stored), "exif" (turned upright by their EXIF tag), or a
+    # file of '<image name> <degrees clockwise>' lines naming the images to turn.
+    data.rotation_fix = ""
     data.height = 64
     data.width = 32
     data.num_identities = 8  # P
@@ -56,11 +80,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # ReLU for IBN-a). Set True/False to force.
     model.stem_relu = config_dict.placeholder(bool)
     model.dtype = "float32"  # "bfloat16" on accelerators: bf16 compute, f32 parameters.
-    model.fast_1x1 = True  # 1x1 convolutions as matrix products (much faster on XLA CPU).
-    # The other XLA CPU rewrites (ctl_jax/models/cpu_ops.py: Winograd, kernel gradients as
-    # matrix products, the max pool's backward pass) and the batch norms' one-pass moments
-    # and hand-written backward pass (any backend); same parameters and results.
-    model.fast_ops = True
     # A ctl_jax checkpoint (e.g. converted ImageNet weights) to initialise from; "" = random.
     model.init_checkpoint = ""
     # Global pooling of the last feature map (ctl_jax/models/pooling.py): "avg" (the CTL
@@ -112,7 +131,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     train.monitor = "centroid_camera/mAP"
 
     config.eval = evaluation = ml_collections.ConfigDict()
+    # "" = the dataset's published protocol; else market, recall_at_k, revisited, holidays.
+    evaluation.protocol = ""
     evaluation.modes = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
+    # Flip test: embed each image and its horizontal mirror and average (twice the cost).
+    evaluation.flip = False
     return apply_variant(config, variant)
 
 
@@ -121,7 +144,7 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str | None):
     if variant is None:
         return config
     if variant not in VARIANTS:
-        raise ValueError(f"config variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        raise ConfigError(f"config variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     config.name = f"{config.name}_{variant}"
     if variant in ("gem", "max", "rmac"):
         config.model.pooling = variant

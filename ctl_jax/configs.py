@@ -10,12 +10,14 @@ import sys
 
 import ml_collections
 
+from ctl_jax.errors import MissingFileError
+
 
 def load_module(path: str | pathlib.Path):
     """Imports a Python file as a module (configs are files, not an installed package)."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise MissingFileError(f"config file {path} does not exist")
     name = f"ctl_jax_config_{path.stem}_{abs(hash(str(path.resolve())))}"
     if name in sys.modules:
         return sys.modules[name]

@@ -26,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the checkpoints/ of a used --output.")
-_INSPECT = flags.DEFINE_bool(
+_DESCRIBE_ONLY = flags.DEFINE_bool(
     "inspect", False, "Only describe --source (format, pickled objects, architecture)."
 )
 
@@ -49,7 +49,7 @@ def main(argv):
 
     if not _SOURCE.value:
         cli.fail("--source=FILE is required")
-    if _INSPECT.value:
+    if _DESCRIBE_ONLY.value:
         print(conversion.inspect_source(_SOURCE.value))
         return
     if not _OUTPUT.value:

@@ -1,7 +1,7 @@
 """Multi-process (multi-host) start-up: `jax.distributed.initialize` from flags or environment.
 
 One process runs per host (per TPU VM worker, per GPU node, or per GPU); together they form
-one global device mesh (see `ctl_jax.training.sharding`). Every process must run the same
+one global device mesh (see `ctl_jax.parallel`). Every process must run the same
 command with the same config and work directory; only the process id differs.
 
 Settings, as a flag of `ctl_jax.train` / `ctl_jax.evaluate` or an environment variable (a
@@ -30,6 +30,8 @@ import os
 import jax
 from absl import flags
 
+from ctl_jax.errors import DistributedSetupError
+
 MODES = ("off", "auto", "on")
 
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -51,11 +53,6 @@ _PROCESS_ID = flags.DEFINE_integer(
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "local_device_ids", None, "Local device ids this process uses. Env: CTL_JAX_LOCAL_DEVICE_IDS."
 )
-
-
-class DistributedSetupError(ValueError):
-    """The multi-process settings are incomplete or inconsistent, or the processes could not
-    reach each other."""
 
 
 def _flag(holder):

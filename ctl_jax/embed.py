@@ -1,10 +1,10 @@
 """Embed images: `python -m ctl_jax.embed (--workdir=DIR | --checkpoint=DIR) --images=PATH
---output=FILE.npz [--step=N] [--batch_size=N] [--whitening=FILE] [--overwrite]`.
+--output=FILE.npz [--step=N] [--batch_size=N] [--flip] [--whitening=FILE] [--overwrite]`.
 
 `--images` is one image or a folder, searched recursively for .jpg/.jpeg/.png files (other
 files are skipped and counted). Each image gets the model's test-time preprocessing (resize
 to the training input size, ImageNet normalisation) and the BNNeck embedding is written,
-not normalised, to the embeddings .npz of INTERFACES.md; pid and camera are parsed from
+not normalised, to an embeddings .npz (docs/formats.md); pid and camera are parsed from
 Market-style names (`0002_c1s1_...jpg`), -1 otherwise.
 """
 
@@ -29,6 +29,9 @@ _BATCH_SIZE = flags.DEFINE_integer(
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_FLIP = flags.DEFINE_bool(
+    "flip", False, "Flip test: average each image's embedding with its mirror's (2x time)."
+)
 _WHITENING = flags.DEFINE_string(
     "whitening",
     None,
@@ -54,22 +57,26 @@ def main(argv):
     if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:
         cli.fail(f"--batch_size must be >= 1, got {_BATCH_SIZE.value}")
 
+    from ctl_jax.checkpoints import restore_model
+    from ctl_jax.models import feature_dim
     from ctl_jax.retrieval.images import embed_images, list_images
-    from ctl_jax.training.restore import restore_model
 
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
     whitening = _load_whitening(_WHITENING.value)
     start = time.time()
     restored = restore_model(directory, step=_STEP.value)
+    if whitening is not None:  # fail before embedding, not after
+        whitening.check_input_dim(feature_dim(restored.config.model.arch), f"{directory}'s model")
     embeddings, report = embed_images(
-        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value
+        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value, flip=_FLIP.value
     )
     if whitening is not None:
         embeddings = whitening.apply_to(embeddings)
     embeddings.save(output, overwrite=_OVERWRITE.value)
     known = int((embeddings.pids >= 0).sum())
     print(
-        f"{report.summary()} with {directory} (step {restored.step}) in "
+        f"{report.summary()}{' (flip test)' if _FLIP.value else ''} with {directory} "
+        f"(step {restored.step}) in "
         f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings, {known:,} with a "
         f"Market-style identity, written to {output}"
     )

@@ -8,6 +8,8 @@ import os
 import pathlib
 import tempfile
 
+from ctl_jax.errors import OutputExistsError
+
 
 def refuse_overwrite(path: str | os.PathLike, overwrite: bool, flag: str = "--output"):
     """Returns `path` as a Path; raises FileExistsError if it exists and `overwrite` is False.
@@ -16,7 +18,7 @@ def refuse_overwrite(path: str | os.PathLike, overwrite: bool, flag: str = "--ou
     """
     path = pathlib.Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{path} already exists; pass --overwrite to replace it or choose another {flag}"
         )
     return path

@@ -1,14 +1,14 @@
 """Losses of the CTL model: batch-hard triplet, centroid triplet, center, label-smoothing CE,
 and the contrastive loss (an alternative to the triplet loss).
 
-Every loss is a pure function of arrays over a P x M training batch (SPEC section 3): rows
-``p*M .. p*M+M-1`` belong to identity ``p``, and identities with fewer than M images are padded
-at the end of their group with rows marked ``valid=False``. Invalid rows take part in no loss,
-no mining and no centroid, and neither their embeddings nor their labels can change a loss value
-or a gradient with respect to valid rows (deviation from the original code, which fed a zero
-image for them and let it be mined). All functions are jit-able, work in float32 whatever the
-input dtype, and give finite values and gradients for any finite valid input, including zero
-distances (duplicated rows).
+Every loss is a pure function of arrays over a P x M training batch (docs/method.md, 'The P x M
+sampler'): rows ``p*M .. p*M+M-1`` belong to identity ``p``, and identities with fewer than M
+images are padded at the end of their group with rows marked ``valid=False``. Invalid rows take
+part in no loss, no mining and no centroid, and neither their embeddings nor their labels can
+change a loss value or a gradient with respect to valid rows (deviation from the original code,
+which fed a zero image for them and let it be mined). All functions are jit-able, work in
+float32 whatever the input dtype, and give finite values and gradients for any finite valid
+input, including zero distances (duplicated rows).
 
 Static arguments under ``jax.jit``: ``distance`` and ``num_instances``. ``margin`` may be traced
 (a float margin does not force a recompilation); ``margin=None`` selects the soft margin.
@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ctl_jax.errors import ConfigError
+
 DISTANCES = ("euclidean", "cosine")
 
 # Lower clamp of squared Euclidean distances, as in the original `euclidean_dist`: keeps sqrt
@@ -32,7 +34,7 @@ _NORM_EPS = 1e-8
 
 def _check_distance(distance: str) -> None:
     if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
+        raise ConfigError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
 
 
 def _pairwise_distance(x: jax.Array, distance: str) -> jax.Array:

@@ -22,6 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ctl_jax.errors import ConfigError
+
 CLASSIFIERS = ("softmax", "cosface", "arcface")
 MARGIN_CLASSIFIERS = ("cosface", "arcface")
 
@@ -38,7 +40,7 @@ def resolve_margin(kind: str, margin: float | None) -> float:
 
 
 def check_classifier(kind: str, scale: float = 30.0, margin: float | None = None) -> None:
-    """Raises a one-line ValueError for an unknown head or a scale/margin outside its range.
+    """Raises a one-line ConfigError for an unknown head or a scale/margin outside its range.
 
     CosFace needs 0 <= m < 2: with m >= 2 the target logit cos - m is below -1, under every
     other class's cosine, so no feature could be classified correctly. ArcFace needs
@@ -46,16 +48,16 @@ def check_classifier(kind: str, scale: float = 30.0, margin: float | None = None
     the easy margin (theta < pi/2) holds only for m <= pi/2.
     """
     if kind not in CLASSIFIERS:
-        raise ValueError(f"loss.classifier={kind!r} is not one of {', '.join(CLASSIFIERS)}")
+        raise ConfigError(f"loss.classifier={kind!r} is not one of {', '.join(CLASSIFIERS)}")
     if kind == "softmax":
         return
     if not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"loss.scale must be > 0 for {kind}, got {scale!r}")
+        raise ConfigError(f"loss.scale must be > 0 for {kind}, got {scale!r}")
     m = resolve_margin(kind, margin)
     if kind == "cosface" and not 0.0 <= m < 2.0:
-        raise ValueError(f"loss.classifier_margin must be in [0, 2) for cosface, got {m}")
+        raise ConfigError(f"loss.classifier_margin must be in [0, 2) for cosface, got {m}")
     if kind == "arcface" and not 0.0 <= m < math.pi / 2:
-        raise ValueError(f"loss.classifier_margin must be in [0, pi/2) for arcface, got {m}")
+        raise ConfigError(f"loss.classifier_margin must be in [0, pi/2) for arcface, got {m}")
 
 
 def arcface_target(cosine: jax.Array, margin: float, easy_margin: bool = False) -> jax.Array:
@@ -96,7 +98,7 @@ def margin_logits(
     """
     check_classifier(kind, scale, margin)
     if kind not in MARGIN_CLASSIFIERS:
-        raise ValueError(f"margin_logits needs a margin head, got {kind!r}")
+        raise ConfigError(f"margin_logits needs a margin head, got {kind!r}")
     m = resolve_margin(kind, margin)
     cosine = jnp.asarray(cosine, jnp.float32)
     if kind == "cosface":

@@ -4,13 +4,19 @@
 ivf_pq|hnsw] [--overwrite]`.
 
 The gallery holds the images of an embeddings file, or with --centroids one centroid per
-identity (mean of its un-normalised embeddings, then normalised; SPEC section 1). Queries
-come from an embeddings file or are embedded on the fly from images. Each query gets its
-top-k gallery items by cosine similarity, written as the search-results JSON of
-INTERFACES.md. `--save_index` stores the built index (exact vectors or a faiss index) so
-later searches can start from it with `--index`; with only `--gallery` and `--save_index`
-the command just builds and saves. The faiss methods need `pip install -e '.[faiss]'`;
-`--check_recall` also runs the exact search and reports the approximate recall@k.
+identity (mean of its un-normalised embeddings, then normalised; docs/method.md, 'Evaluation
+modes'). Queries come from an embeddings file or are embedded on the fly from images. Each query
+gets its top-k gallery items by cosine similarity, written as the search-results JSON
+(docs/formats.md, 'Search results JSON'). `--save_index` stores the built index (exact vectors
+or a faiss index) so later searches can start from it with `--index`; with only `--gallery` and
+`--save_index` the command just builds and saves. The faiss methods need
+`pip install -e '.[faiss]'`; `--check_recall` also runs the exact search and reports the
+approximate recall@k.
+
+Open-set search: `--min_score=S` drops matches scoring below S (a cosine in [-1, 1]); a
+query with no match left is "known": false in the results. `--min_score=auto:F` with
+`--calibration=metrics.json` takes the threshold at false-positive rate F from the
+verification block of an evaluation (`ctl_jax.retrieval.open_set`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training work directory (with -
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint (with --images).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per batch with --images.")
+_FLIP = flags.DEFINE_bool(
+    "flip", False, "With --images: average each query's embedding with its mirror's."
+)
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Matches per query.")
 _OUTPUT = flags.DEFINE_string("output", None, "Search results .json to write.")
 _VISUALIZE = flags.DEFINE_string("visualize", None, "Folder for one ranked-results PNG per query.")
@@ -52,6 +61,15 @@ _EF_CONSTRUCTION = flags.DEFINE_integer("ef_construction", 0, "HNSW build beam (
 _EF_SEARCH = flags.DEFINE_integer("ef_search", 0, "HNSW search beam (0: 64, at least top_k).")
 _CHECK_RECALL = flags.DEFINE_bool(
     "check_recall", False, "With a faiss --method: also search exactly and report recall@k."
+)
+_MIN_SCORE = flags.DEFINE_string(
+    "min_score",
+    None,
+    "Drop matches scoring below S (cosine in [-1, 1]); auto:F takes the threshold at "
+    "false-positive rate F from --calibration. Queries left without a match are unknown.",
+)
+_CALIBRATION = flags.DEFINE_string(
+    "calibration", None, "Metrics JSON of python -m ctl_jax.evaluate, for --min_score=auto:F."
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing existing output files.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
@@ -86,6 +104,8 @@ def _check_flags() -> None:
         cli.fail("--images needs the model: --workdir=DIR or --checkpoint=DIR")
     if (_WORKDIR.value or _CHECKPOINT.value) and not _IMAGES.value:
         cli.fail("--workdir/--checkpoint are only used with --images")
+    if _FLIP.value and not _IMAGES.value:
+        cli.fail("--flip applies when embedding --images (embed the .npz files with --flip)")
     if _TOP_K.value < 1:
         cli.fail(f"--top_k must be >= 1, got {_TOP_K.value}")
     if _INDEX.value and _SAVE_INDEX.value:
@@ -94,6 +114,18 @@ def _check_flags() -> None:
         cli.fail("--method applies when building from --gallery; an --index keeps its method")
     if _CHECK_RECALL.value and (_METHOD.value == "exact" or _INDEX.value):
         cli.fail("--check_recall compares a faiss --method built from --gallery with exact search")
+    if _MIN_SCORE.value is not None:
+        from ctl_jax.retrieval.open_set import parse_min_score
+
+        if not has_queries:
+            cli.fail("--min_score needs queries: --query=Q.npz or --images=PATH")
+        auto = parse_min_score(_MIN_SCORE.value).fpr is not None  # one-line ValueError
+        if auto and not _CALIBRATION.value:
+            cli.fail(f"--min_score={_MIN_SCORE.value} needs --calibration=metrics.json")
+        if not auto and _CALIBRATION.value:
+            cli.fail("--calibration is read only with --min_score=auto:F")
+    elif _CALIBRATION.value:
+        cli.fail("--calibration needs --min_score=auto:F (e.g. auto:0.001)")
     for flag in (_OUTPUT, _SAVE_INDEX):
         path = flag.value and pathlib.Path(flag.value)
         if path and path.exists() and not _OVERWRITE.value:
@@ -106,6 +138,7 @@ def _load_or_build_index():
     """(index, exact index for --check_recall or None, description line)."""
     from ctl_jax.retrieval import index as index_lib
     from ctl_jax.retrieval.embedding_file import Embeddings
+    from ctl_jax.retrieval.gallery import gallery_vectors
 
     if _INDEX.value:
         index = index_lib.load_index(_INDEX.value, search_params=_faiss_params())
@@ -118,7 +151,7 @@ def _load_or_build_index():
         return index, None, f"{index.items.describe()} from index {_INDEX.value} ({index.method})"
 
     embeddings = Embeddings.load(_GALLERY.value)
-    items, vectors, dropped = index_lib.gallery_vectors(
+    items, vectors, dropped = gallery_vectors(
         embeddings, _CENTROIDS.value, source=str(_GALLERY.value)
     )
     note = f" ({dropped:,} image(s) of unknown identity left out)" if dropped else ""
@@ -145,17 +178,36 @@ def _queries():
 
     if _QUERY.value:
         return Embeddings.load(_QUERY.value), f"{_QUERY.value}"
+    from ctl_jax.checkpoints import restore_model
     from ctl_jax.retrieval.images import embed_images, list_images, model_directory
-    from ctl_jax.training.restore import restore_model
 
     directory = model_directory(_WORKDIR.value, _CHECKPOINT.value)
     list_images(_IMAGES.value)  # fail on a bad --images before loading the model
     restored = restore_model(directory, step=_STEP.value)
     queries, report = embed_images(
-        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value
+        restored, _IMAGES.value, _BATCH_SIZE.value, progress=_PROGRESS.value, flip=_FLIP.value
     )
-    print(f"queries: {report.summary()} with {directory} (step {restored.step})")
+    flipped = " (flip test)" if _FLIP.value else ""
+    print(f"queries: {report.summary()}{flipped} with {directory} (step {restored.step})")
     return queries, f"{_IMAGES.value}"
+
+
+def _min_score(kind: str) -> tuple[float | None, dict | None]:
+    """The --min_score threshold for a gallery of `kind`, and what meta records of it."""
+    if _MIN_SCORE.value is None:
+        return None, None
+    from ctl_jax.retrieval.open_set import calibrated_min_score, parse_min_score
+
+    parsed = parse_min_score(_MIN_SCORE.value)
+    if parsed.fpr is None:
+        return parsed.value, {"value": parsed.value}
+    value, mode = calibrated_min_score(_CALIBRATION.value, parsed.fpr, kind)
+    return value, {
+        "value": value,
+        "fpr": parsed.fpr,
+        "calibration": str(_CALIBRATION.value),
+        "calibration_mode": mode,
+    }
 
 
 def main(argv):
@@ -164,10 +216,13 @@ def main(argv):
     _check_flags()
     from ctl_jax.retrieval import index as index_lib
     from ctl_jax.retrieval import results
+    from ctl_jax.retrieval.gallery import check_queries
 
     start = time.time()
     index, exact, described = _load_or_build_index()
     print(f"gallery: {described}, {index.dim}-d")
+    # Before any embedding or search: a bad --calibration fails fast.
+    min_score, min_score_meta = _min_score(index.items.kind)
     if _SAVE_INDEX.value:
         index_lib.save_index(index, _SAVE_INDEX.value, overwrite=_OVERWRITE.value)
         print(f"index written to {_SAVE_INDEX.value}")
@@ -177,7 +232,7 @@ def main(argv):
     queries, query_source = _queries()
     top_k = _TOP_K.value
     # Checked here too (search checks again) so the message names the query file.
-    index_lib.check_queries(
+    check_queries(
         queries.embeddings, index.dim, top_k, len(index), f"query embeddings ({query_source})"
     )
     search_start = time.time()
@@ -209,16 +264,26 @@ def main(argv):
             f"recall@{top_k} of {index.method} against exact search: "
             f"{meta[f'recall_at_{top_k}']:.4f}"
         )
-    known = (queries.pids >= 0) & (indices[:, 0] >= 0)
-    if known.any():
-        top1 = index.items.pids[indices[known, 0]] == queries.pids[known]
+    known = None
+    if min_score is not None:  # after the recall check, which compares full top-k lists
+        from ctl_jax.retrieval.open_set import apply_min_score
+
+        indices, known = apply_min_score(scores, indices, min_score)
+        meta["min_score"] = min_score_meta
+        lines.append(
+            f"{int(known.sum()):,} of {len(known):,} queries known (a match scoring >= "
+            f"{min_score:.4f}), {int((~known).sum()):,} unknown"
+        )
+    labelled = (queries.pids >= 0) & (indices[:, 0] >= 0)
+    if labelled.any():
+        top1 = index.items.pids[indices[labelled, 0]] == queries.pids[labelled]
         lines.append(
             f"top-1 match has the query's identity for {int(top1.sum()):,} of "
-            f"{int(known.sum()):,} queries with known identity (no camera filtering)"
+            f"{int(labelled.sum()):,} queries with known identity (no camera filtering)"
         )
     if _OUTPUT.value:
         document = results.results_document(
-            queries.paths, queries.pids, scores, indices, index.items, meta
+            queries.paths, queries.pids, scores, indices, index.items, meta, known=known
         )
         results.write_json(_OUTPUT.value, document, overwrite=_OVERWRITE.value)
         lines.append(f"results written to {_OUTPUT.value}")

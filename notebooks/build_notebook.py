@@ -134,15 +134,14 @@ disk, so re-running a cell does not compile again.""",
         """\
 import jax
 
-from ctl_jax import cli
-from ctl_jax.training import sharding
+from ctl_jax import cli, parallel
 
 cli.enable_compilation_cache()
 print(f"python: {sys.executable}")
 print(f"jax {jax.__version__}: {jax.device_count()} {jax.default_backend().upper()} device(s)")
 for device in jax.devices():
     print("  ", device)
-mesh = sharding.make_mesh()
+mesh = parallel.make_mesh()
 print(f"mesh: {dict(mesh.shape)}")
 if jax.default_backend() != "tpu" and not SMOKE:
     print("No TPU here: Runtime > Change runtime type > TPU (or set CTL_JAX_NOTEBOOK_SMOKE=1).")""",
@@ -287,7 +286,7 @@ config.data.name = DATASET
 config.data.root = str(DATA_ROOT)
 config.eval.modes = MODES  # evaluate in every mode at the end of training
 RUN_DIR = WORK / "runs" / config.name
-sharding.check_batch_layout(config.data.num_identities, config.data.num_instances, mesh)
+parallel.check_batch_layout(config.data.num_identities, config.data.num_instances, mesh)
 print(f"{config.model.arch} {config.model.dtype}, {config.data.height}x{config.data.width}, "
       f"P={config.data.num_identities} x M={config.data.num_instances}, "
       f"{config.solver.num_epochs} epochs -> {RUN_DIR}")""",
@@ -380,10 +379,10 @@ and gallery are embedded on all cores, and retrieval is scored four ways:
         "code",
         """\
 from ctl_jax import evaluation
+from ctl_jax.checkpoints import restore_model
 from ctl_jax.data.source import load_dataset
+from ctl_jax.evaluator import Evaluator
 from ctl_jax.retrieval.embedding_file import Embeddings
-from ctl_jax.training.evaluator import Evaluator
-from ctl_jax.training.restore import restore_model
 
 restored = restore_model(RUN_DIR)
 dataset, readers = load_dataset(restored.config.data)
@@ -437,7 +436,7 @@ The export folder holds everything needed later, anywhere (no TPU needed): an in
 checkpoint of the evaluated step (weights, batch-norm statistics and the model settings,
 without the optimiser state that only resuming needs; the same format `ctl_jax.convert`
 writes), `config.json`, `metrics.json`, and the query and gallery embeddings as `.npz`
-(INTERFACES.md format). It is checked by loading it back. To resume training elsewhere, copy
+(docs/formats.md). It is checked by loading it back. To resume training elsewhere, copy
 the whole `RUN_DIR` instead.
 Use it with the command-line tools, e.g.
 
@@ -451,7 +450,7 @@ On Colab the zip is also copied to Drive (`MyDrive/ctl_jax_exports/`) when Drive
     (
         "code",
         """\
-from ctl_jax.training.checkpoints import CheckpointStore
+from ctl_jax.checkpoints import CheckpointStore
 
 EXPORT = WORK / "export" / config.name
 if EXPORT.exists():

@@ -1,5 +1,5 @@
 """The command-line tools as a user runs them: one-line errors with a non-zero exit code,
-metrics JSON in the INTERFACES.md format, and nothing of the user's overwritten."""
+metrics JSON in the format of docs/formats.md, and nothing of the user's overwritten."""
 
 import json
 import os
@@ -13,14 +13,25 @@ import pytest
 from tiny_data import make_tiny_reid
 from xla_flags import xla_flags
 
+from ctl_jax.build import build_model
+from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.configs import config_to_json, load_config
 from ctl_jax.evaluation import MODES
-from ctl_jax.models.reid import build_model, init_variables
+from ctl_jax.models.reid import init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
-from ctl_jax.training.checkpoints import CheckpointStore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-METRIC_KEYS = {"mAP", "rank1", "rank5", "rank10", "rank20", "rank50", "num_query", "num_gallery"}
+METRIC_KEYS = {
+    "mAP",
+    "mINP",
+    "rank1",
+    "rank5",
+    "rank10",
+    "rank20",
+    "rank50",
+    "num_query",
+    "num_gallery",
+}
 
 
 def run(module, *args, cwd=REPO):
@@ -94,7 +105,7 @@ def test_evaluate_embedding_files_writes_metrics_json_and_never_overwrites(tmp_p
     assert out.read_text() == before
     replaced = run("ctl_jax.evaluate", *args, f"--output={out}", "--modes=instance", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
-    assert set(json.loads(out.read_text())) - {"meta"} == {"instance"}
+    assert set(json.loads(out.read_text())) - {"meta", "verification"} == {"instance"}
 
 
 def test_evaluate_rejects_bad_embedding_files(tmp_path):
@@ -114,6 +125,42 @@ def test_evaluate_rejects_bad_embedding_files(tmp_path):
     assert_one_line_error(bad_mode, "centroids")
 
 
+def test_evaluate_rerank_expansion_verification_and_plots(tmp_path):
+    rng = np.random.default_rng(3)
+    _embeddings(rng, 20, 8, 5, 3).save(tmp_path / "q.npz")
+    _embeddings(rng, 60, 8, 5, 3).save(tmp_path / "g.npz")
+    out, plots = tmp_path / "metrics.json", tmp_path / "plots"
+    args = [f"--query={tmp_path / 'q.npz'}", f"--gallery={tmp_path / 'g.npz'}"]
+    options = ["--rerank", "--rerank_k1=8", "--rerank_k2=3", "--aqe", "--aqe_alpha=2"]
+    result = run("ctl_jax.evaluate", *args, *options, f"--output={out}", f"--plot={plots}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["meta"]["rerank"] == {"k1": 8, "k2": 3, "lambda": 0.3}
+    assert metrics["meta"]["aqe"] == {"k": 5, "alpha": 2.0, "times": 1}
+    assert metrics["meta"]["verification"] is True
+    assert set(metrics["verification"]) == set(MODES)
+    assert set(metrics["verification"]["instance"]["threshold_at_fpr"]) == {
+        "0.0001",
+        "0.001",
+        "0.01",
+    }
+    assert sorted(p.name for p in plots.iterdir()) == ["cmc.png", "roc.png"]
+    assert "mINP" in result.stdout and "TPR@FPR=0.001" in result.stdout
+
+    plain = run("ctl_jax.evaluate", *args, "--noverification", "--modes=instance")
+    assert plain.returncode == 0, plain.stderr
+    assert "TPR@FPR" not in plain.stdout
+
+    for bad, message in [
+        (["--rerank", "--rerank_k1=0"], "--rerank_k1 must be an integer >= 1"),
+        (["--rerank", "--rerank_k1=5", "--rerank_k2=6"], "--rerank_k2 must not exceed"),
+        (["--aqe", "--aqe_alpha=-1"], "--aqe_alpha must be >= 0"),
+        (["--rerank_k1=5"], "--rerank_k1 need(s) --rerank"),
+        ([f"--plot={plots}"], "roc.png exists"),
+    ]:
+        assert_one_line_error(run("ctl_jax.evaluate", *args, *bad), message)
+
+
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
     """A work directory holding one checkpoint of a tiny random model on a tiny dataset."""
@@ -123,7 +170,7 @@ def checkpoint_dir(tmp_path_factory):
     config.data.root = str(root)
     config.data.height, config.data.width = 32, 16
     workdir = tmp_path_factory.mktemp("run")
-    model = build_model(config.model, 6)
+    model = build_model(config, 6)
     variables = jax.device_get(init_variables(model, jax.random.key(0), (32, 16, 3)))
     store = CheckpointStore(workdir)
     meta = {"config": json.loads(config_to_json(config)), "num_classes": 6}
@@ -142,6 +189,21 @@ def test_evaluate_checkpoint_every_mode(checkpoint_dir, tmp_path):
     assert metrics["instance"]["num_query"] > 0
 
 
+def test_evaluate_checkpoint_flip_test(checkpoint_dir, tmp_path):
+    plain, flipped = tmp_path / "plain.json", tmp_path / "flip.json"
+    args = [f"--workdir={checkpoint_dir}", "--modes=instance", "--noverification"]
+    for out, extra in ((plain, []), (flipped, ["--flip"])):
+        result = run("ctl_jax.evaluate", *args, *extra, f"--output={out}")
+        assert result.returncode == 0, result.stderr
+    plain, flipped = json.loads(plain.read_text()), json.loads(flipped.read_text())
+    assert plain["meta"]["flip"] is False and flipped["meta"]["flip"] is True
+    assert plain["instance"]["num_query"] == flipped["instance"]["num_query"] > 0
+    npz = tmp_path / "e.npz"
+    _embeddings(np.random.default_rng(0), 4, 3, 2, 2).save(npz)
+    result = run("ctl_jax.evaluate", f"--query={npz}", f"--gallery={npz}", "--flip")
+    assert_one_line_error(result, "--flip applies when embedding images")
+
+
 def test_evaluate_missing_step_and_corrupt_checkpoint(checkpoint_dir, tmp_path):
     missing = run("ctl_jax.evaluate", f"--workdir={checkpoint_dir}", "--step=3")
     assert_one_line_error(missing, "step 3")
@@ -154,3 +216,103 @@ def test_evaluate_missing_step_and_corrupt_checkpoint(checkpoint_dir, tmp_path):
     result = run("ctl_jax.evaluate", f"--workdir={broken}")
     assert_one_line_error(result, "checkpoint")
     assert (checkpoint_dir / "checkpoints" / "7").is_dir()
+
+
+# An entry point's main run through cli.run with one library function replaced, as a user's
+# command would run it (absl parses sys.argv; the replacement stands for a bug).
+_BROKEN_EVALUATE = """
+import sys
+
+import ctl_jax.evaluation
+from ctl_jax import cli, evaluate
+
+
+def broken(*args, **kwargs):
+    raise KeyError("params")  # an internal bug, not the user's mistake
+
+
+ctl_jax.evaluation.evaluate = broken
+sys.argv = ["ctl_jax.evaluate", *sys.argv[1:]]
+cli.run(evaluate.main)
+"""
+
+
+def test_internal_error_keeps_its_traceback(tmp_path):
+    rng = np.random.default_rng(2)
+    for name in ("q", "g"):
+        _embeddings(rng, 6, 4, 3, 2).save(tmp_path / f"{name}.npz")
+    result = subprocess.run(
+        [sys.executable, "-c", _BROKEN_EVALUATE]
+        + [f"--query={tmp_path / 'q.npz'}", f"--gallery={tmp_path / 'g.npz'}"],
+        cwd=REPO,
+        env=dict(os.environ, XLA_FLAGS=xla_flags(2)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode not in (0, 2), result.stderr
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr
+    assert "KeyError: 'params'" in result.stderr, result.stderr
+    assert "in broken" in result.stderr  # the frame that raised
+    assert not any(line.startswith("error:") for line in result.stderr.splitlines())
+
+
+@pytest.mark.parametrize("debug", ["flag", "environment"])
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, debug):
+    missing = tmp_path / "missing.npz"
+    args = [f"--query={missing}", f"--gallery={missing}"]
+    plain = run("ctl_jax.evaluate", *args)
+    assert_one_line_error(plain, str(missing), "does not exist")
+    if debug == "flag":
+        result = run("ctl_jax.evaluate", *args, "--debug")
+    else:
+        env = dict(os.environ, XLA_FLAGS=xla_flags(2), CTL_JAX_DEBUG="1")
+        result = subprocess.run(
+            [sys.executable, "-m", "ctl_jax.evaluate", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr
+    assert "MissingFileError" in result.stderr  # the exception's own traceback
+    # ... and still the one-line message last.
+    assert result.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]
+
+
+def test_user_errors_keep_their_builtin_types_and_module_names():
+    """Callers that catch the builtin type, or import an error from its old module, still work."""
+    from ctl_jax import errors
+    from ctl_jax.checkpoints import CheckpointError
+    from ctl_jax.data.image_io import UnreadableImageError
+    from ctl_jax.data.readers import DatasetError
+    from ctl_jax.distributed import DistributedSetupError
+    from ctl_jax.retrieval.approximate import FaissUnavailableError
+    from ctl_jax.training.loop import NonFiniteLossError, WorkdirMismatchError
+    from ctl_jax.weights.torch_pickle import TorchFileError
+
+    builtin = {
+        DatasetError: ValueError,
+        UnreadableImageError: OSError,
+        DistributedSetupError: ValueError,
+        FaissUnavailableError: ImportError,
+        CheckpointError: RuntimeError,
+        NonFiniteLossError: FloatingPointError,
+        WorkdirMismatchError: ValueError,
+        TorchFileError: ValueError,
+        errors.MissingFileError: FileNotFoundError,
+        errors.OutputExistsError: FileExistsError,
+        errors.NotAFolderError: NotADirectoryError,
+        errors.ConfigError: ValueError,
+        errors.OptionError: ValueError,
+        errors.FileContentError: ValueError,
+    }
+    for cls, base in builtin.items():
+        assert cls is getattr(errors, cls.__name__)
+        assert issubclass(cls, errors.UserError) and issubclass(cls, base), cls
+    # The message is the first argument, without an OSError's errno or a KeyError's quotes.
+    assert errors.message(errors.MissingFileError("index file x.npz does not exist")) == (
+        "index file x.npz does not exist"
+    )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ctl_jax import losses
+from ctl_jax.errors import ConfigError
 
 
 def ref_contrastive(x, labels, valid, margin, distance):
@@ -104,5 +105,5 @@ def test_contrastive_hand_computed_and_degenerate_cases():
     # No valid pair at all: 0, finite gradient.
     loss, _ = losses.contrastive_loss(x, labels, np.array([True, False, False]), margin=1.0)
     assert float(loss) == 0.0
-    with pytest.raises(ValueError, match="unknown distance"):
+    with pytest.raises(ConfigError, match="unknown distance"):
         losses.contrastive_loss(x, labels, valid, distance="manhattan")

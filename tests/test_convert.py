@@ -18,9 +18,8 @@ torch = pytest.importorskip("torch")
 import torch_reference_models as trm  # noqa: E402
 
 from ctl_jax import configs as config_lib  # noqa: E402
+from ctl_jax.checkpoints import CheckpointStore, model_variables, restore_model  # noqa: E402
 from ctl_jax.training import initialisation  # noqa: E402
-from ctl_jax.training.checkpoints import CheckpointStore  # noqa: E402
-from ctl_jax.training.restore import restore_model  # noqa: E402
 from ctl_jax.weights import conversion, mapping, torch_pickle  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -319,18 +318,27 @@ def test_converted_model_embeds_like_pytorch(case, converted, images):
     assert rel < 2e-4
 
 
+def _initial_variables(config, num_classes, logs):
+    """The model variables of a new training run's initial state."""
+    from ctl_jax.build import build_model
+    from ctl_jax.models.reid import feature_dim
+    from ctl_jax.training.optimizer import make_optimizer
+
+    model = build_model(config, num_classes)
+    dim = feature_dim(config.model.arch)
+    tx = make_optimizer(config.solver)
+    state = initialisation.init_train_state(model, tx, num_classes, dim, (HEIGHT, WIDTH, 3), 0)
+    state = initialisation.with_init_checkpoint(state, config.model, log=logs.append)
+    return model_variables(state)
+
+
 def test_training_initialises_from_converted_imagenet_weights(converted, base_config):
     report, output, _, _ = converted("resnet18-torchvision-zip")
     config = ml_collections.ConfigDict(base_config.to_dict())
     config.model.init_checkpoint = str(output)
-    from ctl_jax.models.reid import build_model
-
     num_classes = 5
-    model = build_model(config.model, num_classes)
     logs = []
-    variables = initialisation.initial_variables(
-        model, config.model, jax.random.key(0), (HEIGHT, WIDTH, 3), log=logs.append
-    )
+    variables = _initial_variables(config, num_classes, logs)
     converted_state = CheckpointStore(output, read_only=True).restore_raw()
     backbone = converted_state["params"]["backbone"]
     np.testing.assert_array_equal(
@@ -348,19 +356,14 @@ def test_training_initialises_from_converted_imagenet_weights(converted, base_co
 
     # Even when the class count equals ImageNet's, the ImageNet fc is not a re-ID classifier.
     imagenet_classes = converted_state["params"]["classifier"]["kernel"].shape[-1]
-    model = build_model(config.model, imagenet_classes)
-    variables = initialisation.initial_variables(
-        model, config.model, jax.random.key(0), (HEIGHT, WIDTH, 3), log=logs.append
-    )
+    variables = _initial_variables(config, imagenet_classes, logs)
     classifier = np.asarray(variables["params"]["classifier"]["kernel"])
     assert 0 < classifier.std() < 0.01
 
     # A GeM model with a learnable exponent takes the backbone; p starts at its initial value.
     config.model.pooling, config.model.gem_learnable, config.model.gem_p = "gem", True, 3.5
-    model = build_model(config.model, num_classes, classifier="arcface")
-    variables = initialisation.initial_variables(
-        model, config.model, jax.random.key(0), (HEIGHT, WIDTH, 3), log=logs.append
-    )
+    config.loss.classifier = "arcface"
+    variables = _initial_variables(config, num_classes, logs)
     np.testing.assert_array_equal(variables["params"]["pooling"]["p"], [3.5])
     np.testing.assert_array_equal(
         variables["params"]["backbone"]["layer3_0"]["conv2"]["kernel"],

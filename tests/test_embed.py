@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from ctl_jax import configs
+from ctl_jax.build import build_model
+from ctl_jax.checkpoints import CheckpointStore, restore_model
 from ctl_jax.data import transforms
-from ctl_jax.models.reid import build_model, init_variables
+from ctl_jax.models.reid import init_variables
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.images import embed_images, list_images, model_directory
-from ctl_jax.training.checkpoints import CheckpointStore
-from ctl_jax.training.restore import restore_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 H, W, NUM_CLASSES = 64, 32, 5
@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory, image_folder):
     config = configs.load_config(str(REPO / "configs" / "default.py"))
     config.data.height, config.data.width = H, W
     config.data.eval_batch_size = 4
-    model = build_model(config.model, NUM_CLASSES)
+    model = build_model(config, NUM_CLASSES)
     variables = init_variables(model, jax.random.key(0), (H, W, 3))
     # Running variances away from 1, so that a forward pass in training mode would differ.
     rng = np.random.default_rng(0)
@@ -140,6 +140,37 @@ def test_embed_folder_matches_model_applied_directly(checkpoint, image_folder):
     np.testing.assert_allclose(single.embeddings[0], want[2], rtol=1e-4, atol=1e-4)
 
 
+def test_flip_test_averages_each_image_with_its_mirror(checkpoint, image_folder):
+    directory, model, state = checkpoint
+    _, images = image_folder
+    restored = restore_model(directory)
+    folder = pathlib.Path(images[0]).parent
+    flipped, _ = embed_images(restored, folder, batch_size=3, progress=False, flip=True)
+    paths = flipped.paths.tolist()
+    mirrored = preprocessed(paths)[:, :, ::-1, :]
+    direct = model.apply(state, preprocessed(paths), train=False)["bn_features"]
+    mirror = model.apply(state, mirrored, train=False)["bn_features"]
+    want = (np.asarray(direct) + np.asarray(mirror)) / 2
+    np.testing.assert_allclose(flipped.embeddings, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(direct) - want).max() > 1e-3  # the mirror changes something
+
+
+def test_training_time_evaluation_reads_eval_flip(checkpoint):
+    from ctl_jax import parallel
+    from ctl_jax.evaluator import Evaluator
+
+    _, model, _ = checkpoint
+    config = configs.load_config(str(REPO / "configs" / "default.py"))
+    config.eval.modes = ()  # no dataset here to check the modes against
+    mesh = parallel.make_mesh()
+    assert Evaluator(model, None, None, config, mesh).flip is False
+    config.eval.flip = True
+    assert Evaluator(model, None, None, config, mesh).flip is True
+    assert Evaluator(model, None, None, config, mesh, flip=False).flip is False
+    del config.eval["flip"]  # a run saved before the key existed
+    assert Evaluator(model, None, None, config, mesh).flip is False
+
+
 def test_nothing_readable_is_an_error(checkpoint, tmp_path):
     restored = restore_model(checkpoint[0])
     (tmp_path / "bad.png").write_bytes(b"garbage")
@@ -179,6 +210,19 @@ def test_embed_and_search_images_commands(checkpoint, image_folder, tmp_path):
         "ctl_jax.embed", f"--checkpoint={directory}", f"--images={root}", f"--output={out}"
     )
     assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
+    flipped = tmp_path / "flipped.npz"
+    done = run_cli(
+        "ctl_jax.embed",
+        f"--checkpoint={directory}",
+        f"--images={root}",
+        f"--output={flipped}",
+        "--flip",
+    )
+    assert done.returncode == 0 and "(flip test)" in done.stdout, done.stderr
+    mirrored = preprocessed(images)[:, :, ::-1, :]
+    mirror = np.asarray(model.apply(state, mirrored, train=False)["bn_features"])
+    want = (direct_embeddings(model, state, images) + mirror) / 2
+    np.testing.assert_allclose(Embeddings.load(flipped).embeddings, want, rtol=1e-4, atol=1e-4)
     empty = tmp_path / "empty"
     empty.mkdir()
     bad = run_cli(
@@ -204,6 +248,25 @@ def test_embed_and_search_images_commands(checkpoint, image_folder, tmp_path):
     for q in queries:
         assert q["matches"][0]["path"] == q["path"]
         assert q["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    # With --flip the queries find their own flip-test embeddings.
+    done = run_cli(
+        "ctl_jax.search",
+        f"--gallery={flipped}",
+        f"--images={root / 'a'}",
+        f"--checkpoint={directory}",
+        "--flip",
+        "--top_k=2",
+        f"--output={results}",
+        "--overwrite",
+    )
+    assert done.returncode == 0, done.stderr
+    for q in json.loads(results.read_text())["queries"]:
+        assert q["matches"][0]["path"] == q["path"]
+        assert q["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    bad = run_cli(
+        "ctl_jax.search", f"--gallery={out}", f"--query={out}", "--flip", f"--output={results}.2"
+    )
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --flip applies when embedding")
 
 
 def test_embed_with_whitening(checkpoint, image_folder, tmp_path):
@@ -238,3 +301,17 @@ def test_embed_with_whitening(checkpoint, image_folder, tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: whitening file")
     assert not pathlib.Path(f"{out}.2").exists()
+
+    # A whitening learned on other embeddings than this model's: one line, before embedding.
+    learn_pca(rng.normal(size=(40, 64)).astype(np.float32), dim=6).save(tmp_path / "w64.npz")
+    bad = run_cli(
+        "ctl_jax.embed",
+        f"--checkpoint={directory}",
+        f"--images={root}",
+        f"--output={out}.3",
+        f"--whitening={tmp_path / 'w64.npz'}",
+    )
+    assert bad.returncode == 1
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the whitening was learned on 64-d embeddings"), last
+    assert not pathlib.Path(f"{out}.3").exists()

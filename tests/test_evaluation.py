@@ -75,7 +75,7 @@ def reference_metrics(q_emb, q_pids, q_cams, items, ranks=RANKS):
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     g = np.array([e for e, _, _ in items], np.float64).reshape(len(items), q.shape[1])
     g = g / np.linalg.norm(g, axis=1, keepdims=True)
-    aps, first_hits = [], []
+    aps, inps, first_hits = [], [], []
     for i in range(len(q)):
         dist = np.sqrt(((g - q[i]) ** 2).sum(axis=1))
         kept_matches = []
@@ -91,9 +91,12 @@ def reference_metrics(q_emb, q_pids, q_cams, items, ranks=RANKS):
             if is_match:
                 hits += 1
                 precisions.append(hits / r)
+                last = r
         aps.append(np.mean(precisions))
+        inps.append(hits / last)  # mINP: correct matches / position of the hardest one
         first_hits.append(kept_matches.index(True) + 1)
     out = {"mAP": float(np.mean(aps)) if aps else float("nan")}
+    out["mINP"] = float(np.mean(inps)) if aps else float("nan")
     for k in ranks:
         out[f"rank{k}"] = float(np.mean([f <= k for f in first_hits])) if aps else float("nan")
     out["num_query"] = len(aps)
@@ -146,7 +149,7 @@ def make_data(seed, dim=16):
 
 def assert_metrics_close(got, want):
     assert got["num_query"] == want["num_query"]
-    for key in ["mAP"] + [f"rank{k}" for k in RANKS]:
+    for key in ["mAP", "mINP"] + [f"rank{k}" for k in RANKS]:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-9, atol=1e-12, err_msg=key)
 
 
@@ -340,6 +343,7 @@ def test_format_table_lists_modes_as_percentages():
     res = {
         "instance": {
             "mAP": 0.859,
+            "mINP": 0.612,
             **{f"rank{k}": 0.945 for k in RANKS},
             "num_query": 3368,
             "num_gallery": 15913,
@@ -348,9 +352,11 @@ def test_format_table_lists_modes_as_percentages():
     }
     table = format_table(res)
     lines = table.splitlines()
-    assert "mAP" in lines[0] and "R50" in lines[0]
+    assert "mAP" in lines[0] and "mINP" in lines[0] and "R50" in lines[0]
     assert lines[-1].startswith("instance") and "85.9" in lines[-1] and "94.5" in lines[-1]
-    assert "15913" in lines[-1] and "meta" not in table
+    assert "61.2" in lines[-1] and "15913" in lines[-1] and "meta" not in table
+    res["verification"] = {"instance": {"pairs": 5, "positives": 1, "auc": 0.5}}
+    assert format_table(res) == table  # verification has its own table
 
 
 @pytest.mark.parametrize("seed", [10, 11])

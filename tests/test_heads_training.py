@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctl_jax import losses, margin_losses
+from ctl_jax import losses, margin_losses, parallel
+from ctl_jax.build import build_model
 from ctl_jax.configs import load_config
-from ctl_jax.models.reid import build_model, feature_dim, init_variables
-from ctl_jax.training import sharding
+from ctl_jax.errors import ConfigError
+from ctl_jax.models.reid import feature_dim, init_variables
 from ctl_jax.training.optimizer import make_optimizer
 from ctl_jax.training.state import create_train_state
 from ctl_jax.training.step import compute_losses, make_train_step
@@ -58,23 +59,23 @@ def _batch(seed, num_padded, height=H, width=W):
 )
 def test_switches_keep_one_compiled_step_and_train(changes):
     config = _config(**changes)
-    mesh = sharding.make_mesh(1)
-    model = build_model(config.model, K, classifier=config.loss.classifier)
+    mesh = parallel.make_mesh(1)
+    model = build_model(config, K)
     tx = make_optimizer(config.solver)
     height, width = config.data.height, config.data.width
     variables = init_variables(model, jax.random.key(0), (height, width, 3))
     state = create_train_state(variables, tx, K, feature_dim(config.model.arch), jax.random.key(1))
-    state = sharding.replicate(state, mesh)
+    state = parallel.replicate(state, mesh)
     step = jax.jit(
         make_train_step(model, tx, config),
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
     )
     p0 = np.asarray(state.params["pooling"]["p"]) if "pooling" in state.params else None
     for i in range(3):
-        state = state.replace(epoch=sharding.replicate(jnp.int32(i), mesh))
+        state = state.replace(epoch=parallel.replicate(jnp.int32(i), mesh))
         batch = _batch(i, num_padded=i, height=height, width=width)
-        state, metrics = step(state, sharding.put_batch(batch, mesh))
+        state, metrics = step(state, parallel.put_batch(batch, mesh))
     assert step._cache_size() == 1
     metrics = jax.device_get(metrics)
     assert all(math.isfinite(float(v)) for v in metrics.values())
@@ -108,20 +109,21 @@ def test_margin_head_loss_is_the_margin_cross_entropy():
 def test_bad_head_settings_fail_before_compiling():
     def step_for(**changes):
         config = _config(**changes)
-        model = build_model(config.model, K, classifier=config.loss.get("classifier"))
+        model = build_model(config, K)
         return make_train_step(model, make_optimizer(config.solver), config)
 
-    with pytest.raises(ValueError, match="loss.metric='quadruplet' is not one of"):
+    with pytest.raises(ConfigError, match="loss.metric='quadruplet' is not one of"):
         step_for(loss__metric="quadruplet")
-    with pytest.raises(ValueError, match="contrastive loss has no soft margin"):
+    with pytest.raises(ConfigError, match="contrastive loss has no soft margin"):
         step_for(loss__metric="contrastive", loss__soft_margin=True)
-    with pytest.raises(ValueError, match=r"classifier_margin must be in \[0, pi/2\) for arcface"):
+    with pytest.raises(ConfigError, match=r"classifier_margin must be in \[0, pi/2\) for arcface"):
         step_for(loss__classifier="arcface", loss__classifier_margin=2.0)
-    with pytest.raises(ValueError, match="loss.classifier='sphereface'"):
+    with pytest.raises(ConfigError, match="loss.classifier='sphereface'"):
         step_for(loss__classifier="sphereface")
     config = _config(loss__classifier="cosface")
+    softmax_model = build_model(_config(), K)
     with pytest.raises(ValueError, match="needs the model built with that head"):
-        make_train_step(build_model(config.model, K), make_optimizer(config.solver), config)
+        make_train_step(softmax_model, make_optimizer(config.solver), config)
 
 
 def test_configs_and_variants():
@@ -144,7 +146,7 @@ def test_configs_and_variants():
         }
     assert names["gem"] == "default_gem" and names["arcface"] == "default_arcface"
     assert load_config("configs/default.py:gem").model.gem_learnable
-    with pytest.raises(ValueError, match="config variant must be one of"):
+    with pytest.raises(ConfigError, match="config variant must be one of"):
         load_config("configs/default.py:sphereface")
 
     ours = load_config("configs/gem_arcface_market1501.py")
@@ -159,5 +161,6 @@ def test_configs_and_variants():
     assert landmarks.loss.ce_weight == landmarks.loss.centroid_weight == 0.0
     # Both build (no compilation), with the head they train.
     for config in (ours, landmarks):
-        model = build_model(config.model, 7, classifier=config.loss.classifier)
+        model = build_model(config, 7)
         assert model.pooling == config.model.pooling
+        assert model.classifier == config.loss.classifier

@@ -1,4 +1,5 @@
-"""Tests of ctl_jax.losses against plain loop-based NumPy references written from SPEC section 4.
+"""Tests of ctl_jax.losses against plain loop-based NumPy references written from
+docs/method.md, 'Losses'.
 
 The references below deliberately share no code with the module: explicit Python loops over
 anchors, rounds and identities, float64, distances computed pair by pair.
@@ -14,7 +15,7 @@ import pytest
 from ctl_jax import losses
 
 # ---------------------------------------------------------------------------------------------
-# NumPy references (SPEC section 4)
+# NumPy references (docs/method.md, 'Losses')
 # ---------------------------------------------------------------------------------------------
 
 

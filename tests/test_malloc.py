@@ -1,4 +1,4 @@
-"""The allocator settings the command lines apply (`ctl_jax.malloc`)."""
+"""The allocator settings the command lines apply (`ctl_jax.cpu.malloc`)."""
 
 import os
 import subprocess
@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PROBE = """
 import ctypes
 import numpy as np
-from ctl_jax.malloc import tune_malloc
+from ctl_jax.cpu.malloc import tune_malloc
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -61,7 +61,7 @@ def test_tuned_malloc_keeps_large_blocks_on_the_heap_and_can_be_switched_off():
 _RELEASE_PROBE = """
 import resource
 import numpy as np
-from ctl_jax.malloc import release_free_memory, tune_malloc
+from ctl_jax.cpu.malloc import release_free_memory, tune_malloc
 
 def rss_mb():
     with open("/proc/self/statm") as f:

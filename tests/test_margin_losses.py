@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ctl_jax import losses, margin_losses
+from ctl_jax.errors import ConfigError
 from ctl_jax.models.classifier import CosineClassifier
 
 # ---------------------------------------------------------------------------------------------
@@ -151,15 +152,15 @@ def test_cosine_classifier_gives_cosines_with_the_linear_classifier_parameter():
 
 def test_bad_head_settings_are_one_line_errors():
     check = margin_losses.check_classifier
-    with pytest.raises(ValueError, match="loss.classifier='sphereface' is not one of"):
+    with pytest.raises(ConfigError, match="loss.classifier='sphereface' is not one of"):
         check("sphereface")
-    with pytest.raises(ValueError, match=r"loss.scale must be > 0 for arcface, got 0"):
+    with pytest.raises(ConfigError, match=r"loss.scale must be > 0 for arcface, got 0"):
         check("arcface", 0.0)
-    with pytest.raises(ValueError, match=r"must be in \[0, pi/2\) for arcface, got 1.6"):
+    with pytest.raises(ConfigError, match=r"must be in \[0, pi/2\) for arcface, got 1.6"):
         check("arcface", 30.0, 1.6)
-    with pytest.raises(ValueError, match=r"must be in \[0, 2\) for cosface, got -0.1"):
+    with pytest.raises(ConfigError, match=r"must be in \[0, 2\) for cosface, got -0.1"):
         check("cosface", 30.0, -0.1)
-    with pytest.raises(ValueError, match=r"must be in \[0, 2\) for cosface, got 2.0"):
+    with pytest.raises(ConfigError, match=r"must be in \[0, 2\) for cosface, got 2.0"):
         check("cosface", 30.0, 2.0)
     check("softmax", -1.0, 99.0)  # scale and margin do not apply to the linear head
     check("arcface", 64.0, None)

@@ -1,12 +1,16 @@
-"""The stem max-pool's custom backward pass against `flax.linen.max_pool` (values and
-gradients, ties included), on even and odd map sizes."""
+"""The CPU layers' stem max-pool (custom backward pass) against the reference layers'
+`flax.linen.max_pool` (values and gradients, ties included), on even and odd map sizes."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctl_jax.models import cpu_ops, resnet
+from ctl_jax.cpu import CPU_LAYERS
+from ctl_jax.models import resnet
+from ctl_jax.models.layers import REFERENCE_LAYERS
+
+POOLS = {True: CPU_LAYERS.max_pool, False: REFERENCE_LAYERS.max_pool}
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 5, 4), (1, 3, 2, 2), (2, 16, 9, 5)])
@@ -18,14 +22,12 @@ def test_max_pool_values_and_gradients_match_flax(shape, ties):
         x = np.maximum(x, 0.0)
         x[:, ::2, ::2, :] = 0.0
     x = jnp.asarray(x)
-    weights = jnp.asarray(rng.normal(size=cpu_ops.max_pool_3x3_s2(x, fast=False).shape))
+    weights = jnp.asarray(rng.normal(size=POOLS[False](x).shape))
 
     def loss(fast, inputs):
-        return jnp.sum(cpu_ops.max_pool_3x3_s2(inputs, fast=fast) * weights)
+        return jnp.sum(POOLS[fast](inputs) * weights)
 
-    np.testing.assert_array_equal(
-        cpu_ops.max_pool_3x3_s2(x, fast=True), cpu_ops.max_pool_3x3_s2(x, fast=False)
-    )
+    np.testing.assert_array_equal(POOLS[True](x), POOLS[False](x))
     g_fast = jax.grad(loss, argnums=1)(True, x)
     g_ref = jax.grad(loss, argnums=1)(False, x)
     np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6, atol=1e-6)
@@ -33,8 +35,8 @@ def test_max_pool_values_and_gradients_match_flax(shape, ties):
 
 def test_max_pool_gradient_under_jit_and_in_the_model():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 16, 3)).astype(np.float32))
-    fast = resnet.ResNet18(fast_ops=True)
-    slow = resnet.ResNet18(fast_ops=False)
+    fast = resnet.ResNet18(layers=CPU_LAYERS)
+    slow = resnet.ResNet18(layers=REFERENCE_LAYERS)
     variables = fast.init(jax.random.key(0), x, train=False)
 
     def loss(model, params):
@@ -59,7 +61,7 @@ def test_max_pool_gradient_with_the_batch_sharded(explicit):
     shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     def loss(fast, inputs, w):
-        return jnp.sum(cpu_ops.max_pool_3x3_s2(inputs, fast=fast) * w)
+        return jnp.sum(POOLS[fast](inputs) * w)
 
     g_ref = jax.grad(loss, argnums=1)(False, x, weights)
     g_sharded = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(

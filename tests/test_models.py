@@ -1,8 +1,9 @@
 """Tests for the ResNet backbones and the BNNeck re-ID model (tiny images, tiny depths)."""
 
+import ast
 import functools
+import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,7 +13,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ctl_jax import models
-from ctl_jax.models import resnet
+from ctl_jax.build import build_model
+from ctl_jax.cpu import CPU_LAYERS
+from ctl_jax.models import layers, resnet
+from ctl_jax.models.layers import REFERENCE_LAYERS
 
 H, W = 64, 32
 # Two one-block stages: the code paths of ResNet-50 (strided block, downsample, IBN) at a
@@ -22,7 +26,7 @@ SmallIBN = functools.partial(SmallBottleneck, ibn=True, stem_relu=True)
 
 
 def _cfg(arch, **kw):
-    base = dict(arch=arch, last_stride=1, stem_relu=None, dtype="float32", fast_1x1=True)
+    base = dict(arch=arch, last_stride=1, stem_relu=None, dtype="float32")
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
@@ -65,7 +69,7 @@ def _train_apply(model):
 @pytest.mark.parametrize("arch", models.ARCH_NAMES)
 @pytest.mark.parametrize("last_stride", [1, 2])
 def test_output_shapes_every_arch(arch, last_stride):
-    model = models.build_model(_cfg(arch, last_stride=last_stride), num_classes=7)
+    model = models.model_from_config(_cfg(arch, last_stride=last_stride), num_classes=7)
     x = jnp.zeros((2, H, W, 3))
     variables = _abstract_init(model, x)
     out = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
@@ -87,7 +91,7 @@ def test_output_shapes_every_arch(arch, last_stride):
 
 
 def test_parameter_names_resnet50():
-    model = models.build_model(_cfg("resnet50"), num_classes=5)
+    model = models.model_from_config(_cfg("resnet50"), num_classes=5)
     variables = _abstract_init(model, jnp.zeros((1, H, W, 3)))
     names = _flat_names(variables["params"])
     for name in [
@@ -115,7 +119,7 @@ def test_parameter_names_resnet50():
 
 
 def test_parameter_names_ibn():
-    model = models.build_model(_cfg("resnet50_ibn_a"), num_classes=5)
+    model = models.model_from_config(_cfg("resnet50_ibn_a"), num_classes=5)
     variables = _abstract_init(model, jnp.zeros((1, H, W, 3)))
     names = _flat_names(variables["params"])
     bb = variables["params"]["backbone"]
@@ -129,18 +133,69 @@ def test_parameter_names_ibn():
     assert "backbone/layer4_0/bn1/scale" in names
 
 
-def test_build_model_errors_and_defaults():
+def test_model_from_config_errors_and_defaults():
     with pytest.raises(ValueError, match="resnet50_ibn_a"):
-        models.build_model(_cfg("resnet51"), 3)
+        models.model_from_config(_cfg("resnet51"), 3)
+    with pytest.raises(ValueError, match="model.dtype"):
+        models.model_from_config(_cfg("resnet18", dtype="float16"), 3)
     with pytest.raises(ValueError):
         models.feature_dim("vgg")
     assert models.feature_dim("resnet34") == 512
     assert models.feature_dim("resnet101_ibn_a") == 2048
-    assert models.build_model(_cfg("resnet50"), 3).backbone().stem_relu is False
-    assert models.build_model(_cfg("resnet50_ibn_a"), 3).backbone().stem_relu is True
-    assert models.build_model(_cfg("resnet50", stem_relu=True), 3).backbone().stem_relu is True
-    model = models.build_model(_cfg("resnet18", dtype="bfloat16", fast_1x1=False), 3)
-    assert model.dtype == jnp.bfloat16 and model.backbone().fast_1x1 is False
+    assert models.model_from_config(_cfg("resnet50"), 3).backbone().stem_relu is False
+    assert models.model_from_config(_cfg("resnet50_ibn_a"), 3).backbone().stem_relu is True
+    stem_relu = _cfg("resnet50", stem_relu=True)
+    assert models.model_from_config(stem_relu, 3).backbone().stem_relu is True
+    # Configs saved by earlier versions hold model.fast_1x1 and model.fast_ops: ignored.
+    old = _cfg("resnet18", dtype="bfloat16", fast_1x1=False, fast_ops=False)
+    model = models.model_from_config(old, 3)
+    assert model.dtype == jnp.bfloat16 and model.layers is REFERENCE_LAYERS
+
+
+def _full_cfg(dtype="float32", **top):
+    return ml_collections.ConfigDict({"model": _cfg("resnet18", dtype=dtype), **top})
+
+
+@pytest.mark.parametrize(
+    "setting, dtype, platform, cpu_layers",
+    [
+        ("auto", "float32", "cpu", True),
+        ("auto", "bfloat16", "cpu", False),
+        ("auto", "float32", "cuda", False),
+        ("auto", "bfloat16", "tpu", False),
+        ("off", "float32", "cpu", False),
+        ("on", "bfloat16", "tpu", True),
+        (None, "float32", "cpu", True),  # a config saved before cpu_fast_path existed
+    ],
+)
+def test_build_model_picks_the_layer_set(setting, dtype, platform, cpu_layers):
+    config = _full_cfg(dtype) if setting is None else _full_cfg(dtype, cpu_fast_path=setting)
+    model = build_model(config, 3, platform=platform)
+    assert model.layers is (CPU_LAYERS if cpu_layers else REFERENCE_LAYERS)
+    # An explicit setting (restoring with another config's choice) overrides the config's.
+    assert build_model(config, 3, cpu_fast_path="off", platform=platform).layers is REFERENCE_LAYERS
+
+
+def test_build_model_rejects_an_unknown_setting():
+    with pytest.raises(ValueError, match="cpu_fast_path: expected one of auto, on, off"):
+        build_model(_full_cfg(cpu_fast_path="fast"), 3)
+
+
+def test_models_package_imports_nothing_of_the_cpu_package():
+    """The reference model stands alone: no module of ctl_jax/models imports ctl_jax.cpu,
+    asks for the backend or defines a custom gradient."""
+    for path in pathlib.Path(models.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                names = []
+            assert not any(name.startswith("ctl_jax.cpu") for name in names), path.name
+            used = getattr(node, "attr", None) or getattr(node, "id", None)
+            assert used not in ("default_backend", "custom_vjp", "custom_jvp"), path.name
 
 
 def test_stem_relu_and_ibn_change_output():
@@ -161,68 +216,44 @@ def test_stem_relu_and_ibn_change_output():
     assert not np.allclose(y_ibn, y_bn, atol=1e-3)
 
 
-@pytest.mark.parametrize("strides", [1, 2])
-def test_conv1x1_fast_matches_conv(strides):
-    x = _images(2, h=9, w=6)
-    fast = resnet.Conv1x1(8, strides, fast=True)
-    slow = resnet.Conv1x1(8, strides, fast=False)
-    params = fast.init(jax.random.key(1), x)
-    assert params["params"]["kernel"].shape == (1, 1, 3, 8)
-    ref = nn.Conv(8, (1, 1), (strides, strides), padding="VALID", use_bias=False)
-    y_ref = ref.apply(params, x)
-    np.testing.assert_allclose(fast.apply(params, x), y_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(slow.apply(params, x), y_ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("strides", [1, 2])
-@pytest.mark.parametrize("hw", [(4, 2), (2, 1), (5, 2), (6, 4)])
-def test_conv3x3_matches_flax_conv_on_small_maps(strides, hw):
-    """Maps smaller than the kernel take the patches path; outputs and gradients unchanged."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(3, *hw, 5)).astype(np.float32))
-    ours = resnet.Conv3x3(7, strides)
-    params = ours.init(jax.random.key(2), x)
-    assert params["params"]["kernel"].shape == (3, 3, 5, 7)
-    ref = nn.Conv(7, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False)
-    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
-
-    def loss(module, p, inputs):
-        return jnp.sum(jnp.sin(module.apply(p, inputs)))
-
-    g_ours = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
-    g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, x)
-    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_fast_1x1_same_outputs_and_gradients():
+def test_cpu_layers_same_outputs_and_gradients_as_reference():
+    """The whole re-ID model (IBN-a blocks, downsampling, BNNeck) with the CPU layers against
+    the reference layers: train-mode outputs, batch statistics and parameter gradients."""
     x = _images(4)
-    variables = _backbone_variables(SmallBottleneck)
+    variables = _variables(SmallIBN)
+    valid = jnp.array([True, True, False, True])
 
-    def grads(model):
+    def grads(layer_set):
+        model = _reid(layers=layer_set)
+
         def loss(params):
-            y, _ = model.apply(
+            out, upd = model.apply(
                 {"params": params, "batch_stats": variables["batch_stats"]},
                 x,
                 train=True,
+                valid=valid,
                 mutable=["batch_stats"],
             )
-            return jnp.mean(jnp.square(y)), y
+            return jnp.mean(out["logits"] ** 2) + jnp.mean(out["features"] ** 2), (out, upd)
 
         return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
 
-    g_fast, y_fast = grads(SmallBottleneck(fast_1x1=True))
-    g_slow, y_slow = grads(SmallBottleneck(fast_1x1=False))
-    np.testing.assert_allclose(y_fast, y_slow, rtol=1e-4, atol=1e-4)
+    g_fast, (out_fast, upd_fast) = grads(CPU_LAYERS)
+    g_ref, (out_ref, upd_ref) = grads(REFERENCE_LAYERS)
+    for key in ("features", "bn_features", "logits"):
+        np.testing.assert_allclose(out_fast[key][valid], out_ref[key][valid], rtol=1e-4, atol=1e-4)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
+    jax.tree.map(close, upd_fast, upd_ref)
     # One global scale: some gradients are zero in theory (the stem BN shift, which the next
     # batch norms cancel) and pure rounding noise in practice.
-    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_slow))
-    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow)):
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_ref))
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a / scale, b / scale, atol=1e-5)
 
 
-def test_padded_rows_are_ignored():
-    model = _reid()
+@pytest.mark.parametrize("layer_set", [REFERENCE_LAYERS, CPU_LAYERS], ids=["reference", "cpu"])
+def test_padded_rows_are_ignored(layer_set):
+    model = _reid(layers=layer_set)
     x = _images(6)
     variables = _variables(SmallIBN)
     valid = jnp.array([True, True, False, True, False, True])
@@ -240,10 +271,11 @@ def test_padded_rows_are_ignored():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats, stats3)
 
 
-def test_batchnorm_matches_pytorch_semantics():
+@pytest.mark.parametrize("layer_set", [REFERENCE_LAYERS, CPU_LAYERS], ids=["reference", "cpu"])
+def test_batchnorm_matches_pytorch_semantics(layer_set):
     x = jax.random.normal(jax.random.key(3), (5, 3, 2, 4)) * 2.0 + 1.0
     valid = jnp.array([True, False, True, True, True])
-    bn = resnet.BatchNorm()
+    bn = layer_set.norm()
     variables = bn.init(jax.random.key(0), x, train=False)
     y, upd = bn.apply(variables, x, train=True, valid=valid, mutable=["batch_stats"])
     xv = np.asarray(x)[np.asarray(valid)].reshape(-1, 4)
@@ -293,7 +325,7 @@ def test_bnneck_shift_frozen():
     assert set(grads["bnneck"]) == {"scale"}
     params = jax.tree.map(lambda p, g: p - 10.0 * g, variables["params"], grads)
     # Whatever the parameters, a feature equal to the running mean maps to exactly zero.
-    bnneck = resnet.BatchNorm(use_bias=False)
+    bnneck = layers.BatchNorm(use_bias=False)
     stats = upd["batch_stats"]["bnneck"]
     y = bnneck.apply(
         {"params": params["bnneck"], "batch_stats": stats}, stats["mean"][None], train=False

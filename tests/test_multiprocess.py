@@ -29,7 +29,7 @@ from tiny_data import make_tiny_reid
 from xla_flags import xla_flags
 
 from ctl_jax import distributed
-from ctl_jax.training.checkpoints import CheckpointStore
+from ctl_jax.checkpoints import CheckpointStore
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES, LOCAL_DEVICES = 2, 1

@@ -1,12 +1,14 @@
 """grain training and evaluation pipelines on a few tiny image files."""
 
 import json
+import pathlib
 import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from ctl_jax.configs import load_config
 from ctl_jax.data import image_io, pipeline, sampler, transforms
 from ctl_jax.data.image_io import FileImageReader, UnreadableImageError, UnreadableImageWarning
 from ctl_jax.data.records import Split
@@ -102,14 +104,19 @@ def test_train_batches_match_direct_computation(split):
         assert (np.stack([b["images"] for b in batches])[~valid] == 0).all()
 
 
-def test_config_dict_accepted(split):
-    ml_collections = pytest.importorskip("ml_collections")
-    config = ml_collections.ConfigDict(
-        dict(height=H, width=W, P=2, M=4, seed=3, read_threads=1, dataset="ignored")
-    )
+def test_run_config_accepted(split):
+    """A run config maps to the pipeline options (P and M from data.num_identities and
+    data.num_instances, the seed from the top level) in one place."""
+    config = load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "default.py"))
+    config.seed = 3
+    config.data.height, config.data.width = H, W
+    config.data.num_identities, config.data.num_instances = 2, 4
+    config.data.pad, config.data.erasing_fill, config.data.flip_prob = 3, "zero", 0.25
+    mapped = pipeline.TrainPipelineConfig.from_run_config(config)
+    assert mapped == _cfg(pad=3, erasing_fill="zero", flip_prob=0.25)
     reader = FileImageReader(split.paths)
     got = _all(pipeline.make_train_iterator(split, reader, config, 0))
-    _assert_batches_equal(got, _expected_epoch(split, _cfg(), 0))
+    _assert_batches_equal(got, _expected_epoch(split, mapped, 0))
 
 
 def test_process_shards_concatenate_to_global_batch(split):

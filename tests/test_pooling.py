@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from ctl_jax import configs
+from ctl_jax.build import build_model
+from ctl_jax.checkpoints import CheckpointStore, restore_model
+from ctl_jax.errors import ConfigError, InvalidValueError
 from ctl_jax.models import pooling
-from ctl_jax.models.reid import build_model, init_variables
-from ctl_jax.training.checkpoints import CheckpointStore
-from ctl_jax.training.restore import restore_model
+from ctl_jax.models.reid import init_variables
 
 # ---------------------------------------------------------------------------------------------
 # NumPy references: explicit loops over images, channels and regions, float64
@@ -201,15 +202,15 @@ def test_rmac_gradient_under_jit_matches_finite_differences(shape):
 
 
 def test_bad_pooling_settings_are_one_line_errors():
-    with pytest.raises(ValueError, match="model.pooling='mean' is not one of avg, max, gem, rmac"):
+    with pytest.raises(ConfigError, match="model.pooling='mean' is not one of avg, max, gem, rmac"):
         pooling.check_pooling("mean")
-    with pytest.raises(ValueError, match=r"model.gem_p must be > 0 for GeM pooling, got 0"):
+    with pytest.raises(ConfigError, match=r"model.gem_p must be > 0 for GeM pooling, got 0"):
         pooling.check_pooling("gem", gem_p=0)
-    with pytest.raises(ValueError, match="model.rmac_levels must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match="model.rmac_levels must be an integer >= 1, got 0"):
         pooling.check_pooling("rmac", rmac_levels=0)
-    with pytest.raises(ValueError, match="GeM exponent p must be > 0"):
+    with pytest.raises(InvalidValueError, match="GeM exponent p must be > 0"):
         pooling.gem(jnp.ones((1, 2, 2, 1)), -1.0)
-    with pytest.raises(ValueError, match="R-MAC levels must be >= 1"):
+    with pytest.raises(InvalidValueError, match="R-MAC levels must be >= 1"):
         pooling.rmac_regions(4, 4, 0)
 
 
@@ -231,12 +232,12 @@ def _config(**model):
 def test_model_pooling_switch_and_learnable_p():
     images = jnp.asarray(np.random.default_rng(3).normal(size=(2, H, W, 3)), jnp.float32)
     config = _config(pooling="gem", gem_p=4.0, gem_learnable=True)
-    model = build_model(config.model, K)
+    model = build_model(config, K)
     variables = init_variables(model, jax.random.key(0), (H, W, 3))
     assert variables["params"]["pooling"]["p"].shape == (1,)
     assert float(variables["params"]["pooling"]["p"][0]) == 4.0
 
-    fixed = build_model(_config(pooling="gem", gem_p=4.0).model, K)
+    fixed = build_model(_config(pooling="gem", gem_p=4.0), K)
     assert "pooling" not in init_variables(fixed, jax.random.key(0), (H, W, 3))["params"]
     # Same features as GeM applied to the backbone's map by hand; the fixed-p model agrees.
     out = model.apply(variables, images, train=False, capture_intermediates=True)
@@ -257,18 +258,18 @@ def test_model_pooling_switch_and_learnable_p():
 
 
 def test_model_rejects_bad_pooling_config():
-    with pytest.raises(ValueError, match="model.pooling='sum'"):
-        build_model(_config(pooling="sum").model, K)
-    with pytest.raises(ValueError, match="model.gem_p must be > 0"):
-        build_model(_config(pooling="gem", gem_p=-2.0).model, K)
-    with pytest.raises(ValueError, match="model.rmac_levels must be an integer >= 1"):
-        build_model(_config(pooling="rmac", rmac_levels=0).model, K)
+    with pytest.raises(ConfigError, match="model.pooling='sum'"):
+        build_model(_config(pooling="sum"), K)
+    with pytest.raises(ConfigError, match="model.gem_p must be > 0"):
+        build_model(_config(pooling="gem", gem_p=-2.0), K)
+    with pytest.raises(ConfigError, match="model.rmac_levels must be an integer >= 1"):
+        build_model(_config(pooling="rmac", rmac_levels=0), K)
 
 
 def test_learnable_gem_checkpoint_and_a_config_saved_before_pooling_existed(tmp_path):
     images = jnp.asarray(np.random.default_rng(4).normal(size=(2, H, W, 3)), jnp.float32)
     config = _config(pooling="gem", gem_learnable=True)
-    model = build_model(config.model, K)
+    model = build_model(config, K)
     variables = init_variables(model, jax.random.key(0), (H, W, 3))
     variables["params"]["pooling"]["p"] = jnp.asarray([4.5], jnp.float32)
     meta = {"config": json.loads(configs.config_to_json(config)), "num_classes": K}
@@ -288,7 +289,7 @@ def test_learnable_gem_checkpoint_and_a_config_saved_before_pooling_existed(tmp_
         del old["loss"][key]
     current = json.loads(configs.config_to_json(_config()))
     assert configs.identity_differences(old, current) == []
-    avg_model = build_model(_config().model, K)
+    avg_model = build_model(_config(), K)
     avg_vars = init_variables(avg_model, jax.random.key(0), (H, W, 3))
     store = CheckpointStore(tmp_path / "old")
     store.save(0, avg_vars, {"epoch": 0}, {"config": old, "num_classes": K})

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctl_jax.data.catalog import open_dataset
 from ctl_jax.data.readers import (
     DatasetError,
-    open_dataset,
     parse_market_name,
     read_coco_fashion,
     read_folder_per_identity,

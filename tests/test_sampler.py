@@ -1,4 +1,4 @@
-"""The P x M identity sampler against the rules of SPEC section 3."""
+"""The P x M identity sampler against the rules of docs/method.md, 'The P x M sampler'."""
 
 import numpy as np
 import pytest

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctl_jax import errors
 from ctl_jax.retrieval import approximate, results, visualize
 from ctl_jax.retrieval.embedding_file import Embeddings
-from ctl_jax.retrieval.index import ExactIndex, GalleryItems, load_index, save_index
+from ctl_jax.retrieval.gallery import GalleryItems
+from ctl_jax.retrieval.index import ExactIndex, load_index, save_index
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -93,7 +95,8 @@ def test_centroid_search_equals_brute_force_on_mean_of_raw_embeddings():
     index, dropped = ExactIndex.from_embeddings(gallery, centroids=True, source="g.npz")
     assert dropped == 9
 
-    # SPEC section 1, computed independently: mean of the UN-normalised embeddings.
+    # docs/method.md, 'Evaluation modes', computed independently: the mean of the
+    # UN-normalised embeddings.
     known = gallery.pids >= 0
     pids = np.unique(gallery.pids[known])
     centroids = np.stack([gallery.embeddings[gallery.pids == p].mean(0) for p in pids])
@@ -160,6 +163,21 @@ def test_load_index_rejects_other_files(tmp_path):
         load_index(tmp_path / "junk.npz")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_index(tmp_path / "missing.npz")
+
+    # A damaged index: each problem is a user error that names the file.
+    index, _ = ExactIndex.from_embeddings(random_embeddings(20, 4, num_ids=5), source="g.npz")
+    with np.load(save_index(index, tmp_path / "index.npz")) as data:
+        arrays = dict(data)
+    damaged = {
+        "kind": ({**arrays, "kind": np.asarray("cluster")}, "damaged: gallery kind"),
+        "lengths": ({**arrays, "counts": arrays["counts"][:-1]}, "damaged: .*differ in length"),
+        "missing": ({k: v for k, v in arrays.items() if k != "pids"}, r"missing \['pids'\]"),
+        "vectors": ({**arrays, "vectors": arrays["vectors"][:3]}, "damaged: index vectors"),
+    }
+    for name, (content, message) in damaged.items():
+        np.savez(tmp_path / f"{name}.npz", **content)
+        with pytest.raises(errors.FileContentError, match=f"{name}.npz.*{message}"):
+            load_index(tmp_path / f"{name}.npz")
 
 
 # --- faiss ---------------------------------------------------------------------------------
@@ -394,4 +412,81 @@ def test_search_command_end_to_end(tmp_path):
         f"--output={tmp_path / 'x.json'}",
     )
     assert bad.returncode == 1 and "--top_k=31 is larger than the gallery (30 items)" in bad.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_open_set_search_with_a_threshold_and_a_calibration(tmp_path):
+    """--min_score keeps matches at or above the threshold; a query left without a match is
+    "known": false. auto:F reads the threshold from an evaluation's verification block."""
+    gallery = clustered(20, 5, 16, seed=11)
+    gallery = Embeddings(
+        gallery.embeddings, gallery.pids, gallery.camids, [str(tmp_path / p) for p in gallery.paths]
+    )
+    # One query per gallery identity (near its images) and 20 of identities not in it.
+    rng = np.random.default_rng(12)
+    means = normalized([gallery.embeddings[gallery.pids == p].mean(0) for p in range(20)])
+    directions = np.concatenate([means, normalized(rng.standard_normal((20, 16)))])
+    emb = directions + 0.2 * rng.standard_normal((40, 16))
+    names = [f"{p:04d}_c2s1_{p:06d}_00.jpg" for p in range(40)]
+    queries = Embeddings(emb.astype(np.float32), np.arange(40), np.ones(40, np.int64), names)
+    gallery.save(tmp_path / "g.npz")
+    queries.save(tmp_path / "q.npz")
+    base = [f"--gallery={tmp_path / 'g.npz'}", f"--query={tmp_path / 'q.npz'}", "--top_k=5"]
+
+    fixed = run_cli(*base, "--min_score=0.5", f"--output={tmp_path / 'fixed.json'}")
+    assert fixed.returncode == 0, fixed.stderr
+    doc = json.loads((tmp_path / "fixed.json").read_text())
+    index, _ = ExactIndex.from_embeddings(gallery)
+    scores, _ = index.search(queries.embeddings, 5)
+    for q, entry in enumerate(doc["queries"]):
+        want = scores[q][scores[q] >= np.float32(0.5)]
+        np.testing.assert_allclose([m["score"] for m in entry["matches"]], want, atol=1e-6)
+        assert entry["known"] == (len(want) > 0)
+    assert doc["meta"]["min_score"] == {"value": 0.5}
+    assert 0 < sum(e["known"] for e in doc["queries"]) < 40
+    assert "queries known" in fixed.stdout
+
+    # Calibrated: the instance threshold at FPR 0.01 of an evaluation on the same data.
+    metrics = tmp_path / "metrics.json"
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "ctl_jax.evaluate", f"--query={tmp_path / 'q.npz'}"]
+        + [f"--gallery={tmp_path / 'g.npz'}", "--modes=instance,centroid", f"--output={metrics}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    threshold = json.loads(metrics.read_text())["verification"]["instance"]["threshold_at_fpr"]
+    auto = run_cli(
+        *base,
+        "--min_score=auto:0.01",
+        f"--calibration={metrics}",
+        f"--output={tmp_path / 'auto.json'}",
+    )
+    assert auto.returncode == 0, auto.stderr
+    doc = json.loads((tmp_path / "auto.json").read_text())
+    assert doc["meta"]["min_score"]["value"] == threshold["0.01"]
+    assert doc["meta"]["min_score"]["calibration_mode"] == "instance"
+    for entry in doc["queries"]:
+        assert all(m["score"] >= threshold["0.01"] - 1e-6 for m in entry["matches"])
+        assert entry["known"] == bool(entry["matches"])
+
+    # Bad input: one line each, nothing written.
+    out = f"--output={tmp_path / 'x.json'}"
+    for args, message in [
+        (["--min_score=1.5"], "--min_score=1.5: expected a cosine score in [-1, 1]"),
+        (["--min_score=auto:0.01"], "--min_score=auto:0.01 needs --calibration=metrics.json"),
+        ([f"--calibration={metrics}"], "--calibration needs --min_score=auto:F"),
+        (["--min_score=auto:0.05", f"--calibration={metrics}"], "no instance threshold at FPR"),
+        (["--min_score=auto:0.01", f"--calibration={tmp_path / 'g.npz'}"], "not a metrics JSON"),
+    ]:
+        bad = run_cli(*base, *args, out)
+        assert bad.returncode != 0, args
+        last = bad.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, (args, bad.stderr)
+    no_block = tmp_path / "plain.json"
+    no_block.write_text(json.dumps({"instance": {"mAP": 0.5}}))
+    bad = run_cli(*base, "--min_score=auto:0.01", f"--calibration={no_block}", out)
+    assert "has no verification block" in bad.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x.json").exists()

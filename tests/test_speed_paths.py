@@ -1,8 +1,8 @@
-"""The CPU speed rewrites (`ctl_jax.models.cpu_ops`, as `ctl_jax.models.resnet` uses them)
-against the straightforward lax/flax formulation: Winograd and patches 3x3 convolutions,
-kernel gradients as matrix products, the stem, masked batch-norm moments and backward pass,
-and a whole bottleneck network with every rewrite on vs off. Outputs and gradients, odd sizes
-included. (The max-pool's custom VJP is covered by test_max_pool.py.)"""
+"""The CPU layers (`ctl_jax.cpu`) against the reference layers (`ctl_jax.models.layers`, plain
+Flax/lax): Winograd and patches 3x3 convolutions, kernel gradients as matrix products, the
+1x1 convolutions, the stem, masked batch-norm moments and backward pass, and a whole
+bottleneck network with each layer set. Outputs and gradients, odd sizes included. (The
+max-pool's custom VJP is covered by test_max_pool.py.)"""
 
 import functools
 
@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ctl_jax.models import cpu_ops, resnet
+from ctl_jax.cpu import CPU_LAYERS, batch_norm, convolution
+from ctl_jax.cpu import layers as cpu_layers
+from ctl_jax.models import layers, resnet
+from ctl_jax.models.layers import REFERENCE_LAYERS
 
 
 def _direct_conv(x, kernel, strides=1):
@@ -42,7 +45,7 @@ def test_winograd_matches_direct_convolution(shape):
     x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32))
     weights = jnp.asarray(rng.normal(size=(n, h, w, cout)).astype(np.float32))
-    y = jax.jit(cpu_ops.winograd_conv3x3)(x, kernel)
+    y = jax.jit(convolution.winograd_conv3x3)(x, kernel)
     y_ref = _direct_conv(x, kernel)
     assert y.shape == y_ref.shape
     assert _rel_err(y, y_ref) < 1e-5
@@ -50,9 +53,8 @@ def test_winograd_matches_direct_convolution(shape):
     def loss(conv, inputs, k):
         return jnp.sum(jnp.tanh(conv(inputs, k)) * weights)
 
-    grads = jax.jit(jax.grad(functools.partial(loss, cpu_ops.winograd_conv3x3), argnums=(0, 1)))(
-        x, kernel
-    )
+    winograd_loss = functools.partial(loss, convolution.winograd_conv3x3)
+    grads = jax.jit(jax.grad(winograd_loss, argnums=(0, 1)))(x, kernel)
     grads_ref = jax.grad(functools.partial(loss, _direct_conv), argnums=(0, 1))(x, kernel)
     for g, g_ref in zip(grads, grads_ref):
         assert _rel_err(g, g_ref) < 1e-5
@@ -71,11 +73,11 @@ def test_winograd_matches_direct_convolution(shape):
 def test_conv3x3_module_matches_flax_conv(hw, cin, strides):
     rng = np.random.default_rng(cin + strides)
     x = jnp.asarray(rng.normal(size=(1, *hw, cin)).astype(np.float32))
-    ours = resnet.Conv3x3(6, strides)
+    ours = CPU_LAYERS.conv3x3(6, strides=strides)
     params = ours.init(jax.random.key(0), x)
     assert params["params"]["kernel"].shape == (3, 3, cin, 6)
     ref = nn.Conv(6, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False)
-    plain = resnet.Conv3x3(6, strides, fast=False)
+    plain = REFERENCE_LAYERS.conv3x3(6, strides=strides)
 
     def loss(module, p, inputs):
         return jnp.sum(jnp.sin(module.apply(p, inputs)))
@@ -109,13 +111,15 @@ def test_cpu_convolution_matches_the_plain_one(shape, size, strides, method):
     rng = np.random.default_rng(h * w + size)
     x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(size, size, cin, cout)).astype(np.float32))
-    y_ref = cpu_ops.conv2d(x, kernel, strides, padding)
+    y_ref = convolution.conv2d(x, kernel, strides, padding)
     weights = jnp.asarray(rng.normal(size=y_ref.shape).astype(np.float32))
 
     def loss(conv, inputs, k):
         return jnp.sum(jnp.tanh(conv(inputs, k)) * weights)
 
-    ours = functools.partial(cpu_ops.conv2d_cpu, strides=strides, padding=padding, method=method)
+    ours = functools.partial(
+        convolution.conv2d_cpu, strides=strides, padding=padding, method=method
+    )
     assert _rel_err(jax.jit(ours)(x, kernel), y_ref) < 1e-5
     grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1)))(x, kernel)
     plain = functools.partial(_direct_conv_any, strides=strides, padding=padding)
@@ -134,8 +138,8 @@ def test_stem_matches_flax_conv():
         return jnp.sum(jnp.sin(module.apply(p, inputs)))
 
     g_ref = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1)))(params, x)
-    for fast in (True, False):
-        stem = resnet.StemConv(8, fast=fast)
+    for layer_set in (CPU_LAYERS, REFERENCE_LAYERS):
+        stem = layer_set.stem_conv(8)
         assert jax.tree.map(jnp.shape, stem.init(jax.random.key(0), x)) == jax.tree.map(
             jnp.shape, params
         )
@@ -145,12 +149,61 @@ def test_stem_matches_flax_conv():
             assert _rel_err(a, b) < 1e-5
 
 
-def test_winograd_is_cpu_float32_only():
+@pytest.mark.parametrize("strides", [1, 2])
+def test_conv1x1_matches_flax_conv(strides):
+    x = jax.random.normal(jax.random.key(0), (2, 9, 6, 3))
+    ours = CPU_LAYERS.conv1x1(8, strides=strides)
+    params = ours.init(jax.random.key(1), x)
+    assert params["params"]["kernel"].shape == (1, 1, 3, 8)
+    ref = nn.Conv(8, (1, 1), (strides, strides), padding="VALID", use_bias=False)
+    plain = REFERENCE_LAYERS.conv1x1(8, strides=strides)
+
+    def loss(module, p, inputs):
+        return jnp.sum(jnp.sin(module.apply(p, inputs)))
+
+    g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, x)
+    for module in (ours, plain):
+        np.testing.assert_allclose(
+            module.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5
+        )
+        g = jax.grad(functools.partial(loss, module), argnums=(0, 1))(params, x)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("hw", [(4, 2), (2, 1), (5, 2), (6, 4)])
+def test_conv3x3_matches_flax_conv_on_small_maps(strides, hw):
+    """Maps smaller than the kernel take the patches path; outputs and gradients unchanged."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, *hw, 5)).astype(np.float32))
+    ours = CPU_LAYERS.conv3x3(7, strides=strides)
+    params = ours.init(jax.random.key(2), x)
+    assert params["params"]["kernel"].shape == (3, 3, 5, 7)
+    ref = nn.Conv(7, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False)
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+
+    def loss(module, p, inputs):
+        return jnp.sum(jnp.sin(module.apply(p, inputs)))
+
+    g_ours = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(params, x)
+    g_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _computes_a_convolution(module, x) -> bool:
+    params = module.init(jax.random.key(0), x)
+    return "stablehlo.convolution" in jax.jit(module.apply).lower(params, x).as_text()
+
+
+def test_winograd_and_kernel_gradient_rewrites_are_float32_only():
+    """The rewrites that sum in another order (Winograd here) leave bfloat16 inputs to XLA's
+    convolution; float32 inputs with 256 channels take Winograd (no convolution at all)."""
     x32 = jnp.zeros((1, 8, 8, 256), jnp.float32)
-    assert cpu_ops.use_winograd(x32, 1) == (jax.default_backend() == "cpu")
-    assert not cpu_ops.use_winograd(x32, 2)
-    assert not cpu_ops.use_winograd(x32.astype(jnp.bfloat16), 1)
-    assert not cpu_ops.use_winograd(jnp.zeros((1, 8, 8, 128)), 1)
+    assert not _computes_a_convolution(CPU_LAYERS.conv3x3(4), x32)
+    assert _computes_a_convolution(CPU_LAYERS.conv3x3(4, dtype=jnp.bfloat16), x32)
+    assert _computes_a_convolution(REFERENCE_LAYERS.conv3x3(4), x32)
 
 
 def _apply_train(module, params, batch_stats, inputs, valid):
@@ -177,7 +230,7 @@ def test_masked_moments_values_and_gradients(shape, one_pass):
     rng = np.random.default_rng(len(shape))
     x = jnp.asarray(rng.normal(size=shape).astype(np.float32) * 3.0 + 2.0)
     valid = jnp.asarray(np.arange(shape[0]) % 3 != 1)
-    moments = functools.partial(resnet._masked_moments, one_pass=one_pass)
+    moments = batch_norm.one_pass_moments if one_pass else layers.masked_moments
     mean, var, count = moments(x, valid)
     mean_ref, var_ref = _where_moments(x, valid)
     np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
@@ -208,7 +261,7 @@ def test_one_pass_moments_keep_precision_far_from_zero(first_valid):
     rng = np.random.default_rng(7)
     x = rng.normal(size=(4, 6, 5, 3)) + 1e4
     valid = np.arange(4) >= first_valid
-    mean, var, _ = resnet._masked_moments(jnp.asarray(x, jnp.float32), valid, one_pass=True)
+    mean, var, _ = batch_norm.one_pass_moments(jnp.asarray(x, jnp.float32), valid)
     kept = x[valid].reshape(-1, 3)
     np.testing.assert_allclose(mean, kept.mean(0), rtol=1e-6)
     np.testing.assert_allclose(var, kept.var(0), rtol=5e-4)
@@ -219,14 +272,15 @@ def test_one_pass_moments_keep_precision_far_from_zero(first_valid):
     [((5, 3, 2, 4), True, True), ((6, 7), False, False), ((4, 1, 3, 2), True, False)],
 )
 def test_batchnorm_custom_backward_matches_autodiff(shape, masked, use_bias):
-    """`BatchNorm(fast=True)`'s hand-written backward pass against autodiff of the plain
-    formulation: outputs, running averages, and gradients for x, scale and bias; padded
-    rows get only the direct term of the gradient."""
+    """The CPU batch norm's hand-written backward pass against autodiff of the reference
+    one: outputs, running averages, and gradients for x, scale and bias; padded rows get
+    only the direct term of the gradient."""
     rng = np.random.default_rng(len(shape))
     x = jnp.asarray(rng.normal(size=shape).astype(np.float32) * 3.0 + 2.0)
     valid = jnp.asarray(np.arange(shape[0]) % 3 != 1) if masked else None
-    fast = resnet.BatchNorm(use_bias=use_bias)
-    plain = resnet.BatchNorm(use_bias=use_bias, fast=False)
+    fast = CPU_LAYERS.norm(use_bias=use_bias)
+    plain = REFERENCE_LAYERS.norm(use_bias=use_bias)
+    assert isinstance(fast, cpu_layers.BatchNorm) and isinstance(fast, layers.BatchNorm)
     variables = plain.init(jax.random.key(0), x, train=False)
     params = jax.tree.map(
         lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), variables["params"]
@@ -249,13 +303,14 @@ def test_batchnorm_custom_backward_matches_autodiff(shape, masked, use_bias):
     assert set(g_fast[0]) == ({"scale", "bias"} if use_bias else {"scale"})
 
 
-def test_bottleneck_network_fast_ops_same_outputs_and_gradients():
-    """Three one-block stages at 64x64: the stem's patches kernel gradient and custom
-    max-pool, Winograd forward with matmul kernel gradients in stages 1-2, the strided
-    per-tap kernel gradients, whole Winograd in stage 3 (256 channels, 4x4 map), the 1x1
-    matmuls. Train mode with a padded row."""
+def test_bottleneck_network_cpu_layers_same_outputs_and_gradients():
+    """Three one-block stages at 64x64, CPU layers against reference layers: the stem's
+    patches kernel gradient and custom max-pool, Winograd forward with matmul kernel
+    gradients in stages 1-2, the strided per-tap kernel gradients, whole Winograd in stage 3
+    (256 channels, 4x4 map), the 1x1 matmuls, the batch norms. Train mode with a padded
+    row."""
     net = functools.partial(resnet.ResNet, stage_sizes=(1, 1, 1), block_cls=resnet.Bottleneck)
-    fast, plain = net(), net(fast_ops=False, fast_1x1=False)
+    fast, plain = net(layers=CPU_LAYERS), net(layers=REFERENCE_LAYERS)
     x = jax.random.normal(jax.random.key(0), (3, 64, 64, 3))
     valid = jnp.array([True, False, True])
     variables = jax.jit(functools.partial(plain.init, train=False))(jax.random.key(1), x)

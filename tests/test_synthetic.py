@@ -73,11 +73,16 @@ def test_protocol_properties(tiny):
     assert len(extra) == TINY["num_distractors"]
 
 
-def test_refuses_non_empty_output(tiny, tmp_path):
+def test_refuses_non_empty_output(tiny, tmp_path, capsys):
     root, _ = tiny
     with pytest.raises(FileExistsError):
         synthetic.generate(root, seed=3, **TINY)
     assert synthetic.main([f"--output={root}", "--num_train_ids=2"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert synthetic.main([f"--output={root}", "--num_train_ids=2", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "OutputExistsError" in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {root} is not empty")
 
 
 def test_cli_and_sample_grid(tmp_path, capsys):

@@ -46,10 +46,10 @@ def test_build_and_read_back(tmp_path):
 
 def test_prepare_command_then_train_from_the_build(tmp_path, capsys):
     """`python -m ctl_jax.data.prepare` output is what `data.source=tfds` trains from."""
+    from ctl_jax.checkpoints import CheckpointStore
     from ctl_jax.configs import load_config
     from ctl_jax.data import prepare
     from ctl_jax.data.source import load_dataset
-    from ctl_jax.training.checkpoints import CheckpointStore
     from ctl_jax.training.loop import train_and_evaluate
 
     folder = tmp_path / "synthetic"

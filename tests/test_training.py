@@ -1,8 +1,10 @@
 """The training step and loop: sharding invariance, optimiser semantics, the center SGD,
 compile-once, non-finite losses, and resume-equals-uninterrupted on a tiny synthetic set."""
 
+import copy
 import json
 import math
+import shutil
 import signal
 
 import jax
@@ -11,11 +13,16 @@ import numpy as np
 import pytest
 from tiny_data import make_tiny_reid
 
-from ctl_jax.configs import load_config
-from ctl_jax.models.reid import build_model, feature_dim, init_variables
-from ctl_jax.training import loop, sharding
-from ctl_jax.training.checkpoints import CheckpointStore
+from ctl_jax import parallel
+from ctl_jax.build import build_model
+from ctl_jax.checkpoints import CheckpointStore, restore_model
+from ctl_jax.configs import config_to_json, load_config
+from ctl_jax.cpu import CPU_LAYERS
+from ctl_jax.models.layers import REFERENCE_LAYERS
+from ctl_jax.models.reid import feature_dim, init_variables
+from ctl_jax.training import loop
 from ctl_jax.training.optimizer import learning_rate, make_optimizer
+from ctl_jax.training.position import DataPosition
 from ctl_jax.training.state import create_train_state
 from ctl_jax.training.step import make_train_step
 
@@ -48,16 +55,16 @@ def _batch(seed=0, num_padded=3):
 
 
 def _setup(config, mesh):
-    model = build_model(config.model, K)
+    model = build_model(config, K)
     tx = make_optimizer(config.solver)
     variables = init_variables(model, jax.random.key(0), (H, W, 3))
     state = create_train_state(variables, tx, K, feature_dim(config.model.arch), jax.random.key(1))
     step = jax.jit(
         make_train_step(model, tx, config),
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
     )
-    return model, tx, sharding.replicate(state, mesh), step
+    return model, tx, parallel.replicate(state, mesh), step
 
 
 def _run_steps(num_devices, num_steps=3):
@@ -66,11 +73,11 @@ def _run_steps(num_devices, num_steps=3):
     # is at float-noise level moves by +-lr either way, so two correct reduction orders
     # disagree there. A larger eps keeps the update proportional to such tiny gradients.
     config.solver.eps = 1e-3
-    mesh = sharding.make_mesh(num_devices)
+    mesh = parallel.make_mesh(num_devices)
     _, _, state, step = _setup(config, mesh)
     states, history = [], []
     for i in range(num_steps):
-        state, metrics = step(state, sharding.put_batch(_batch(i), mesh))
+        state, metrics = step(state, parallel.put_batch(_batch(i), mesh))
         states.append(jax.device_get(state))
         history.append(jax.device_get(metrics))
     return states, history
@@ -98,9 +105,9 @@ def test_metrics_are_reported_and_loss_decreases_on_a_fixed_batch():
     config = _config()
     config.solver.warmup_epochs = 0
     config.solver.base_lr = 1e-3
-    mesh = sharding.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     _, _, state, step = _setup(config, mesh)
-    batch = sharding.put_batch(_batch(0), mesh)
+    batch = parallel.put_batch(_batch(0), mesh)
     losses = []
     for _ in range(6):
         state, metrics = step(state, batch)
@@ -126,9 +133,9 @@ def test_metrics_are_reported_and_loss_decreases_on_a_fixed_batch():
 
 def test_total_is_the_weighted_sum_of_spec_section_4():
     config = _config()
-    mesh = sharding.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     _, _, state, step = _setup(config, mesh)
-    _, m = step(state, sharding.put_batch(_batch(0), mesh))
+    _, m = step(state, parallel.put_batch(_batch(0), mesh))
     m = jax.device_get(m)
     expected = m["triplet_loss"] + m["ce_loss"] + 5e-4 * m["center_loss"] + m["centroid_loss"]
     np.testing.assert_allclose(m["total_loss"], expected, rtol=1e-5)
@@ -136,7 +143,7 @@ def test_total_is_the_weighted_sum_of_spec_section_4():
 
 def test_centers_take_an_sgd_step_on_the_unweighted_center_loss():
     config = _config()
-    mesh = sharding.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     model, _, state, step = _setup(config, mesh)
     batch = _batch(0)
     # Features as the step sees them (train mode, batch statistics over valid rows).
@@ -156,7 +163,7 @@ def test_centers_take_an_sgd_step_on_the_unweighted_center_loss():
         if batch["valid"][i]:
             grad[batch["labels"][i]] += 2.0 * (centers[batch["labels"][i]] - feats[i]) / n_valid
     expected = centers - config.loss.center_lr * grad
-    new_state, _ = step(state, sharding.put_batch(batch, mesh))
+    new_state, _ = step(state, parallel.put_batch(batch, mesh))
     np.testing.assert_allclose(np.asarray(new_state.centers), expected, rtol=1e-4, atol=1e-4)
     untouched = np.setdiff1d(np.arange(K), batch["labels"])
     np.testing.assert_array_equal(np.asarray(new_state.centers)[untouched], centers[untouched])
@@ -195,11 +202,11 @@ def test_adam_with_l2_decay_matches_torch():
 
 def test_step_compiles_once():
     config = _config()
-    mesh = sharding.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     _, _, state, step = _setup(config, mesh)
     for i in range(3):
-        state = state.replace(epoch=sharding.replicate(jnp.int32(i), mesh))
-        state, _ = step(state, sharding.put_batch(_batch(i, num_padded=i), mesh))
+        state = state.replace(epoch=parallel.replicate(jnp.int32(i), mesh))
+        state, _ = step(state, parallel.put_batch(_batch(i, num_padded=i), mesh))
     assert step._cache_size() == 1
 
 
@@ -242,7 +249,7 @@ def uninterrupted(tiny_dataset, tmp_path_factory):
 def _interrupt_at(monkeypatch, n: int) -> None:
     """Raises SIGINT while the `n`-th batch of the run is being put on the devices."""
     calls = {"n": 0}
-    put_batch = sharding.put_batch
+    put_batch = parallel.put_batch
 
     def put_batch_then_ctrl_c(batch, mesh):
         calls["n"] += 1
@@ -250,7 +257,7 @@ def _interrupt_at(monkeypatch, n: int) -> None:
             signal.raise_signal(signal.SIGINT)
         return put_batch(batch, mesh)
 
-    monkeypatch.setattr(sharding, "put_batch", put_batch_then_ctrl_c)
+    monkeypatch.setattr(parallel, "put_batch", put_batch_then_ctrl_c)
 
 
 def _logged(workdir, kind):
@@ -276,7 +283,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     _interrupt_at(monkeypatch, 5)  # mid-way through the first epoch, between two saves
     with pytest.raises(loop.TrainingInterrupted, match="step 5"):
         loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
-    assert CheckpointStore(workdir, read_only=True).latest_step() == 5
+    store = CheckpointStore(workdir, read_only=True)
+    assert store.latest_step() == 5
+    saved = store.read_data_position()  # mid-epoch: the grain state and the batches done
+    assert set(saved) == {"epoch", "iterator", "batches_done"}
+    assert (saved["epoch"], saved["batches_done"]) == (0, 5)
     monkeypatch.undo()
     loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
     _assert_same_final_state(uninterrupted, workdir)
@@ -299,11 +310,9 @@ def test_stop_on_an_epochs_last_step_saves_once_and_evaluates_on_resume(
     store = CheckpointStore(workdir, read_only=True)
     assert store.latest_step() == first_epoch
     # Saved as the end of epoch 1 without waiting for its evaluation, which is due.
-    assert store.read_data_position() == {
-        "epoch": 1,
-        "iterator": None,
-        loop.EVALUATION_PENDING: True,
-    }
+    saved = store.read_data_position()
+    assert saved == {"epoch": 1, "iterator": None, "evaluation_pending": True}  # the format
+    assert DataPosition.from_json(saved) == DataPosition(1, evaluation_pending=True)
     assert _logged(workdir, "eval") == []
     monkeypatch.undo()
     loop.train_and_evaluate(config, workdir, log=lambda *_: None)
@@ -314,6 +323,21 @@ def test_stop_on_an_epochs_last_step_saves_once_and_evaluates_on_resume(
         (_final_params(workdir)[2], 2),
     ]
     assert all(0 <= r["instance/mAP"] <= 1 for r in evaluations)
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        {"epoch": 0, "iterator": {"next_index": 12, "grain": "state"}, "batches_done": 3},
+        {"epoch": 2, "iterator": None},
+        {"epoch": 2, "iterator": None, "evaluation_pending": True},
+    ],
+)
+def test_data_position_reads_and_writes_the_checkpoint_json(saved):
+    position = DataPosition.from_json(saved)
+    assert position.to_json() == saved
+    assert position.mid_epoch == (saved["iterator"] is not None)
+    assert position.evaluation_pending == saved.get("evaluation_pending", False)
 
 
 def test_finished_run_is_not_retrained(tiny_dataset, uninterrupted):
@@ -331,13 +355,48 @@ def test_workdir_of_another_config_is_refused(tiny_dataset, uninterrupted):
     assert saved["model"]["arch"] == "resnet18"
 
 
+def _saved_before_cpu_fast_path(config_dict: dict) -> dict:
+    """A config as earlier versions saved it: `model.fast_1x1` and `model.fast_ops`, no
+    top-level `cpu_fast_path`."""
+    old = copy.deepcopy(config_dict)
+    del old["cpu_fast_path"]
+    old["model"].update(fast_1x1=True, fast_ops=False)
+    return old
+
+
+def test_workdir_saved_before_cpu_fast_path_resumes(tiny_dataset, uninterrupted, tmp_path):
+    workdir = tmp_path / "old"
+    shutil.copytree(uninterrupted, workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps(_saved_before_cpu_fast_path(saved)))
+    before = CheckpointStore(workdir, read_only=True).all_steps()
+    loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
+    assert CheckpointStore(workdir, read_only=True).all_steps() == before
+    assert json.loads((workdir / "config.json").read_text())["cpu_fast_path"] == "auto"
+
+
+def test_checkpoint_saved_before_cpu_fast_path_restores(tmp_path):
+    config = _config()
+    variables = jax.device_get(init_variables(build_model(config, K), jax.random.key(0), (H, W, 3)))
+    meta_config = _saved_before_cpu_fast_path(json.loads(config_to_json(config)))
+    store = CheckpointStore(tmp_path)
+    store.save(1, dict(variables), {"epoch": 1}, {"config": meta_config, "num_classes": K})
+    store.close()
+    restored = restore_model(tmp_path)
+    assert restored.model.layers is CPU_LAYERS  # "auto", on the CPU backend in float32
+    jax.tree.map(np.testing.assert_array_equal, restored.variables, dict(variables))
+    # A config given when restoring chooses how the model runs.
+    config.cpu_fast_path = "off"
+    assert restore_model(tmp_path, config=config).model.layers is REFERENCE_LAYERS
+
+
 def test_bfloat16_step_keeps_float32_state_and_finite_losses():
     config = _config()
     config.model.dtype = "bfloat16"
-    mesh = sharding.make_mesh(2)
+    mesh = parallel.make_mesh(2)
     _, _, state, step = _setup(config, mesh)
     for i in range(2):
-        state, metrics = step(state, sharding.put_batch(_batch(i), mesh))
+        state, metrics = step(state, parallel.put_batch(_batch(i), mesh))
     assert all(math.isfinite(float(v)) for v in jax.device_get(metrics).values())
     for leaf in jax.tree.leaves((state.params, state.batch_stats, state.opt_state, state.centers)):
         if jnp.issubdtype(leaf.dtype, jnp.floating):

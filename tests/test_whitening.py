@@ -15,6 +15,7 @@ import pytest
 from xla_flags import xla_flags
 
 from ctl_jax import evaluation
+from ctl_jax.errors import FileContentError, InvalidValueError, MissingFileError
 from ctl_jax.retrieval import whitening
 from ctl_jax.retrieval.embedding_file import Embeddings
 
@@ -166,35 +167,35 @@ def test_file_round_trip_and_bad_files(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         result.save(path)
     np.savez(tmp_path / "other.npz", embeddings=x)
-    with pytest.raises(ValueError, match="is not a whitening file"):
+    with pytest.raises(FileContentError, match="is not a whitening file"):
         whitening.Whitening.load(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(FileContentError, match="not a readable .npz"):
         whitening.Whitening.load(tmp_path / "junk.npz")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(MissingFileError, match="does not exist"):
         whitening.Whitening.load(tmp_path / "missing.npz")
-    with pytest.raises(ValueError, match="expects 8-d embeddings, got shape"):
+    with pytest.raises(InvalidValueError, match="learned on 8-d embeddings but the embeddings"):
         loaded.apply(np.ones((2, 7)))
 
 
 def test_bad_whitening_settings_are_one_line_errors():
     x, labels = clustered(5, num_ids=3, per_id=2, dim=8)  # 6 embeddings, 3 pairs
-    with pytest.raises(ValueError, match="dimension 9 is larger than the embedding dimension 8"):
+    with pytest.raises(InvalidValueError, match="dimension 9 is larger than the embedding dim"):
         whitening.learn_pca(x, dim=9)
-    with pytest.raises(ValueError, match=r"span only 5 dimensions; give a dimension <= 5"):
+    with pytest.raises(InvalidValueError, match=r"span only 5 dimensions; give a dimension <= 5"):
         whitening.learn_pca(x, dim=6)
     assert whitening.learn_pca(x).output_dim == 5  # N - 1 directions by default
-    with pytest.raises(ValueError, match="must be an integer >= 1, got 0"):
+    with pytest.raises(InvalidValueError, match="must be an integer >= 1, got 0"):
         whitening.learn_pca(x, dim=0)
-    with pytest.raises(ValueError, match="3 same-identity pairs span only 3 of the 8 .* shrinkage"):
+    with pytest.raises(InvalidValueError, match="3 same-identity pairs span only 3 of the 8"):
         whitening.learn_supervised(x, labels)
     shrunk = whitening.learn_supervised(x, labels, shrinkage=0.1)
     assert np.isfinite(shrunk.projection).all()
-    with pytest.raises(ValueError, match="no identity has two embeddings"):
+    with pytest.raises(InvalidValueError, match="no identity has two embeddings"):
         whitening.learn_supervised(x, np.arange(6))
-    with pytest.raises(ValueError, match=r"shrinkage must be in \[0, 1\)"):
+    with pytest.raises(InvalidValueError, match=r"shrinkage must be in \[0, 1\)"):
         whitening.learn_supervised(x, labels, shrinkage=1.0)
-    with pytest.raises(ValueError, match="not one of pca, supervised"):
+    with pytest.raises(InvalidValueError, match="not one of pca, supervised"):
         whitening.learn(x, "zca")
 
 

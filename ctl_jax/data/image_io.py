@@ -14,9 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-
-class UnreadableImageError(OSError):
-    """An image file is missing, truncated or not an image."""
+from ctl_jax.errors import UnreadableImageError
 
 
 class UnreadableImageWarning(UserWarning):

@@ -27,8 +27,6 @@ running count of this process is emitted; otherwise `UnreadableImageError` names
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import grain
 import numpy as np
@@ -36,6 +34,7 @@ from absl import flags
 
 from ctl_jax.data import image_io, sampler, transforms
 from ctl_jax.data.records import Split
+from ctl_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +42,7 @@ class TrainPipelineConfig:
     """Options of the training pipeline.
 
     Attributes:
-      height, width: model input size (SPEC: 256 x 128 for re-ID).
+      height, width: model input size (256 x 128 in the re-ID recipes).
       P, M: identities per global batch, instances per identity.
       seed: run seed; with the epoch it fixes the plan and every augmentation.
       flip_prob, pad, erasing_prob, erasing_fill: see `transforms.TrainAugment`.
@@ -70,18 +69,27 @@ class TrainPipelineConfig:
     skip_unreadable: bool = True
 
     @classmethod
-    def from_config(cls, config: Any) -> TrainPipelineConfig:
-        """Builds from a `TrainPipelineConfig`, a mapping or a ConfigDict (extra keys ignored)."""
-        if isinstance(config, cls):
-            return config
-        values = {}
-        for field in dataclasses.fields(cls):
-            if isinstance(config, Mapping):
-                if field.name in config:
-                    values[field.name] = config[field.name]
-            elif hasattr(config, field.name):
-                values[field.name] = getattr(config, field.name)
-        return cls(**values)
+    def from_run_config(cls, config) -> TrainPipelineConfig:
+        """The training pipeline of a run config (`configs/*.py`): its `data` group and seed.
+
+        The one mapping from config names to pipeline options (P = data.num_identities,
+        M = data.num_instances); options the config does not set keep their defaults.
+        """
+        d = config.data
+        return cls(
+            height=d.height,
+            width=d.width,
+            P=d.num_identities,
+            M=d.num_instances,
+            seed=config.seed,
+            flip_prob=d.flip_prob,
+            pad=d.pad,
+            erasing_prob=d.erasing_prob,
+            erasing_fill=d.erasing_fill,
+            worker_count=d.worker_count,
+            prefetch_buffer=d.prefetch_buffer,
+            skip_unreadable=d.skip_unreadable,
+        )
 
     @property
     def augment(self) -> transforms.TrainAugment:
@@ -218,7 +226,7 @@ def _to_iterator(
 def make_train_iterator(
     split: Split,
     reader,
-    cfg: TrainPipelineConfig | Any,
+    cfg,
     epoch: int,
     process_index: int = 0,
     process_count: int = 1,
@@ -228,7 +236,7 @@ def make_train_iterator(
     Args:
       split: training split (pids relabelled to 0..num_classes-1).
       reader: picklable object with ``read(index) -> bytes`` for indices of ``split``.
-      cfg: `TrainPipelineConfig`, or a mapping / ConfigDict with (some of) its fields.
+      cfg: `TrainPipelineConfig`, or a run config (see `TrainPipelineConfig.from_run_config`).
       epoch: epoch number; fixes the plan and the augmentations with ``cfg.seed``.
       process_index, process_count: data-parallel process of this host; each gets
         identities ``process_index * P / process_count ..`` of every batch.
@@ -241,7 +249,8 @@ def make_train_iterator(
         camids: (B,) int32 camera id; -1 for padded slots.
         valid: (B,) bool; False for padding and unreadable images.
     """
-    cfg = TrainPipelineConfig.from_config(cfg)
+    if not isinstance(cfg, TrainPipelineConfig):
+        cfg = TrainPipelineConfig.from_run_config(cfg)
     plan = sampler.identity_batches(split.pids, cfg.P, cfg.M, cfg.seed, epoch)
     global_batch = cfg.P * cfg.M
     slots = np.arange(plan.size, dtype=np.int64).reshape(plan.shape)
@@ -294,7 +303,7 @@ def make_eval_iterator(
         index: (b,) int64 position in ``split``; -1 for padding.
     """
     if batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"eval batch_size={batch_size} must be divisible by process_count={process_count}"
         )
     n_batches = eval_num_batches(len(split), batch_size)

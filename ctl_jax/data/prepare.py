@@ -13,6 +13,8 @@ import argparse
 import pathlib
 import sys
 
+from ctl_jax.errors import DEBUG_HELP, UserError, debug_requested, report_user_error
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -23,9 +25,9 @@ def main(argv=None) -> int:
         help="the folder the config's data.root names (for synthetic: the dataset itself)",
     )
     parser.add_argument("--data_dir", required=True, help="where the build is written")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
 
-    from ctl_jax.data.readers import DatasetError
     from ctl_jax.data.tfds_builders import load_tfds, prepare_tfds
 
     if not pathlib.Path(args.manual_dir).is_dir():
@@ -34,9 +36,8 @@ def main(argv=None) -> int:
     try:
         prepare_tfds(args.name, args.manual_dir, args.data_dir)
         dataset, _ = load_tfds(args.name, args.data_dir)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:
+        return report_user_error(e, debug_requested(args.debug))
     print(dataset.statistics_table())
     print(f"prepared {args.name} in {args.data_dir}")
     return 0

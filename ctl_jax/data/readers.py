@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ctl_jax.data.records import RetrievalDataset, Split
+from ctl_jax.errors import DatasetError
 
 MARKET_NAME_PATTERN = re.compile(r"([-\d]+)_c(\d)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -50,10 +51,6 @@ _MARKET_LAYOUT = (
 _FOLDER_LAYOUT = "expected layout: <root>/{train,query,gallery}/<identity>/<images>"
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError):
-    """A dataset on disk is missing, malformed or inconsistent."""
 
 
 def parse_market_name(file_name: str | os.PathLike) -> tuple[int, int] | None:
@@ -322,23 +319,3 @@ def read_folder_per_identity(root: str | os.PathLike, *, name: str = "folder") -
     train = splits["train"]
     splits["train"] = Split(train.paths, _relabel(train.pids), train.camids)
     return RetrievalDataset(name=name, **splits)
-
-
-DATASET_NAMES = ("market1501", "dukemtmc", "synthetic", "street2shop", "deepfashion", "folder")
-
-
-def open_dataset(name: str, root: str | os.PathLike, **kwargs) -> RetrievalDataset:
-    """Reads dataset `name` from `root`.
-
-    Names: "market1501" (`<root>/market1501/`), "dukemtmc" (`<root>/DukeMTMC-reID/`),
-    "synthetic" (`root` holds `bounding_box_train/` etc.), "street2shop" and "deepfashion"
-    (`read_coco_fashion`; pass `json_paths=`), "folder" (`read_folder_per_identity`).
-    Extra keyword arguments go to the reader.
-    """
-    if name in MARKET_STYLE_DIRS:
-        return read_market_style(root, name, **kwargs)
-    if name in ("street2shop", "deepfashion"):
-        return read_coco_fashion(root, name=name, **kwargs)
-    if name == "folder":
-        return read_folder_per_identity(root, **kwargs)
-    raise DatasetError(f"Unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")

@@ -8,8 +8,14 @@ evaluation only ever see these records, never the on-disk layout.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+
+# The evaluation protocols (`ctl_jax.evaluation.protocols`) of datasets with identity labels
+# (re-ID, fashion): the Market-1501 protocol first (their default), then Recall@K.
+IDENTITY_PROTOCOLS = ("market", "recall_at_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,15 @@ class Split:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def subset(self, index) -> Split:
+        """The rows `index` (a boolean mask or indices) as a new Split."""
+        return Split(self.paths[index], self.pids[index], self.camids[index])
+
+    @classmethod
+    def empty(cls) -> Split:
+        """A split with no images (the training split of an evaluation-only dataset)."""
+        return cls.from_lists([], [], [])
+
     @property
     def num_ids(self) -> int:
         return len(np.unique(self.pids))
@@ -64,12 +79,22 @@ class RetrievalDataset:
       train: training split, pids relabelled to 0..num_classes-1.
       query: query split, raw pids.
       gallery: gallery split, raw pids.
+      protocols: evaluation protocols the dataset supports, the default (its published
+        one) first: "market", "recall_at_k", "revisited", "holidays".
+      ground_truth: what a protocol needs beyond pids, or None (the `RevisitedGroundTruth`
+        of Revisited Oxford/Paris).
+      image_edits: split name -> `ImageEdits` (per-image crop boxes or rotations applied
+        when the images are read, e.g. the query boxes of Revisited Oxford); empty for
+        datasets whose images are used as they are.
     """
 
     name: str
     train: Split
     query: Split
     gallery: Split
+    protocols: tuple[str, ...] = IDENTITY_PROTOCOLS
+    ground_truth: Any = None
+    image_edits: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -1,4 +1,4 @@
-"""P x M identity batches without resampling (SPEC section 3).
+"""P x M identity batches without resampling (docs/method.md, 'The P x M sampler').
 
 One epoch's plan is an int64 array of dataset indices of shape (num_batches, P * M). Row
 slots ``p * M .. p * M + M - 1`` hold one *group* of identity ``p``: between 2 and M of its
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctl_jax.errors import ConfigError
+
 # Distinct SeedSequence entropy for the sampler and for augmentation, so that the two RNG
 # streams of one (seed, epoch) never coincide. SeedSequence pads entropy with zeros, so
 # (seed, epoch) and (seed, epoch, 0) would collide without an explicit tag.
@@ -38,7 +40,7 @@ AUGMENT_STREAM = 2
 
 def _check_seed(seed: int, epoch: int) -> None:
     if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+        raise ConfigError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
 
 
 def identity_groups(pids: np.ndarray, M: int, rng: np.random.Generator) -> list[list[np.ndarray]]:
@@ -83,16 +85,16 @@ def identity_batches(pids: np.ndarray, P: int, M: int, seed: int, epoch: int) ->
       ValueError: if fewer than P identities have at least two images, or P, M are invalid.
     """
     if P < 1:
-        raise ValueError(f"P (identities per batch) must be >= 1, got {P}")
+        raise ConfigError(f"P (identities per batch) must be >= 1, got {P}")
     if M < 2:
-        raise ValueError(
+        raise ConfigError(
             f"M (instances per identity) must be >= 2 so that no group is a single image, got {M}"
         )
     _check_seed(seed, epoch)
     rng = np.random.default_rng((seed, epoch, SAMPLER_STREAM))
     groups = [g for g in identity_groups(pids, M, rng) if g]
     if len(groups) < P:
-        raise ValueError(
+        raise ConfigError(
             f"P={P} identities per batch, but only {len(groups)} identities have the two or "
             f"more images needed to form a group (M={M})"
         )
@@ -150,7 +152,7 @@ def shard_batches(
             raise ValueError(f"batch of {batch_size} slots is not a multiple of M={M}")
         P = batch_size // M
         if P % process_count:
-            raise ValueError(
+            raise ConfigError(
                 f"P={P} identities per batch must be divisible by process_count="
                 f"{process_count} so that every process receives whole identity groups"
             )

@@ -37,6 +37,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ctl_jax.errors import (
+    DEBUG_HELP,
+    OptionError,
+    OutputExistsError,
+    UserError,
+    debug_requested,
+    report_user_error,
+)
+
 # Shared palettes (RGB in [0, 1]): few colours, so identities collide on colour.
 TOP_COLOURS = np.array(
     [
@@ -387,16 +396,16 @@ def generate(
     Raises FileExistsError if `output_dir` is not empty and `overwrite` is False.
     """
     if num_cameras < 2 or num_cameras > 9:
-        raise ValueError("num_cameras must be in 2..9 (one digit in Market names)")
+        raise OptionError("num_cameras must be in 2..9 (one digit in Market names)")
     if num_train_ids < 1 or num_test_ids < 1 or height < 16 or width < 8:
-        raise ValueError("need at least one train and one test identity and a 16x8 image")
+        raise OptionError("need at least one train and one test identity and a 16x8 image")
     if num_train_ids + num_test_ids + num_distractors > 9999:
-        raise ValueError("at most 9999 identities fit in 4-digit Market pids")
+        raise OptionError("at most 9999 identities fit in 4-digit Market pids")
     start = time.perf_counter()
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass overwrite=True (--overwrite)")
+            raise OutputExistsError(f"{out} is not empty; pass overwrite=True (--overwrite)")
         for folder in ("bounding_box_train", "query", "bounding_box_test"):
             shutil.rmtree(out / folder, ignore_errors=True)
     for folder in ("bounding_box_train", "query", "bounding_box_test"):
@@ -484,6 +493,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.add_argument("--sample_grid", default=None, help="also save a sample grid PNG here")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = p.parse_args(argv)
     try:
         stats = generate(
@@ -501,9 +511,8 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             workers=args.workers,
         )
-    except (FileExistsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:
+        return report_user_error(e, debug_requested(args.debug))
     if args.sample_grid:
         save_sample_grid(args.output, args.sample_grid)
     print(json.dumps(stats, indent=1))

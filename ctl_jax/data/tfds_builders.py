@@ -21,7 +21,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ctl_jax.data.readers import DatasetError, open_dataset
+from ctl_jax.data.catalog import open_dataset
+from ctl_jax.errors import DatasetError
 from ctl_jax.data.records import RetrievalDataset, Split
 
 SPLITS = ("train", "query", "gallery")

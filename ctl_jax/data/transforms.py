@@ -20,6 +20,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from ctl_jax.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -121,7 +123,7 @@ def random_erasing(
       (H, W, 3) float32; a new array when erased, the input otherwise.
     """
     if fill not in ERASING_FILLS:
-        raise ValueError(f"erasing fill must be one of {ERASING_FILLS}, got {fill!r}")
+        raise ConfigError(f"erasing fill must be one of {ERASING_FILLS}, got {fill!r}")
     if rng.random() >= prob:
         return image
     height, width = image.shape[:2]
@@ -154,7 +156,7 @@ class TrainAugment:
 
     def __post_init__(self):
         if self.erasing_fill not in ERASING_FILLS:
-            raise ValueError(
+            raise ConfigError(
                 f"erasing_fill must be one of {ERASING_FILLS}, got {self.erasing_fill!r}"
             )
 

@@ -31,6 +31,8 @@ import dataclasses
 
 import numpy as np
 
+from ctl_jax.errors import InvalidValueError
+
 MAX_CAMERA = 62  # camera c is bit c of an int64 mask
 
 
@@ -65,7 +67,7 @@ def check_cameras(camids: np.ndarray, what: str) -> np.ndarray:
     camids = np.asarray(camids, dtype=np.int64)
     if camids.size and (camids.min() < 0 or camids.max() > MAX_CAMERA):
         bad = camids[(camids < 0) | (camids > MAX_CAMERA)]
-        raise ValueError(
+        raise InvalidValueError(
             f"{what} ids must lie in 0..{MAX_CAMERA} for camera-aware evaluation; "
             f"got {np.unique(bad)[:5].tolist()} (use mode 'centroid' when cameras are unknown)"
         )

@@ -1,4 +1,4 @@
-"""CMC and mAP under the Market-1501 protocol, vectorised over chunks of queries.
+"""CMC, mAP and mINP under the Market-1501 protocol, vectorised over chunks of queries.
 
 Every query is ranked against the whole search gallery by cosine similarity of L2-normalised
 embeddings (the same order as Euclidean distance between them). Gallery item j is removed
@@ -21,6 +21,9 @@ problems use it (`backend`); small ones avoid its compilation.
   one flat array.
 * The rank of a same-pid item is then one `np.searchsorted` of its key in that flat array,
   so all ranks come from the sparse set without gathering the sorted matrix.
+
+`rank_scores` ranks by a precomputed (Q, G) score matrix instead (e.g. re-ranked distances,
+negated), with the same keys, filter and metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
+from ctl_jax.errors import InvalidValueError
 
 DEFAULT_RANKS = (1, 5, 10, 20, 50)
 
@@ -56,6 +61,7 @@ def rank_metrics(
     ranks: tuple[int, ...] = DEFAULT_RANKS,
     chunk_size: int | None = None,
     backend: str = "auto",
+    cmc_curve: int = 0,
 ) -> dict:
     """mAP and CMC of queries against a gallery (Market-1501 protocol).
 
@@ -72,42 +78,103 @@ def rank_metrics(
       backend: where the similarities are computed: "numpy" (BLAS), "jax" (XLA, on the
         default device, full float32 precision; faster on CPU too) or "auto" (jax for
         problems big enough to repay the one-off compilation).
+      cmc_curve: also return the CMC curve up to this rank (0: no).
 
     Returns:
-      {"mAP": float, "rank<k>": float for k in ranks, "num_query": int}. Metrics are
-      fractions in [0, 1] over the counted queries (those with at least one correct match
-      left after removal); NaN when no query is counted. CMC@k looks at the first k kept
-      items, or all kept items when fewer than k are left.
+      {"mAP": float, "mINP": float, "rank<k>": float for k in ranks, "num_query": int}.
+      Metrics are fractions in [0, 1] over the counted queries (those with at least one
+      correct match left after removal); NaN when no query is counted. CMC@k looks at the
+      first k kept items, or all kept items when fewer than k are left. mINP (Ye et al.,
+      TPAMI 2021) is the mean over queries of (correct matches) / (kept position of the
+      last one). With `cmc_curve` > 0 also "cmc": (cmc_curve,) float64 CMC@1..cmc_curve.
     """
     q_emb = l2_normalize(query_emb)
     g_emb = l2_normalize(gallery_emb)
-    q_pids = np.asarray(query_pids, dtype=np.int64)
-    q_cams = np.asarray(query_cams, dtype=np.int64)
-    g_pids = np.asarray(gallery_pids, dtype=np.int64)
-    g_masks = np.asarray(gallery_cam_masks, dtype=np.int64)
     num_q, num_g = len(q_emb), len(g_emb)
-    if not (len(q_pids) == len(q_cams) == num_q):
-        raise ValueError(
-            f"query arrays differ in length: embeddings {num_q}, pids {len(q_pids)}, "
-            f"cameras {len(q_cams)}"
-        )
-    if not (len(g_pids) == len(g_masks) == num_g):
-        raise ValueError(
-            f"gallery arrays differ in length: embeddings {num_g}, pids {len(g_pids)}, "
-            f"camera masks {len(g_masks)}"
-        )
+    q_pids, q_cams, g_pids, g_masks = _check_labels(
+        num_q, num_g, query_pids, query_cams, gallery_pids, gallery_cam_masks, "embeddings"
+    )
     if num_q and num_g and q_emb.shape[1] != g_emb.shape[1]:
         raise ValueError(
             f"query and gallery embeddings differ in dimension: {q_emb.shape[1]} vs "
             f"{g_emb.shape[1]}"
         )
+    if backend not in ("auto", "numpy", "jax"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'jax', got {backend!r}")
+    use_jax = backend == "jax" or (
+        backend == "auto" and num_q * num_g * q_emb.shape[1] >= _JAX_MIN_MACS
+    )
+
+    def make_ranker(chunk):
+        return _ChunkRanker(g_emb, g_pids, g_masks, chunk, use_jax)
+
+    return _rank(make_ranker, q_emb, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve)
+
+
+def rank_scores(
+    scores: np.ndarray,
+    query_pids: np.ndarray,
+    query_cams: np.ndarray,
+    gallery_pids: np.ndarray,
+    gallery_cam_masks: np.ndarray,
+    ranks: tuple[int, ...] = DEFAULT_RANKS,
+    chunk_size: int | None = None,
+    cmc_curve: int = 0,
+) -> dict:
+    """`rank_metrics` for a precomputed score matrix (higher is better).
+
+    Args:
+      scores: (Q, G) float32 scores, e.g. cosine similarities or negated distances.
+      query_pids, query_cams, gallery_pids, gallery_cam_masks, ranks, chunk_size,
+        cmc_curve: as for `rank_metrics`.
+
+    Returns:
+      The metrics of `rank_metrics`. Equal scores are ordered by gallery index.
+    """
+    scores = np.asarray(scores, np.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a 2-D (Q, G) array, got shape {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    num_q, num_g = scores.shape
+    q_pids, q_cams, g_pids, g_masks = _check_labels(
+        num_q, num_g, query_pids, query_cams, gallery_pids, gallery_cam_masks, "scores"
+    )
+
+    def make_ranker(chunk):
+        return _ChunkRanker(None, g_pids, g_masks, chunk, use_jax=False)
+
+    return _rank(make_ranker, scores, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve)
+
+
+def _check_labels(num_q, num_g, query_pids, query_cams, gallery_pids, gallery_masks, what):
+    q_pids = np.asarray(query_pids, dtype=np.int64)
+    q_cams = np.asarray(query_cams, dtype=np.int64)
+    g_pids = np.asarray(gallery_pids, dtype=np.int64)
+    g_masks = np.asarray(gallery_masks, dtype=np.int64)
+    if not (len(q_pids) == len(q_cams) == num_q):
+        raise ValueError(
+            f"query arrays differ in length: {what} {num_q}, pids {len(q_pids)}, "
+            f"cameras {len(q_cams)}"
+        )
+    if not (len(g_pids) == len(g_masks) == num_g):
+        raise ValueError(
+            f"gallery arrays differ in length: {what} {num_g}, pids {len(g_pids)}, "
+            f"camera masks {len(g_masks)}"
+        )
     if num_q and (q_cams.min() < 0 or q_cams.max() > 62):
         raise ValueError("query camera ids must lie in 0..62")
+    return q_pids, q_cams, g_pids, g_masks
+
+
+def _rank(make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve) -> dict:
+    """The metrics of queries whose (Q, ...) `rows` (embeddings or scores) a ranker takes."""
     ranks = tuple(int(k) for k in ranks)
     if any(k < 1 for k in ranks):
         raise ValueError(f"ranks must be >= 1, got {ranks}")
-
+    num_q = len(q_pids)
     ap = np.zeros(num_q, np.float64)
+    inp = np.zeros(num_q, np.float64)
     first_pos = np.zeros(num_q, np.int64)  # 1-based kept position of the first correct match
     counted = np.zeros(num_q, bool)
     if num_q and num_g:
@@ -116,35 +183,37 @@ def rank_metrics(
         # The row number must fit in the bits the keys leave free.
         max_rows = 2 ** (32 - _index_bits(num_g))
         chunk_size = int(min(max(1, chunk_size), num_q, max_rows))
-        if backend not in ("auto", "numpy", "jax"):
-            raise ValueError(f"backend must be 'auto', 'numpy' or 'jax', got {backend!r}")
-        use_jax = backend == "jax" or (
-            backend == "auto" and num_q * num_g * q_emb.shape[1] >= _JAX_MIN_MACS
-        )
-        ranker = _ChunkRanker(g_emb, g_pids, g_masks, chunk_size, use_jax)
+        ranker = make_ranker(chunk_size)
         chunks = [slice(s, min(s + chunk_size, num_q)) for s in range(0, num_q, chunk_size)]
-        pending = ranker.start(q_emb[chunks[0]])
+        pending = ranker.start(rows[chunks[0]])
         for i, sl in enumerate(chunks):
             # With XLA the next chunk's similarities are computed while this one is ranked.
-            upcoming = ranker.start(q_emb[chunks[i + 1]]) if i + 1 < len(chunks) else None
-            ap[sl], first_pos[sl], counted[sl] = ranker.finish(pending, q_pids[sl], q_cams[sl])
+            upcoming = ranker.start(rows[chunks[i + 1]]) if i + 1 < len(chunks) else None
+            ap[sl], inp[sl], first_pos[sl], counted[sl] = ranker.finish(
+                pending, q_pids[sl], q_cams[sl]
+            )
             pending = upcoming
 
     num_counted = int(counted.sum())
+    nan = float("nan")
     metrics = {}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        metrics["mAP"] = float(ap[counted].sum() / num_counted) if num_counted else float("nan")
-        for k in ranks:
-            hits = int((first_pos[counted] <= k).sum())
-            metrics[f"rank{k}"] = hits / num_counted if num_counted else float("nan")
+    metrics["mAP"] = float(ap[counted].sum() / num_counted) if num_counted else nan
+    metrics["mINP"] = float(inp[counted].sum() / num_counted) if num_counted else nan
+    for k in ranks:
+        hits = int((first_pos[counted] <= k).sum())
+        metrics[f"rank{k}"] = hits / num_counted if num_counted else nan
     metrics["num_query"] = num_counted
+    if cmc_curve:
+        hits = np.bincount(np.minimum(first_pos[counted], cmc_curve + 1), minlength=cmc_curve + 2)
+        cmc = np.cumsum(hits[1 : cmc_curve + 1]) / num_counted if num_counted else None
+        metrics["cmc"] = cmc if cmc is not None else np.full(cmc_curve, np.nan)
     return metrics
 
 
 def _index_bits(num_g: int) -> int:
     """Bits needed for a gallery index 0..num_g-1."""
     if num_g >= 2**31:
-        raise ValueError(f"gallery too large for ranking keys: {num_g} items")
+        raise InvalidValueError(f"gallery too large for ranking keys: {num_g} items")
     return max(1, int(num_g - 1).bit_length())
 
 
@@ -179,6 +248,7 @@ class _ChunkRanker:
     """
 
     def __init__(self, g_emb, g_pids, g_masks, chunk_size, use_jax):
+        """`g_emb` (G, D) normalised, or None when `start` is given rows of scores."""
         num_g = len(g_pids)
         self.num_g, self.chunk_size = num_g, chunk_size
         self.g_masks = g_masks
@@ -194,7 +264,7 @@ class _ChunkRanker:
             self.g_emb_device = jax.device_put(g_emb)
         else:
             self.jax_fn = None
-            self.g_emb_t = g_emb.T  # BLAS reads the transpose in place
+            self.g_emb_t = None if g_emb is None else g_emb.T  # BLAS reads it in place
             self.sim = np.empty((chunk_size, num_g), np.float32)
             self.tmp = np.empty((chunk_size, num_g), np.int32)
             rows = np.arange(chunk_size, dtype=np.uint64)[:, None] << np.uint64(32 + self.bits)
@@ -204,7 +274,8 @@ class _ChunkRanker:
         """Starts the similarities of a chunk of queries; returns what `finish` takes.
 
         XLA runs asynchronously, so with jax this returns at once. The NumPy path reuses one
-        buffer, so its work is deferred to `finish`.
+        buffer, so its work is deferred to `finish`. Without gallery embeddings `q_emb`
+        is a chunk of precomputed scores.
         """
         if self.jax_fn is None:
             return q_emb
@@ -223,7 +294,10 @@ class _ChunkRanker:
         q_emb = pending
         n = len(q_emb)
         sim, tmp, keys = self.sim[:n], self.tmp[:n], self.keys[:n]
-        np.matmul(q_emb, self.g_emb_t, out=sim)
+        if self.g_emb_t is None:
+            np.copyto(sim, q_emb)  # precomputed scores
+        else:
+            np.matmul(q_emb, self.g_emb_t, out=sim)
         # sortable(-sim): flip all bits of negative floats, only the sign bit of the others;
         # as uint32 these order like the floats. -0.0 becomes +0.0 first so that equal
         # similarities tie exactly.
@@ -239,7 +313,8 @@ class _ChunkRanker:
         return keys
 
     def finish(self, pending, q_pids, q_cams):
-        """(AP (n,), 1-based kept position of the first correct match (n,), counted (n,))."""
+        """(AP (n,), INP (n,), 1-based kept position of the first correct match (n,),
+        counted (n,))."""
         keys = self.unsorted_keys(pending)
         n, num_g = len(keys), self.num_g
 
@@ -276,4 +351,10 @@ class _ChunkRanker:
         first_pos = np.zeros(n, np.int64)
         first = good_rank == 1
         first_pos[g_rows[first]] = kept_pos[first].astype(np.int64)
-        return ap, first_pos, counted
+        # INP: correct matches over the kept position of the last one (rows are grouped and
+        # ascending in rank, so a row's last entry is its hardest match).
+        last = np.ones(len(g_rows), bool)
+        last[:-1] = g_rows[1:] != g_rows[:-1]
+        inp = np.zeros(n, np.float64)
+        inp[g_rows[last]] = num_good[g_rows[last]] / kept_pos[last]
+        return ap, inp, first_pos, counted

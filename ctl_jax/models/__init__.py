@@ -1,15 +1,15 @@
-"""ResNet / ResNet-IBN-a backbones and the BNNeck re-ID model."""
+"""The reference model: ResNet / ResNet-IBN-a backbones and the BNNeck re-ID model, in plain
+Flax, built from a set of layers (`layers.REFERENCE_LAYERS` unless another is passed in)."""
 
+from ctl_jax.models.layers import REFERENCE_LAYERS, BatchNorm, Layers
 from ctl_jax.models.reid import (
     ARCH_NAMES,
     ReidModel,
-    build_model,
     feature_dim,
     init_variables,
+    model_from_config,
 )
 from ctl_jax.models.resnet import (
-    BatchNorm,
-    Conv1x1,
     ResNet,
     ResNet18,
     ResNet34,
@@ -22,8 +22,9 @@ from ctl_jax.models.resnet import (
 
 __all__ = [
     "ARCH_NAMES",
+    "REFERENCE_LAYERS",
     "BatchNorm",
-    "Conv1x1",
+    "Layers",
     "ReidModel",
     "ResNet",
     "ResNet18",
@@ -33,7 +34,7 @@ __all__ = [
     "ResNet101",
     "ResNet101IBNa",
     "ResNet152",
-    "build_model",
     "feature_dim",
     "init_variables",
+    "model_from_config",
 ]

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctl_jax.errors import ConfigError, InvalidValueError
+
 POOLINGS = ("avg", "max", "gem", "rmac")
 
 # R-MAC: desired overlap of neighbouring regions, and the candidate numbers of regions along
@@ -31,13 +33,13 @@ _TINY_SQ_NORM = 1e-30
 
 
 def check_pooling(kind: str, gem_p: float = 3.0, rmac_levels: int = 3) -> None:
-    """Raises a one-line ValueError for an unknown pooling or a bad GeM p / R-MAC level count."""
+    """Raises a one-line ConfigError for an unknown pooling or a bad GeM p / R-MAC level count."""
     if kind not in POOLINGS:
-        raise ValueError(f"model.pooling={kind!r} is not one of {', '.join(POOLINGS)}")
+        raise ConfigError(f"model.pooling={kind!r} is not one of {', '.join(POOLINGS)}")
     if kind == "gem" and not (isinstance(gem_p, (int, float)) and gem_p > 0):
-        raise ValueError(f"model.gem_p must be > 0 for GeM pooling, got {gem_p!r}")
+        raise ConfigError(f"model.gem_p must be > 0 for GeM pooling, got {gem_p!r}")
     if kind == "rmac" and not (isinstance(rmac_levels, int) and rmac_levels >= 1):
-        raise ValueError(f"model.rmac_levels must be an integer >= 1, got {rmac_levels!r}")
+        raise ConfigError(f"model.rmac_levels must be an integer >= 1, got {rmac_levels!r}")
 
 
 def avg(x: jax.Array) -> jax.Array:
@@ -73,7 +75,7 @@ def gem(x: jax.Array, p: float | jax.Array = 3.0, eps: float = 1e-6) -> jax.Arra
       (N, C) in x's dtype.
     """
     if isinstance(p, (int, float)) and p <= 0:
-        raise ValueError(f"GeM exponent p must be > 0, got {p}")
+        raise InvalidValueError(f"GeM exponent p must be > 0, got {p}")
     clamped = jnp.maximum(x, eps)
     return jnp.mean(clamped**p, axis=(1, 2)) ** (1.0 / p)
 
@@ -89,7 +91,7 @@ def rmac_regions(height: int, width: int, levels: int = 3) -> tuple[tuple[int, i
     included; a level whose side is 0 (maps of side 1) has no region.
     """
     if levels < 1:
-        raise ValueError(f"R-MAC levels must be >= 1, got {levels}")
+        raise InvalidValueError(f"R-MAC levels must be >= 1, got {levels}")
     short = min(height, width)
     step_size = np.float32(max(height, width) - short) / (_RMAC_STEPS - np.float32(1))
     area = np.float32(short**2)
@@ -180,7 +182,7 @@ def pool(x: jax.Array, kind: str, p: float | jax.Array = 3.0, levels: int = 3) -
         return gem(x, p)
     if kind == "rmac":
         return rmac(x, levels)
-    raise ValueError(f"model.pooling={kind!r} is not one of {', '.join(POOLINGS)}")
+    raise ConfigError(f"model.pooling={kind!r} is not one of {', '.join(POOLINGS)}")
 
 
 class Pooling(nn.Module):

@@ -2,8 +2,9 @@
 
 Parameter tree (a contract for weight import): `backbone/...` (see `resnet.py`),
 `bnneck/scale` (no `bias`: the BNNeck shift is zero by construction), `classifier/kernel`
-of shape (C, num_classes), and `pooling/p` (1,) only for a learnable GeM exponent; batch
-statistics under `batch_stats` with the same paths.
+of shape (C, num_classes) whatever the classifier head, and `pooling/p` (1,) only for a
+learnable GeM exponent; batch statistics under `batch_stats` with the same paths. The layer
+set (`ctl_jax.models.layers`) changes how the model computes, never these names.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from ctl_jax import margin_losses
+from ctl_jax.errors import ConfigError
 from ctl_jax.models import pooling, resnet
 from ctl_jax.models.classifier import CosineClassifier
+from ctl_jax.models.layers import REFERENCE_LAYERS, Layers
 
 _ARCHS: dict[str, Callable[..., resnet.ResNet]] = {
     "resnet18": resnet.ResNet18,
@@ -41,7 +44,7 @@ def feature_dim(arch: str) -> int:
 
 def _check_arch(arch: str) -> None:
     if arch not in _ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid names: {', '.join(ARCH_NAMES)}")
+        raise ConfigError(f"unknown arch {arch!r}; valid names: {', '.join(ARCH_NAMES)}")
 
 
 class ReidModel(nn.Module):
@@ -49,9 +52,10 @@ class ReidModel(nn.Module):
 
     Attributes:
       backbone: a callable building the trunk, e.g. `functools.partial(ResNet50, last_stride=1)`;
-        it is called with `dtype=` and `name="backbone"`.
+        it is called with `dtype=`, `layers=` and `name="backbone"`.
       num_classes: number of training identities.
       dtype: compute dtype of the backbone; the head always computes in float32.
+      layers: the layer set of the backbone and of the BNNeck's batch norm.
       pooling, gem_p, gem_learnable, rmac_levels: the global pooling (see `pooling.Pooling`).
       classifier: "softmax" (linear logits) or a margin head ("cosface", "arcface"), whose
         `logits` are the cosines between the normalised BNNeck feature and the normalised
@@ -61,6 +65,7 @@ class ReidModel(nn.Module):
     backbone: Callable[..., nn.Module]
     num_classes: int
     dtype: Any = jnp.float32
+    layers: Layers = REFERENCE_LAYERS
     pooling: str = "avg"
     gem_p: float = 3.0
     gem_learnable: bool = False
@@ -85,13 +90,13 @@ class ReidModel(nn.Module):
           `bn_features` (N, C) = BNNeck output (retrieval embedding), `logits` (N, num_classes)
           (cosines for a margin head).
         """
-        fmap = self.backbone(dtype=self.dtype, name="backbone")(images, train=train, valid=valid)
+        backbone = self.backbone(dtype=self.dtype, layers=self.layers, name="backbone")
+        fmap = backbone(images, train=train, valid=valid)
         features = pooling.Pooling(
             self.pooling, self.gem_p, self.gem_learnable, self.rmac_levels, name="pooling"
         )(fmap.astype(jnp.float32))
-        bn_features = resnet.BatchNorm(use_bias=False, dtype=jnp.float32, name="bnneck")(
-            features, train=train, valid=valid
-        )
+        bnneck = self.layers.norm(use_bias=False, dtype=jnp.float32, name="bnneck")
+        bn_features = bnneck(features, train=train, valid=valid)
         if self.classifier in margin_losses.MARGIN_CLASSIFIERS:
             head = CosineClassifier(self.num_classes, name="classifier")
         else:
@@ -107,16 +112,23 @@ class ReidModel(nn.Module):
         return {"features": features, "bn_features": bn_features, "logits": logits}
 
 
-def build_model(model_cfg: Any, num_classes: int, classifier: str = "softmax") -> ReidModel:
-    """Builds a `ReidModel` from a config group.
+def model_from_config(
+    model_cfg: Any,
+    num_classes: int,
+    layers: Layers = REFERENCE_LAYERS,
+    classifier: str = "softmax",
+) -> ReidModel:
+    """Builds a `ReidModel` from a config's `model` group and a layer set.
 
     Args:
       model_cfg: object with `arch` (one of `ARCH_NAMES`), `last_stride` (int), `stem_relu`
         (None = the architecture's original choice: False for plain ResNets, True for IBN-a),
-        `dtype` ('float32' or 'bfloat16'), `fast_1x1` and `fast_ops` (bools; a config saved
-        before `fast_ops` existed gets True), `pooling`, `gem_p`, `gem_learnable`,
-        `rmac_levels` (a config saved before they existed gets average pooling).
+        `dtype` ('float32' or 'bfloat16'), and `pooling`, `gem_p`, `gem_learnable`,
+        `rmac_levels` (a config saved before they existed gets average pooling). Other keys
+        are ignored (configs saved by earlier versions hold `fast_1x1` and `fast_ops`).
       num_classes: number of training identities (classifier width).
+      layers: the layer set; the model's parameters do not depend on it. Applications pick
+        it with `ctl_jax.build.build_model`.
       classifier: the config's `loss.classifier`; only training needs it (the embedding and
         the parameters are the same for every head).
 
@@ -126,12 +138,10 @@ def build_model(model_cfg: Any, num_classes: int, classifier: str = "softmax") -
     arch = model_cfg.arch
     _check_arch(arch)
     if model_cfg.dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {model_cfg.dtype!r}; valid: {', '.join(_DTYPES)}")
-    kwargs: dict[str, Any] = {
-        "last_stride": int(model_cfg.last_stride),
-        "fast_1x1": bool(model_cfg.fast_1x1),
-        "fast_ops": bool(model_cfg.get("fast_ops", True)),
-    }
+        raise ConfigError(
+            f"config model.dtype: unknown dtype {model_cfg.dtype!r}; valid: {', '.join(_DTYPES)}"
+        )
+    kwargs: dict[str, Any] = {"last_stride": int(model_cfg.last_stride)}
     if model_cfg.stem_relu is not None:
         kwargs["stem_relu"] = bool(model_cfg.stem_relu)
     backbone = functools.partial(_ARCHS[arch], **kwargs)
@@ -147,6 +157,7 @@ def build_model(model_cfg: Any, num_classes: int, classifier: str = "softmax") -
         backbone=backbone,
         num_classes=num_classes,
         dtype=_DTYPES[model_cfg.dtype],
+        layers=layers,
         classifier=classifier,
         **pool,
     )

@@ -27,8 +27,9 @@ import math
 import numpy as np
 from tqdm.auto import tqdm
 
+from ctl_jax.errors import FaissUnavailableError, FileContentError, OptionError
 from ctl_jax.evaluation.ranking import l2_normalize
-from ctl_jax.retrieval.index import GalleryItems, check_queries
+from ctl_jax.retrieval.gallery import GalleryItems, check_queries
 
 METHODS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 # Build-time parameters of each method; 0 means "choose from the gallery size".
@@ -43,10 +44,6 @@ SEARCH_PARAMS = {"flat": (), "ivf_flat": ("nprobe",), "ivf_pq": ("nprobe",), "hn
 _POINTS_PER_CENTROID = 39
 _TRAIN_POINTS_PER_CENTROID = 64
 _ADD_CHUNK = 65_536  # vectors added per step (progress bar granularity)
-
-
-class FaissUnavailableError(ImportError, ValueError):
-    """faiss is not installed. A ValueError too, so the command-line tools print one line."""
 
 
 def require_faiss():
@@ -77,11 +74,11 @@ def default_params(method: str, num_vectors: int, dim: int, **given) -> dict:
       ValueError: unknown method, or an explicit value that cannot work (named).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown approximate method {method!r}; valid: {', '.join(METHODS)}")
+        raise OptionError(f"unknown approximate method {method!r}; valid: {', '.join(METHODS)}")
     allowed = set(BUILD_PARAMS[method]) | set(SEARCH_PARAMS[method])
     params = {key: int(value) for key, value in given.items() if key in allowed and value}
     if any(v < 0 for v in params.values()):
-        raise ValueError(f"faiss parameters must be positive, got {params}")
+        raise OptionError(f"faiss parameters must be positive, got {params}")
     n = max(int(num_vectors), 1)
     if method in ("ivf_flat", "ivf_pq"):
         # ~sqrt(N) cells as a power of two (the usual starting point; faiss's guideline for
@@ -92,7 +89,7 @@ def default_params(method: str, num_vectors: int, dim: int, **given) -> dict:
             "nlist", max(1, min(auto_nlist, _pow2_floor(n // _POINTS_PER_CENTROID)))
         )
         if nlist > n:
-            raise ValueError(f"--nlist={nlist} is larger than the gallery ({n} vectors)")
+            raise OptionError(f"--nlist={nlist} is larger than the gallery ({n} vectors)")
         # Visiting 1/8 of the cells: recall@10 0.77-0.95 on the re-ID-like synthetic
         # embeddings of benchmarks/retrieval.py (same-identity cosine ~0.5, as our demo
         # model's) for ~1/8 of the exact search's work; raise --nprobe for more recall.
@@ -104,11 +101,11 @@ def default_params(method: str, num_vectors: int, dim: int, **given) -> dict:
             # 8 dimensions faiss's PQ training was 7x slower (13 s vs 2 s at 16k x 512).
             params["pq_m"] = max(m for m in range(1, max(1, dim // 16) + 1) if dim % m == 0)
         if dim % params["pq_m"]:
-            raise ValueError(f"--pq_m={params['pq_m']} must divide the dimension {dim}")
+            raise OptionError(f"--pq_m={params['pq_m']} must divide the dimension {dim}")
         if "pq_bits" not in params:
             params["pq_bits"] = max(1, min(8, int(math.log2(max(2, n // _POINTS_PER_CENTROID)))))
         if params["pq_bits"] > 16:
-            raise ValueError(f"--pq_bits must be at most 16, got {params['pq_bits']}")
+            raise OptionError(f"--pq_bits must be at most 16, got {params['pq_bits']}")
     if method == "hnsw":
         params.setdefault("hnsw_m", 32)
         params.setdefault("ef_construction", 40)
@@ -267,14 +264,14 @@ def deserialize(
     """Rebuilds a `FaissIndex` from `serialize` output; `search_params` override nprobe /
     ef_search. `path` only names the file in errors."""
     if method not in METHODS:
-        raise ValueError(f"index file {path}: unknown method {method!r}")
+        raise FileContentError(f"index file {path}: unknown method {method!r}")
     faiss = require_faiss()
     try:
         index = faiss.deserialize_index(np.ascontiguousarray(blob, np.uint8))
     except RuntimeError as e:  # faiss reports a damaged blob as a RuntimeError
-        raise ValueError(f"index file {path}: the faiss index is damaged: {e}") from e
+        raise FileContentError(f"index file {path}: the faiss index is damaged: {e}") from e
     if index.ntotal != len(items):
-        raise ValueError(
+        raise FileContentError(
             f"index file {path}: the faiss index holds {index.ntotal} vectors but the file "
             f"lists {len(items)} items"
         )

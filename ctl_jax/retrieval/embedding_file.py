@@ -1,4 +1,4 @@
-"""Embedding files (`.npz`, see INTERFACES.md) and Market-style file-name parsing.
+"""Embedding files (`.npz`, docs/formats.md, 'Embeddings .npz') and Market-style file-name parsing.
 
 Keys: `embeddings` float32 (N, D), the BNNeck output, not normalised; `pids` int64 (N,),
 -1 where unknown; `camids` int64 (N,), 0-based, -1 where unknown; `paths` unicode (N,).
@@ -16,6 +16,7 @@ import numpy as np
 
 from ctl_jax import files
 from ctl_jax.data import readers
+from ctl_jax.errors import FileContentError, MissingFileError
 
 REQUIRED_KEYS = ("embeddings", "pids", "camids", "paths")
 
@@ -80,34 +81,37 @@ class Embeddings:
         """Reads and validates an embeddings file.
 
         Raises:
-          FileNotFoundError: no such file.
-          ValueError: not a readable .npz, missing keys, or invalid arrays; the message
-            names the file and the problem.
+          MissingFileError: no such file (a FileNotFoundError).
+          FileContentError: not a readable .npz, missing keys, or invalid arrays (a
+            ValueError); the message names the file and the problem.
         """
         path = pathlib.Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"embeddings file {path} does not exist")
+            raise MissingFileError(f"embeddings file {path} does not exist")
         try:
             data = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"embeddings file {path} is not a readable .npz: {e}") from e
+            raise FileContentError(f"embeddings file {path} is not a readable .npz: {e}") from e
         if not isinstance(data, np.lib.npyio.NpzFile):
-            raise ValueError(
+            raise FileContentError(
                 f"embeddings file {path} is not a readable .npz: it holds a single array, "
                 f"not the named arrays {list(REQUIRED_KEYS)}"
             )
         with data:
             missing = [k for k in REQUIRED_KEYS if k not in data.files]
             if missing:
-                raise ValueError(
+                raise FileContentError(
                     f"embeddings file {path} is missing key(s) {missing} "
                     f"(it has {sorted(data.files)}; needs {list(REQUIRED_KEYS)})"
                 )
             try:
                 arrays = {k: data[k] for k in REQUIRED_KEYS}
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                raise ValueError(f"embeddings file {path} is not a readable .npz: {e}") from e
-        return cls(**_validated(arrays, source=f"embeddings file {path}"))
+                raise FileContentError(f"embeddings file {path} is not a readable .npz: {e}") from e
+        try:
+            return cls(**_validated(arrays, source=f"embeddings file {path}"))
+        except ValueError as e:  # arrays of the wrong shape or type: the file is at fault
+            raise FileContentError(str(e)) from e
 
     def select(self, index) -> Embeddings:
         """The rows `index` (a mask, indices or slice) as new Embeddings."""

@@ -1,9 +1,10 @@
 """Embedding loose image files (one image or a folder tree) with a restored model.
 
 Shared by `python -m ctl_jax.embed` and `python -m ctl_jax.search --images`. Images go
-through the evaluation pipeline of the data package (`make_eval_iterator`: decode, bilinear
-resize to the model's input size, ImageNet normalisation), in batches sharded over the
-devices, through the jitted forward pass of `ctl_jax.inference.make_embed_fn`.
+through the embedding loop evaluation uses (`ctl_jax.inference.embed_split`: the evaluation
+pipeline's decode, bilinear resize to the model's input size and ImageNet normalisation, in
+batches sharded over the devices, through the jitted forward pass), with unreadable images
+skipped and reported instead of failing the run.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import pathlib
 import warnings
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ctl_jax.data.image_io import FileImageReader, UnreadableImageWarning
-from ctl_jax.data.pipeline import make_eval_iterator
 from ctl_jax.data.records import Split
+from ctl_jax.errors import FileContentError, MissingFileError, OptionError
 from ctl_jax.retrieval.embedding_file import Embeddings, parse_market_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -52,9 +52,9 @@ class ImageListing:
 def model_directory(workdir: str | None, checkpoint: str | None) -> str:
     """The one checkpoint directory given by --workdir or --checkpoint."""
     if workdir and checkpoint:
-        raise ValueError("give either --workdir or --checkpoint, not both")
+        raise OptionError("give either --workdir or --checkpoint, not both")
     if not (workdir or checkpoint):
-        raise ValueError("give the model: --workdir=DIR (training run) or --checkpoint=DIR")
+        raise OptionError("give the model: --workdir=DIR (training run) or --checkpoint=DIR")
     return workdir or checkpoint
 
 
@@ -70,10 +70,10 @@ def list_images(path: str | os.PathLike) -> ImageListing:
     """
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--images: {path} does not exist")
+        raise MissingFileError(f"--images: {path} does not exist")
     if path.is_file():
         if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ValueError(
+            raise OptionError(
                 f"--images: {path} is not a {'/'.join(IMAGE_SUFFIXES)} image; pass an image "
                 "or a folder of images"
             )
@@ -92,7 +92,7 @@ def list_images(path: str | os.PathLike) -> ImageListing:
     listing = ImageListing(sorted(images), dict(skipped.most_common()))
     if not listing.paths:
         also = f" (skipped {listing.skipped_summary()})" if listing.skipped else ""
-        raise ValueError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} images under {path}{also}")
+        raise OptionError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} images under {path}{also}")
     return listing
 
 
@@ -111,6 +111,7 @@ def embed_files(
     batch_size: int,
     mesh=None,
     progress: bool = True,
+    flip: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BNNeck embeddings of image files with the test-time preprocessing.
 
@@ -122,48 +123,32 @@ def embed_files(
       batch_size: images per step (rounded up to a multiple of the device count).
       mesh: device mesh (default: all devices).
       progress: show a progress bar.
+      flip: flip test (mean of the embeddings of each image and its mirror).
 
     Returns:
       embeddings (N, D) float32, not normalised (rows of unreadable images are zero), and
       valid (N,) bool, False for images that could not be read or decoded.
     """
-    import jax
+    # Imported here: the commands check their flags and paths (`model_directory`,
+    # `list_images`) before paying for jax.
+    from ctl_jax import parallel
+    from ctl_jax.inference import embed_split, make_embed_fn
 
-    from ctl_jax.inference import make_embed_fn
-    from ctl_jax.training import sharding
-
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-    num_devices = mesh.devices.size
-    batch_size = -(-max(1, int(batch_size)) // num_devices) * num_devices
+    mesh = mesh if mesh is not None else parallel.make_mesh()
     split = image_split(paths)
-    iterator = make_eval_iterator(
+    return embed_split(
+        make_embed_fn(model, mesh, flip=flip),
+        variables,
         split,
         FileImageReader(split.paths),
         height,
         width,
         batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        mesh,
         skip_unreadable=True,
+        progress=progress,
+        leave=True,
     )
-    embed_fn = make_embed_fn(model, mesh)
-    variables = sharding.replicate(variables, mesh)
-    embeddings, valid = None, np.zeros(len(split), bool)
-    total = -(-len(split) // batch_size)
-    show = progress and jax.process_index() == 0
-    bar = tqdm(iterator, total=total, desc="embedding", unit="batch", disable=not show)
-    for batch in bar:
-        placed = sharding.put_batch(
-            {"images": batch["images"], "index": batch["index"], "valid": batch["valid"]}, mesh
-        )
-        bn_features, _ = embed_fn(variables, placed["images"])
-        emb, index, ok = sharding.to_host((bn_features, placed["index"], placed["valid"]))
-        keep = index >= 0  # padding of the last batch
-        if embeddings is None:
-            embeddings = np.zeros((len(split), emb.shape[-1]), np.float32)
-        embeddings[index[keep]] = np.where(ok[keep, None], emb[keep], 0.0)
-        valid[index[keep]] = ok[keep]
-    return embeddings, valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +170,14 @@ class EmbedReport:
 
 
 def embed_images(
-    restored, images: str | os.PathLike, batch_size: int | None = None, progress: bool = True
+    restored,
+    images: str | os.PathLike,
+    batch_size: int | None = None,
+    progress: bool = True,
+    flip: bool = False,
 ) -> tuple[Embeddings, EmbedReport]:
-    """Embeds one image or a folder tree with a restored model (`restore_model`).
+    """Embeds one image or a folder tree with a restored model (`restore_model`); `flip`
+    averages each image's embedding with its mirror's.
 
     Non-image files are skipped and counted; so are images that cannot be decoded.
 
@@ -210,11 +200,12 @@ def embed_images(
             int(data_cfg.width),
             int(batch_size or data_cfg.eval_batch_size),
             progress=progress,
+            flip=flip,
         )
     paths = np.asarray(listing.paths)
     unreadable = paths[~valid].tolist()
     if not valid.any():
-        raise ValueError(
+        raise FileContentError(
             f"--images: none of the {len(paths)} image(s) under {images} could be decoded "
             f"(e.g. {unreadable[0]})"
         )

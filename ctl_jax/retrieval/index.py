@@ -1,16 +1,10 @@
-"""Search indexes over a gallery of instances or identity centroids, and their file format.
+"""The exact search index over a gallery of instances or identity centroids, and the index
+file format (exact and faiss indexes).
 
-A gallery is built from an embeddings file (INTERFACES.md):
-
-* `instance`: one item per gallery image.
-* `centroid`: one item per identity (SPEC section 1): the mean of the identity's
-  UN-normalised embeddings, normalised afterwards. The centroids come from
-  `ctl_jax.evaluation.centroids.build_search_gallery("centroid", ...)`, the code evaluation
-  uses, so search and evaluation agree. Images of unknown identity (pid < 0) cannot join a
-  centroid and are left out (the count is reported).
-
-Every item is searched by cosine similarity: vectors are stored L2-normalised and queries
-are normalised before the inner product.
+The gallery (`GalleryItems` and their vectors) is built in `gallery.py`: one item per image,
+or one per identity centroid, as evaluation computes them. Every item is searched by cosine
+similarity: vectors are stored L2-normalised and queries are normalised before the inner
+product.
 
 `ExactIndex` is an exact search written in JAX: one jitted program per chunk of queries that
 walks the gallery in fixed-size chunks (`lax.fori_loop`), keeps a running top-k and never
@@ -41,17 +35,17 @@ import json
 import os
 import pathlib
 import zipfile
-from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ctl_jax import files
-from ctl_jax.evaluation.centroids import build_search_gallery
+from ctl_jax.errors import FileContentError, MissingFileError
 from ctl_jax.evaluation.ranking import l2_normalize
+from ctl_jax.retrieval import approximate
 from ctl_jax.retrieval.embedding_file import Embeddings
+from ctl_jax.retrieval.gallery import GalleryItems, SearchIndex, check_queries, gallery_vectors
 
-KINDS = ("instance", "centroid")
 FORMAT = "ctl_jax.index"
 VERSION = 1
 
@@ -60,181 +54,6 @@ VERSION = 1
 # (large blocks) while bounding memory independently of the gallery size.
 _CHUNK_BYTES = 64 * 1024 * 1024
 _MAX_QUERY_CHUNK = 256  # more queries per step no longer speed up the matmul on CPU
-
-
-@dataclasses.dataclass(frozen=True)
-class GalleryItems:
-    """What each of the N searchable items is.
-
-    Attributes:
-      kind: "instance" (gallery images) or "centroid" (one item per identity).
-      pids: (N,) int64 identities, -1 where unknown.
-      camids: (N,) int64 0-based cameras, -1 where unknown (always -1 for centroids).
-      paths: (N,) str image path (instances) or representative image path (centroids).
-      counts: (N,) int64 number of gallery images behind each item.
-      source: the embeddings file the gallery was built from ("" if none).
-    """
-
-    kind: str
-    pids: np.ndarray
-    camids: np.ndarray
-    paths: np.ndarray
-    counts: np.ndarray
-    source: str = ""
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"gallery kind must be one of {KINDS}, got {self.kind!r}")
-        arrays = {
-            "pids": np.asarray(self.pids, np.int64),
-            "camids": np.asarray(self.camids, np.int64),
-            "paths": np.asarray(self.paths).astype(str),
-            "counts": np.asarray(self.counts, np.int64),
-        }
-        lengths = {key: len(value) for key, value in arrays.items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"gallery item arrays differ in length: {lengths}")
-        for key, value in arrays.items():
-            object.__setattr__(self, key, value)
-
-    def __len__(self) -> int:
-        return len(self.pids)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.pids, self.camids, self.paths, self.counts))
-
-    def describe(self) -> str:
-        """E.g. "1,204 centroids" or "15,913 images"."""
-        unit = "centroid" if self.kind == "centroid" else "image"
-        return f"{len(self):,} {unit}{'' if len(self) == 1 else 's'}"
-
-
-class SearchIndex(Protocol):
-    """What `search.py` needs from an exact or approximate index."""
-
-    items: GalleryItems
-    method: str
-
-    @property
-    def dim(self) -> int: ...
-
-    @property
-    def nbytes(self) -> int: ...
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def gallery_vectors(
-    embeddings: Embeddings, centroids: bool, source: str = ""
-) -> tuple[GalleryItems, np.ndarray, int]:
-    """The items of a gallery and their L2-normalised vectors.
-
-    Args:
-      embeddings: the gallery's embeddings file contents (N images, un-normalised).
-      centroids: one item per identity (mean of its un-normalised embeddings, normalised)
-        instead of one per image.
-      source: recorded as `GalleryItems.source`.
-
-    Returns:
-      (items, vectors (K, D) float32 normalised, number of images left out). Only centroid
-      galleries leave images out: those of unknown identity (pid < 0).
-
-    Raises:
-      ValueError: empty gallery, or `centroids` without any known identity.
-    """
-    name = source or "the gallery"
-    if len(embeddings) == 0:
-        raise ValueError(f"{name} holds no embeddings; nothing to search")
-    if not centroids:
-        items = GalleryItems(
-            "instance",
-            embeddings.pids,
-            embeddings.camids,
-            embeddings.paths,
-            np.ones(len(embeddings), np.int64),
-            source,
-        )
-        return items, l2_normalize(embeddings.embeddings), 0
-
-    known = embeddings.pids >= 0
-    dropped = int((~known).sum())
-    if not known.any():
-        raise ValueError(
-            f"--centroids needs identities, but every pid in {name} is unknown (-1); "
-            "name the images PPPP_cC*.jpg (Market-style) or search without --centroids"
-        )
-    if dropped:
-        embeddings = embeddings.select(known)
-    no_queries = np.zeros(0, np.int64)
-    gallery = build_search_gallery(
-        "centroid",
-        embeddings.embeddings,
-        embeddings.pids,
-        np.zeros(len(embeddings), np.int64),
-        no_queries,
-        no_queries,
-    )
-    vectors = l2_normalize(gallery.embeddings)
-    # build_search_gallery lists centroids by ascending pid, like np.unique.
-    pids, member_item, counts = np.unique(embeddings.pids, return_inverse=True, return_counts=True)
-    if not np.array_equal(pids, gallery.pids):
-        raise AssertionError("centroid order differs from np.unique(pids)")
-    representative = _representatives(embeddings.embeddings, member_item, vectors)
-    items = GalleryItems(
-        "centroid",
-        pids,
-        np.full(len(pids), -1, np.int64),
-        embeddings.paths[representative],
-        counts,
-        source,
-    )
-    return items, vectors, dropped
-
-
-def _representatives(
-    embeddings: np.ndarray, member_item: np.ndarray, centroids: np.ndarray
-) -> np.ndarray:
-    """Per centroid, the index of its member image closest to it (cosine), lowest on ties.
-
-    Args:
-      embeddings: (N, D) un-normalised member embeddings.
-      member_item: (N,) index of each image's centroid.
-      centroids: (K, D) normalised centroids.
-
-    Returns:
-      (K,) int64 image indices.
-    """
-    cosine = np.empty(len(embeddings), np.float32)
-    step = 65536  # rows at a time: the gathered centroids would double memory otherwise
-    for start in range(0, len(embeddings), step):
-        rows = slice(start, start + step)
-        member = l2_normalize(embeddings[rows])
-        cosine[rows] = np.einsum("ij,ij->i", member, centroids[member_item[rows]])
-    order = np.lexsort((-cosine, member_item))  # by centroid, then best first (stable)
-    first = np.ones(len(order), bool)
-    first[1:] = member_item[order][1:] != member_item[order][:-1]
-    return order[first]
-
-
-def check_queries(queries: np.ndarray, dim: int, k: int, size: int, what: str) -> np.ndarray:
-    """Validates a (Q, D) query array and `k` against an index; returns float32 queries."""
-    queries = np.asarray(queries, np.float32)
-    if queries.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D (Q, D) array, got shape {queries.shape}")
-    if queries.shape[1] != dim:
-        raise ValueError(
-            f"{what} have dimension {queries.shape[1]} but the gallery index has {dim}; "
-            "embed queries and gallery with the same model"
-        )
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"--top_k must be >= 1, got {k}")
-    if k > size:
-        raise ValueError(
-            f"--top_k={k} is larger than the gallery ({size:,} items); use --top_k <= {size}"
-        )
-    return queries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,8 +228,6 @@ def save_index(index: SearchIndex, path: str | os.PathLike, overwrite: bool = Fa
     if index.method == "exact":
         arrays["vectors"] = index.vectors
     else:
-        from ctl_jax.retrieval import approximate
-
         arrays["faiss_index"] = approximate.serialize(index)
         arrays["params"] = np.asarray(json.dumps(index.params, sort_keys=True))
     with files.atomic_open(path) as f:
@@ -427,19 +244,21 @@ def load_index(path: str | os.PathLike, search_params: dict | None = None) -> Se
         for exact indexes.
 
     Raises:
-      FileNotFoundError: no such file.
-      ValueError: not an index file (or a damaged one); the message names the file.
-      ImportError: a faiss index while faiss is not installed (the message says how).
+      MissingFileError: no such file (a FileNotFoundError).
+      FileContentError: not an index file (or a damaged one; a ValueError); the message
+        names the file.
+      FaissUnavailableError: a faiss index while faiss is not installed (the message says
+        how).
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"index file {path} does not exist")
+        raise MissingFileError(f"index file {path} does not exist")
     try:
         data = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"index file {path} is not a readable .npz: {e}") from e
+        raise FileContentError(f"index file {path} is not a readable .npz: {e}") from e
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"index file {path} is not an index .npz (it holds a single array)")
+        raise FileContentError(f"index file {path} is not an index .npz (it holds a single array)")
     with data:
         if "format" not in data.files or str(data["format"]) != FORMAT:
             hint = (
@@ -447,29 +266,33 @@ def load_index(path: str | os.PathLike, search_params: dict | None = None) -> Se
                 if "embeddings" in data.files
                 else ""
             )
-            raise ValueError(f"{path} is not a ctl_jax index file{hint}")
+            raise FileContentError(f"{path} is not a ctl_jax index file{hint}")
+        method = str(data["method"]) if "method" in data.files else ""
+        needed = ["version", "kind", "method", "pids", "camids", "paths", "counts", "source"]
+        needed += ["vectors"] if method == "exact" else ["faiss_index", "params"]
+        missing = [key for key in needed if key not in data.files]
+        if missing:
+            raise FileContentError(
+                f"index file {path} ({method or 'no method'}) is missing {missing}"
+            )
         version = int(data["version"])
         if version != VERSION:
-            raise ValueError(
+            raise FileContentError(
                 f"index file {path} has format version {version}; this ctl_jax reads "
                 f"version {VERSION}: rebuild it with --save_index"
             )
-        method = str(data["method"])
-        needed = ["vectors"] if method == "exact" else ["faiss_index", "params"]
-        missing = [key for key in needed if key not in data.files]
-        if missing:
-            raise ValueError(f"index file {path} ({method}) is missing {missing}")
-        items = GalleryItems(
-            str(data["kind"]),
-            data["pids"],
-            data["camids"],
-            data["paths"],
-            data["counts"],
-            str(data["source"]),
-        )
-        if method == "exact":
-            return ExactIndex(items, data["vectors"])
-        blob, params = data["faiss_index"], json.loads(str(data["params"]))
-    from ctl_jax.retrieval import approximate
-
+        try:
+            items = GalleryItems(
+                str(data["kind"]),
+                data["pids"],
+                data["camids"],
+                data["paths"],
+                data["counts"],
+                str(data["source"]),
+            )
+            if method == "exact":
+                return ExactIndex(items, data["vectors"])
+            blob, params = data["faiss_index"], json.loads(str(data["params"]))
+        except ValueError as e:  # a bad kind, arrays of different lengths, broken params
+            raise FileContentError(f"index file {path} is damaged: {e}") from e
     return approximate.deserialize(items, method, blob, params, search_params, path)

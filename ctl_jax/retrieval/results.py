@@ -1,11 +1,13 @@
-"""The search-results JSON of INTERFACES.md.
+"""The search-results JSON (docs/formats.md, 'Search results JSON').
 
 `{"queries": [{"path": str, "pid": int, "matches": [{"pid": int, "path": str or null,
 "score": float}, ...]}, ...], "meta": {...}}`: queries in input order, matches best first,
 `score` the cosine similarity (for an `ivf_pq` index, its compressed estimate). With a
 centroid gallery each match is an identity and its `path` is null. `meta` (an extension)
 names the gallery, index method, top_k and, when measured, the recall@k of an approximate
-index against exact search.
+index against exact search. With a score threshold (`search --min_score`) each query also
+has "known": false when no match reached it, true otherwise, and `meta.min_score` records
+the threshold (and its calibration).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pathlib
 import numpy as np
 
 from ctl_jax import files
-from ctl_jax.retrieval.index import GalleryItems
+from ctl_jax.retrieval.gallery import GalleryItems
 
 
 def results_document(
@@ -27,6 +29,7 @@ def results_document(
     indices: np.ndarray,
     items: GalleryItems,
     meta: dict | None = None,
+    known: np.ndarray | None = None,
 ) -> dict:
     """The JSON-able results.
 
@@ -37,6 +40,7 @@ def results_document(
       indices: (Q, k) gallery rows; -1 (an approximate index found fewer than k) is left out.
       items: the gallery the rows refer to.
       meta: stored under "meta" when given.
+      known: (Q,) bool, stored per query as "known" when given.
     """
     indices = np.asarray(indices)
     found = indices >= 0
@@ -61,6 +65,9 @@ def results_document(
         }
         for q, (path, pid) in enumerate(zip(np.asarray(query_paths).tolist(), query_pids))
     ]
+    if known is not None:
+        for query, is_known in zip(queries, np.asarray(known, bool).tolist()):
+            query["known"] = is_known
     document = {"queries": queries}
     if meta is not None:
         document["meta"] = meta

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from ctl_jax.retrieval.index import GalleryItems
+from ctl_jax.errors import NotAFolderError, OutputExistsError
+from ctl_jax.retrieval.gallery import GalleryItems
 
 QUERY_COLOR = (30, 90, 220)
 CORRECT_COLOR = (0, 170, 0)
@@ -139,11 +140,11 @@ def write_strips(
     """
     directory = pathlib.Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise NotADirectoryError(f"--visualize={directory} exists and is not a folder")
+        raise NotAFolderError(f"--visualize={directory} exists and is not a folder")
     files = [directory / name for name in strip_file_names(query_paths)]
     existing = [f for f in files if f.exists()]
     if existing and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{len(existing)} result picture(s) already exist in {directory} (e.g. "
             f"{existing[0].name}); pass --overwrite or choose another --visualize folder"
         )

@@ -28,6 +28,7 @@ import zipfile
 import numpy as np
 
 from ctl_jax import files
+from ctl_jax.errors import FileContentError, InvalidValueError, MissingFileError
 
 FORMAT, VERSION = "ctl_jax.whitening", 1
 METHODS = ("pca", "supervised")
@@ -69,17 +70,24 @@ class Whitening:
     def output_dim(self) -> int:
         return self.projection.shape[0]
 
+    def check_input_dim(self, dim: int, what: str = "the embeddings") -> None:
+        """Raises InvalidValueError unless the whitening applies to `dim`-d embeddings."""
+        if dim != self.input_dim:
+            raise InvalidValueError(
+                f"the whitening was learned on {self.input_dim}-d embeddings but {what} "
+                f"gives {dim}-d ones; learn it from embeddings of the same model"
+            )
+
     def apply(self, embeddings: np.ndarray) -> np.ndarray:
         """(N, D) embeddings -> (N, d) float32 whitened unit vectors.
 
         Raises:
-          ValueError: the embeddings are not D-dimensional.
+          InvalidValueError: the embeddings are not D-dimensional.
         """
         x = np.asarray(embeddings, np.float64)
-        if x.ndim != 2 or x.shape[1] != self.input_dim:
-            raise ValueError(
-                f"the whitening expects {self.input_dim}-d embeddings, got shape {x.shape}"
-            )
+        if x.ndim != 2:
+            raise InvalidValueError(f"embeddings to whiten must be (N, D), got shape {x.shape}")
+        self.check_input_dim(x.shape[1])
         y = (l2_normalise(x) - self.mean) @ self.projection.T.astype(np.float64)
         return l2_normalise(y).astype(np.float32)
 
@@ -104,23 +112,25 @@ class Whitening:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:
-        """Reads a whitening file; a missing, unreadable or malformed file is a ValueError
-        (FileNotFoundError when absent) naming it."""
+        """Reads a whitening file; a missing (MissingFileError), unreadable or malformed
+        (FileContentError) file is a one-line error naming it."""
         path = pathlib.Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"whitening file {path} does not exist")
+            raise MissingFileError(f"whitening file {path} does not exist")
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError) as e:
-            raise ValueError(f"whitening file {path} is not a readable .npz: {e}") from e
+            raise FileContentError(f"whitening file {path} is not a readable .npz: {e}") from e
         if str(arrays.get("format", "")) != FORMAT:
-            raise ValueError(
+            raise FileContentError(
                 f"{path} is not a whitening file (no format={FORMAT!r}; create one with "
                 f"python -m ctl_jax.whiten)"
             )
         if int(arrays.get("version", -1)) != VERSION:
-            raise ValueError(f"whitening file {path} has version {arrays.get('version')}")
+            raise FileContentError(
+                f"whitening file {path} has version {arrays.get('version')}, expected {VERSION}"
+            )
         mean, projection = arrays.get("mean"), arrays.get("projection")
         if (
             mean is None
@@ -130,7 +140,7 @@ class Whitening:
             or projection.shape[1] != mean.shape[0]
             or not (np.isfinite(mean).all() and np.isfinite(projection).all())
         ):
-            raise ValueError(
+            raise FileContentError(
                 f"whitening file {path} needs finite 'mean' (D,) and 'projection' (d, D)"
             )
         return cls(
@@ -146,13 +156,13 @@ def _check_dim(dim: int | None, input_dim: int, available: int, what: str) -> in
     if dim is None:
         dim = min(input_dim, available)
     if not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"whitening dimension must be an integer >= 1, got {dim!r}")
+        raise InvalidValueError(f"whitening dimension must be an integer >= 1, got {dim!r}")
     if dim > input_dim:
-        raise ValueError(
+        raise InvalidValueError(
             f"whitening dimension {dim} is larger than the embedding dimension {input_dim}"
         )
     if dim > available:
-        raise ValueError(
+        raise InvalidValueError(
             f"whitening dimension {dim}: {what} span only {available} dimensions; "
             f"give a dimension <= {available}"
         )
@@ -173,11 +183,13 @@ def _numerical_rank(eigval: np.ndarray) -> int:
 def _as_matrix(embeddings: np.ndarray, minimum: int) -> np.ndarray:
     x = np.asarray(embeddings, np.float64)
     if x.ndim != 2:
-        raise ValueError(f"embeddings must be (N, D), got shape {x.shape}")
+        raise InvalidValueError(f"embeddings must be (N, D), got shape {x.shape}")
     if len(x) < minimum:
-        raise ValueError(f"learning a whitening needs at least {minimum} embeddings, got {len(x)}")
+        raise InvalidValueError(
+            f"learning a whitening needs at least {minimum} embeddings, got {len(x)}"
+        )
     if not np.isfinite(x).all():
-        raise ValueError("embeddings contain NaN or infinite values")
+        raise InvalidValueError("embeddings contain NaN or infinite values")
     return l2_normalise(x)
 
 
@@ -186,7 +198,7 @@ def learn_pca(embeddings: np.ndarray, dim: int | None = None) -> Whitening:
     directions the centred data span, at most D, i.e. min(D, N - 1) for generic data).
 
     Raises:
-      ValueError: fewer than 2 embeddings, or `dim` < 1, > D, or more than the data span.
+      InvalidValueError: fewer than 2 embeddings, or `dim` < 1, > D, or more than the data span.
     """
     x = _as_matrix(embeddings, minimum=2)
     mean = x.mean(axis=0)
@@ -236,18 +248,18 @@ def learn_supervised(
         direction (fewer pairs than dimensions).
 
     Raises:
-      ValueError: bad labels or shrinkage, no pair, a singular pair covariance (with the
+      InvalidValueError: bad labels or shrinkage, no pair, a singular pair covariance (with the
         advice to set a shrinkage), or a bad `dim`.
     """
     x = _as_matrix(embeddings, minimum=2)
     labels = np.asarray(labels)
     if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be {len(x)} integers, got shape {labels.shape}")
+        raise InvalidValueError(f"labels must be {len(x)} integers, got shape {labels.shape}")
     if not 0.0 <= shrinkage < 1.0:
-        raise ValueError(f"shrinkage must be in [0, 1), got {shrinkage}")
+        raise InvalidValueError(f"shrinkage must be in [0, 1), got {shrinkage}")
     scatter, num_pairs = same_identity_scatter(x, labels)
     if num_pairs == 0:
-        raise ValueError(
+        raise InvalidValueError(
             "supervised whitening needs same-identity pairs: no identity has two embeddings"
         )
     d_in = x.shape[1]
@@ -260,7 +272,7 @@ def learn_supervised(
     eigval, eigvec = _descending_eigh(pair_cov)
     rank = _numerical_rank(eigval)
     if rank < d_in:
-        raise ValueError(
+        raise InvalidValueError(
             f"the {num_pairs} same-identity pairs span only {rank} of the {d_in} dimensions, "
             f"so their covariance cannot be inverted; give a shrinkage (e.g. 0.1) or more pairs"
         )
@@ -284,6 +296,6 @@ def learn(
         return learn_pca(embeddings, dim)
     if method == "supervised":
         if labels is None:
-            raise ValueError("--method=supervised needs identity labels")
+            raise InvalidValueError("--method=supervised needs identity labels")
         return learn_supervised(embeddings, labels, dim, shrinkage)
-    raise ValueError(f"whitening method {method!r} is not one of {', '.join(METHODS)}")
+    raise InvalidValueError(f"whitening method {method!r} is not one of {', '.join(METHODS)}")

@@ -1,5 +1,5 @@
-"""Initial model variables: random, or taken from a ctl_jax checkpoint (e.g. converted
-ImageNet weights) where names and shapes match."""
+"""The initial train state: random from the run seed, then (optionally) the arrays of a
+ctl_jax checkpoint (e.g. converted ImageNet weights) where names and shapes match."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from ctl_jax.checkpoints import CheckpointError, CheckpointStore, model_variables
 from ctl_jax.models.reid import init_variables
-from ctl_jax.training.checkpoints import CheckpointError, CheckpointStore
+from ctl_jax.training.state import TrainState, create_train_state
 
 # `converted_from` values of `ctl_jax.convert` checkpoints that hold ImageNet backbones.
 IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a")
@@ -25,13 +26,12 @@ def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
             f"containing checkpoints/ (create one with `python -m ctl_jax.convert`)"
         )
     store = CheckpointStore(path, read_only=True)
-    state = store.restore_raw()
-    params = dict(state["params"])
+    variables = model_variables(store.restore_raw())
     if store.read_meta().get("converted_from") in IMAGENET_LAYOUTS:
         # An ImageNet classifier (1000 classes) is never a re-ID classifier, even for a
         # dataset that happens to have 1000 identities.
-        params.pop("classifier", None)
-    return {"params": params, "batch_stats": state.get("batch_stats", {})}
+        variables["params"] = {k: v for k, v in variables["params"].items() if k != "classifier"}
+    return variables
 
 
 def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str], list[str]]:
@@ -54,14 +54,41 @@ def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str], li
     return traverse_util.unflatten_dict(flat_fresh, sep="/"), taken, kept_fresh
 
 
-def initial_variables(model, model_cfg, rng, image_shape, log=print) -> dict:
-    """Random variables, overwritten by `model_cfg.init_checkpoint` where it has them."""
-    variables = init_variables(model, rng, image_shape)
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+def init_train_state(
+    model, tx, num_classes: int, feature_dim: int, image_shape: tuple[int, int, int], seed: int
+) -> TrainState:
+    """The initial train state of a run: random model variables and centers from `seed`.
+
+    A pure function of its arguments: `jax.eval_shape` of it is the abstract state a
+    checkpoint is restored onto.
+
+    Args:
+      model: the `ReidModel`.
+      tx: the model optimiser.
+      num_classes: training identities (rows of the centers).
+      feature_dim: D of the pooled features.
+      image_shape: (H, W, 3) of the model input.
+      seed: the run seed.
+    """
+    rng_model, rng_centers = jax.random.split(jax.random.key(seed))
+    variables = init_variables(model, rng_model, image_shape)
+    return create_train_state(variables, tx, num_classes, feature_dim, rng_centers)
+
+
+def with_init_checkpoint(state: TrainState, model_cfg, log=print) -> TrainState:
+    """`state` with the arrays of `model_cfg.init_checkpoint` where names and shapes match.
+
+    Shapes and dtypes stay those of `state`, so the optimiser state (zero moments) fits the
+    new parameters as it is. Nothing changes when `init_checkpoint` is empty.
+
+    Raises:
+      CheckpointError: not a checkpoint directory, or no parameter in common.
+    """
     if not model_cfg.init_checkpoint:
-        return variables
+        return state
     pretrained = load_checkpoint_variables(model_cfg.init_checkpoint)
-    merged, taken, fresh = merge_pretrained(jax.device_get(variables), pretrained)
+    fresh = jax.device_get(model_variables(state))
+    merged, taken, kept = merge_pretrained(fresh, pretrained)
     if not taken:
         raise CheckpointError(
             f"model.init_checkpoint={model_cfg.init_checkpoint!r} shares no parameter with "
@@ -69,6 +96,6 @@ def initial_variables(model, model_cfg, rng, image_shape, log=print) -> dict:
         )
     log(
         f"initialised {len(taken)} arrays from {model_cfg.init_checkpoint}; "
-        f"{len(fresh)} start fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}"
+        f"{len(kept)} start fresh: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
     )
-    return merged
+    return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])

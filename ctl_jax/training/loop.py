@@ -20,48 +20,28 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ctl_jax import configs as config_lib
+from ctl_jax import parallel
+from ctl_jax.build import build_model
+from ctl_jax.checkpoints import CheckpointStore
+from ctl_jax.cpu.malloc import release_free_memory
 from ctl_jax.data import pipeline
-from ctl_jax.data.source import load_dataset
-from ctl_jax.malloc import release_free_memory
-from ctl_jax.models.reid import build_model, feature_dim
-from ctl_jax.training import sharding
-from ctl_jax.training.checkpoints import CheckpointStore
-from ctl_jax.training.evaluator import Evaluator
-from ctl_jax.training.initialisation import initial_variables
+from ctl_jax.data.source import check_trainable, load_dataset
+from ctl_jax.errors import NonFiniteLossError, WorkdirMismatchError
+from ctl_jax.evaluator import Evaluator
+from ctl_jax.models.reid import feature_dim
+from ctl_jax.training.initialisation import init_train_state, with_init_checkpoint
 from ctl_jax.training.logbook import MetricsLog, flatten_eval
 from ctl_jax.training.optimizer import make_optimizer
-from ctl_jax.training.state import TrainState, create_train_state
+from ctl_jax.training.position import DataPosition
+from ctl_jax.training.state import TrainState
 from ctl_jax.training.step import make_train_step
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss."""
-
-
-class WorkdirMismatchError(ValueError):
-    """The work directory holds checkpoints of a different config."""
+# Batch key and metric of the multi-process stop vote (see `_with_stop_vote`).
+STOP_VOTE = "stop_vote"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM arrived; a checkpoint was saved first."""
-
-
-def pipeline_config(config) -> pipeline.TrainPipelineConfig:
-    d = config.data
-    return pipeline.TrainPipelineConfig(
-        height=d.height,
-        width=d.width,
-        P=d.num_identities,
-        M=d.num_instances,
-        seed=config.seed,
-        flip_prob=d.flip_prob,
-        pad=d.pad,
-        erasing_prob=d.erasing_prob,
-        erasing_fill=d.erasing_fill,
-        worker_count=d.worker_count,
-        prefetch_buffer=d.prefetch_buffer,
-        skip_unreadable=d.skip_unreadable,
-    )
 
 
 def prepare_workdir(config, workdir: pathlib.Path) -> None:
@@ -127,43 +107,33 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
         log = _silent
     prepare_workdir(config, workdir)
     dataset, readers = load_dataset(config.data)
+    check_trainable(dataset, evaluates=bool(config.eval.modes))
     log(dataset.statistics_table())
     num_classes = dataset.num_classes
 
-    mesh = sharding.make_mesh()
-    sharding.check_batch_layout(config.data.num_identities, config.data.num_instances, mesh)
-    model = build_model(
-        config.model, num_classes, classifier=config.loss.get("classifier", "softmax")
-    )
+    mesh = parallel.make_mesh()
+    parallel.check_batch_layout(config.data.num_identities, config.data.num_instances, mesh)
+    model = build_model(config, num_classes)
     tx = make_optimizer(config.solver)
     image_shape = (config.data.height, config.data.width, 3)
 
-    def init_state():
-        rng_model, rng_centers = jax.random.split(jax.random.key(config.seed))
-        variables = initial_variables(model, config.model, rng_model, image_shape, log=log)
+    def init_state() -> TrainState:
         dim = feature_dim(config.model.arch)
-        return create_train_state(variables, tx, num_classes, dim, rng_centers)
+        return init_train_state(model, tx, num_classes, dim, image_shape, config.seed)
 
     store = CheckpointStore(workdir, config.train.keep_checkpoints, config.train.monitor)
-    state_sharding = sharding.replicated(mesh)
+    state_sharding = parallel.replicated(mesh)
     if store.latest_step() is not None:
-        abstract = jax.eval_shape(
-            lambda: create_train_state(
-                jax.eval_shape(lambda: _abstract_variables(model, image_shape)),
-                tx,
-                num_classes,
-                feature_dim(config.model.arch),
-                jax.random.key(0),
-            )
-        )
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding), abstract
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
+            jax.eval_shape(init_state),
         )
-        state, data_position, _ = store.restore(abstract)
+        state, data, _ = store.restore(abstract)
+        position = DataPosition.from_json(data)
         log(f"resumed from {store.directory} at step {int(state.step)}")
     else:
-        state = sharding.replicate(init_state(), mesh)
-        data_position = {"epoch": 0, "iterator": None}
+        state = parallel.replicate(with_init_checkpoint(init_state(), config.model, log), mesh)
+        position = DataPosition()
 
     meta = {"config": json.loads(config_lib.config_to_json(config)), "num_classes": num_classes}
     train_step = make_train_step(model, tx, config)
@@ -172,27 +142,27 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
     step_fn = _compiled_on_first_call(
         jax.jit(
             train_step,
-            in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
+            in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
             out_shardings=(state_sharding, state_sharding),
             donate_argnums=0,
         )
     )
     evaluator = Evaluator(model, dataset, readers, config, mesh)
     metrics_log = MetricsLog(workdir)
-    pcfg = pipeline_config(config)
+    pcfg = pipeline.TrainPipelineConfig.from_run_config(config)
     train_pids = dataset.train.pids
     num_epochs = config.solver.num_epochs
     results = {}
     try:
         with stop_requests() as stop:
             step = int(state.step)
-            if data_position.get(EVALUATION_PENDING):
+            if position.evaluation_pending:
                 # Stopped on the last step of an epoch whose evaluation was due: that
                 # checkpoint was saved without waiting for it, so it runs now.
-                epoch_done = data_position["epoch"]
+                epoch_done = position.epoch
                 results, _ = _evaluate(evaluator, state, step, epoch_done, config, metrics_log, log)
-            for epoch in range(int(data_position["epoch"]), num_epochs):
-                state = state.replace(epoch=sharding.replicate(jnp.int32(epoch), mesh))
+            for epoch in range(position.epoch, num_epochs):
+                state = state.replace(epoch=parallel.replicate(jnp.int32(epoch), mesh))
                 iterator = pipeline.make_train_iterator(
                     dataset.train,
                     readers["train"],
@@ -202,10 +172,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
                     process_count=jax.process_count(),
                 )
                 done = 0
-                if data_position.get("iterator") is not None:
-                    iterator.set_state(data_position["iterator"])
-                    done = int(data_position.get("batches_done", 0))
-                data_position = {"epoch": epoch, "iterator": None}
+                if position.mid_epoch:
+                    iterator.set_state(position.iterator)
+                    done = position.batches_done
                 total = pipeline.train_batches_per_epoch(
                     train_pids, pcfg.P, pcfg.M, config.seed, epoch
                 )
@@ -227,14 +196,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
                     (epoch + 1) % config.train.eval_every_epochs == 0 or epoch + 1 == num_epochs
                 )
                 eval_metrics = None
-                position = {"epoch": epoch + 1, "iterator": None}
-                if eval_due and interrupted:
-                    position[EVALUATION_PENDING] = True  # a stop should not wait for it
-                elif eval_due:
+                # A stop does not wait for a due evaluation: the resumed run runs it.
+                position = DataPosition(epoch + 1, evaluation_pending=eval_due and interrupted)
+                if eval_due and not interrupted:
                     results, eval_metrics = _evaluate(
                         evaluator, state, step, epoch + 1, config, metrics_log, log
                     )
-                store.save(step, state, position, meta, eval_metrics)
+                store.save(step, state, position.to_json(), meta, eval_metrics)
                 if interrupted:
                     store.wait()
                     raise TrainingInterrupted(_stopped_message(step, epoch, store))
@@ -250,16 +218,11 @@ def _silent(*_args, **_kwargs) -> None:
     pass
 
 
-# Data-position key of an end-of-epoch checkpoint saved on a stop request before the
-# epoch's due evaluation ran; the resumed run evaluates first.
-EVALUATION_PENDING = "evaluation_pending"
-
-
 def _evaluate(evaluator, state, step, epoch, config, metrics_log, log) -> tuple[dict, dict]:
     """Runs the configured evaluation modes after epoch `epoch` (1-based), logs and prints
     them; returns the results and their flat metrics."""
     results = evaluator.run(state, config.eval.modes)
-    release_free_memory()  # the evaluation's buffers (see ctl_jax/malloc.py)
+    release_free_memory()  # the evaluation's buffers (see ctl_jax/cpu/malloc.py)
     flat = flatten_eval(results)
     metrics_log.write("eval", step, flat, epoch=epoch)
     log(f"epoch {epoch} evaluation (step {step}):\n{evaluator.table(results)}")
@@ -269,7 +232,7 @@ def _evaluate(evaluator, state, step, epoch, config, metrics_log, log) -> tuple[
 def _compiled_on_first_call(jitted):
     """`jitted`, compiled ahead of time on its first call's arguments; the compiler's working
     memory is handed back to the kernel before the first step allocates its buffers (with
-    glibc's trimming off it would otherwise add to the run's peak; see ctl_jax/malloc.py)."""
+    glibc's trimming off it would otherwise add to the run's peak; see ctl_jax/cpu/malloc.py)."""
     compiled = None
 
     def call(state, batch):
@@ -289,10 +252,6 @@ def _stopped_message(step, epoch, store) -> str:
     )
 
 
-# Batch key and metric of the multi-process stop vote (see `_with_stop_vote`).
-STOP_VOTE = "stop_vote"
-
-
 def _with_stop_vote(train_step):
     """Wraps the step for multi-process runs so that the processes agree on when to stop.
 
@@ -310,14 +269,6 @@ def _with_stop_vote(train_step):
         return state, {**metrics, STOP_VOTE: jnp.max(vote)}
 
     return step
-
-
-def _abstract_variables(model, image_shape):
-    """Model variables; the caller traces this under `jax.eval_shape` (nothing computed)."""
-    from ctl_jax.models.reid import init_variables
-
-    variables = init_variables(model, jax.random.key(0), image_shape)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def _run_epoch(
@@ -363,7 +314,7 @@ def _run_epoch(
             if voting:
                 requested = stop["signal"] is not None
                 batch[STOP_VOTE] = np.full(len(batch["labels"]), requested, np.int32)
-            placed = sharding.put_batch(batch, mesh)
+            placed = parallel.put_batch(batch, mesh)
             if one_step_in_flight:
                 jax.block_until_ready(state)
             state, metrics = step_fn(state, placed)
@@ -389,8 +340,8 @@ def _run_epoch(
             if interrupted or periodic:
                 # The grain iterator state is the same in every process (the position in
                 # its own share of the epoch), so process 0's copy serves all of them.
-                position = {"epoch": epoch, "iterator": iterator.get_state(), "batches_done": done}
-                store.save(step, state, position, meta)
+                position = DataPosition(epoch, iterator.get_state(), batches_done=done)
+                store.save(step, state, position.to_json(), meta)
             if interrupted:
                 _log_step(*pending, config, metrics_log, bar, epoch)
                 store.wait()

@@ -1,4 +1,4 @@
-"""The optimiser and learning-rate schedule of SPEC section 5.
+"""The optimiser and learning-rate schedule (docs/method.md, 'Optimiser and schedule').
 
 Adam with *L2* weight decay (PyTorch `torch.optim.Adam(weight_decay=...)` semantics: the decay
 term is added to the gradient before the moment estimates, unlike AdamW), and a learning rate

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ctl_jax.checkpoints.variables import model_variables
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -42,12 +44,13 @@ def create_train_state(
       feature_dim: D, the dimension of the pooled features the center loss acts on.
       rng: PRNG key for the centers, which start N(0, 1) as in the original.
     """
+    variables = model_variables(variables)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         epoch=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=variables["batch_stats"],
         opt_state=tx.init(params),
         centers=jax.random.normal(rng, (num_classes, feature_dim), jnp.float32),
     )

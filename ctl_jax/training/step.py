@@ -1,4 +1,5 @@
-"""The pure training step: forward, the four losses of SPEC section 4, both optimisers."""
+"""The pure training step: forward, the four losses (docs/method.md, 'Losses'), both
+optimisers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from ctl_jax import losses, margin_losses
+from ctl_jax.errors import ConfigError
 from ctl_jax.training.optimizer import learning_rate
 from ctl_jax.training.state import TrainState
 
@@ -95,12 +97,12 @@ METRICS = ("triplet", "contrastive")
 
 
 def check_loss_config(loss_cfg) -> None:
-    """One-line ValueErrors for a bad metric loss or classifier head setting."""
+    """One-line ConfigErrors for a bad metric loss or classifier head setting."""
     metric = loss_cfg.get("metric", "triplet")
     if metric not in METRICS:
-        raise ValueError(f"loss.metric={metric!r} is not one of {', '.join(METRICS)}")
+        raise ConfigError(f"loss.metric={metric!r} is not one of {', '.join(METRICS)}")
     if metric == "contrastive" and loss_cfg.soft_margin:
-        raise ValueError("loss.soft_margin=True: the contrastive loss has no soft margin")
+        raise ConfigError("loss.soft_margin=True: the contrastive loss has no soft margin")
     classifier = loss_cfg.get("classifier", "softmax")
     margin_losses.check_classifier(
         classifier, loss_cfg.get("scale", 30.0), loss_cfg.get("classifier_margin", None)
@@ -122,7 +124,7 @@ def make_train_step(
     if getattr(model, "classifier", "softmax") != loss_cfg.get("classifier", "softmax"):
         raise ValueError(
             f"loss.classifier={loss_cfg.classifier!r} needs the model built with that head "
-            f"(build_model(..., classifier=config.loss.classifier))"
+            f"(ctl_jax.build.build_model(config, ...) builds it)"
         )
 
     def train_step(state: TrainState, batch: Batch):

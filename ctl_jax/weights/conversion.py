@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from ctl_jax import configs as config_lib
+from ctl_jax.errors import NotAFolderError, OutputExistsError
 from ctl_jax.weights import mapping, torch_pickle
 
 
@@ -112,9 +113,9 @@ def abstract_variable_shapes(model) -> dict[str, tuple[int, ...]]:
 def check_output(output: pathlib.Path, overwrite: bool) -> None:
     """Refuses to write into a non-empty directory (or over a file) unless `overwrite`."""
     if output.exists() and not output.is_dir():
-        raise NotADirectoryError(f"--output {output} exists and is not a directory")
+        raise NotAFolderError(f"--output {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"--output {output} is not empty; pass --overwrite to replace its checkpoints/ "
             "or choose another directory"
         )
@@ -139,15 +140,15 @@ def convert_checkpoint(
       torch_pickle.TorchFileError (a ValueError): unreadable file or unsupported model.
       FileExistsError / NotADirectoryError: see `check_output`.
     """
-    from ctl_jax.models.reid import build_model
-    from ctl_jax.training.checkpoints import CheckpointStore
+    from ctl_jax.build import build_model
+    from ctl_jax.checkpoints import CheckpointStore
 
     source, output = pathlib.Path(source), pathlib.Path(output)
     check_output(output, overwrite)
     torch_file = torch_pickle.load(source)
     source_model = mapping.read_source(torch_file.root, str(source))
     resolved, notes = resolve_config(config, source_model)
-    model = build_model(resolved.model, source_model.num_classes)
+    model = build_model(resolved, source_model.num_classes)
     weights = mapping.map_state_dict(source_model, abstract_variable_shapes(model), str(source))
 
     state = {"params": weights.params, "batch_stats": weights.batch_stats}

@@ -1,6 +1,6 @@
 """PyTorch state-dict layouts -> the ctl_jax Flax variable tree; architecture inference.
 
-Three layouts are understood (SPEC section 7):
+Three layouts are understood:
   - `torchvision_resnet`: torchvision ImageNet ResNets, `conv1.weight`, `bn1.*`,
     `layer{1-4}.{j}.{conv,bn}{1,2,3}.*`, `layer{k}.0.downsample.{0,1}.*`, `fc.{weight,bias}`;
   - `resnet_ibn_a`: the same with `layer{1-3}.{j}.bn1.{IN,BN}.*` (IBN-Net's ResNet-IBN-a);

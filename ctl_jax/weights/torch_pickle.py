@@ -33,10 +33,7 @@ from typing import Any
 
 import numpy as np
 
-
-class TorchFileError(ValueError):
-    """A file is not a readable PyTorch checkpoint (corrupt, truncated, or another format)."""
-
+from ctl_jax.errors import MissingFileError, TorchFileError
 
 # First pickle of a legacy file (torch/serialization.py MAGIC_NUMBER, PROTOCOL_VERSION).
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -466,7 +463,7 @@ def load(path: str | pathlib.Path) -> TorchFile:
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--source {path} does not exist or is not a file")
+        raise MissingFileError(f"--source {path} does not exist or is not a file")
     digest = _sha256(path)
     _check_name_hash(path, digest)
     with open(path, "rb") as f:

@@ -2,23 +2,18 @@
 
 XLA's CPU runtime allocates each execution's temporary buffer (hundreds of MB for a ResNet-50
 step) and its output buffers afresh. glibc serves such large blocks from thread arenas with
-`mmap` and unmaps them on free, so every step page-faults its whole working set back in:
-141k faults (550 MB) per ResNet-50 128x64 batch-32 training step, 0.25-0.3 s of system time
-in a 1.67 s step on one core; a fresh 134 MB output costs 60 ms to write against 7 ms in
-place. One arena, no mmap and no trimming make glibc reuse the blocks: 0 faults and 1.42 s
-per step. Trimming must be off altogether, not just above a large threshold (mallopt takes
-a C int, so at most 2^31 - 1): a ResNet-50 256x128 batch-64 step frees more than 2 GiB at the
-top of the heap, which glibc then returned to the kernel, and each step took 1.95 million
-page faults (7.5 GB) and 24-26 s on 2 cores, against 0 faults and 14.6-15.9 s without
-trimming. The price is that the process keeps its peak heap (RSS does not shrink after a
-step), which a training or embedding process does not need anyway.
+`mmap` and unmaps them on free, so every step page-faults its whole working set back in. One
+arena, no mmap and no trimming make glibc reuse the blocks instead. Trimming must be off
+altogether, not just above a large threshold (mallopt takes a C int, so at most 2^31 - 1): a
+large step frees more than 2 GiB at the top of the heap, which glibc would then return to the
+kernel every step. The price is that the process keeps its peak heap (RSS does not shrink
+after a step), which a training or embedding process does not need anyway.
 
-The entry points (`ctl_jax.cli.run`) call `tune_malloc()` first thing; set
+The command lines apply `tune_malloc()` first thing (`ctl_jax.cpu.configure_process`); set
 `CTL_JAX_TUNE_MALLOC=0` to leave glibc's defaults alone. Because nothing is trimmed, memory
 freed once and not needed again (the compiler's working memory, an evaluation's buffers)
 would stay resident; the training loop hands it back with `release_free_memory()` at those
-points: ResNet-50 128x64 P8xM4, peak RSS 2.51 -> 1.88 GB when called between compilation
-and the first step.
+points. docs/performance.md has the measurements.
 """
 
 from __future__ import annotations

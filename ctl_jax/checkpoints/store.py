@@ -4,7 +4,8 @@ A checkpoint holds three items:
   - `state`: the `TrainState` (parameters, batch statistics, optimiser state, centers, step,
     epoch), restored onto an abstract target so shardings and optax types come back intact;
   - `data`: the input pipeline position (epoch and grain iterator state) as JSON, so a resumed
-    run sees exactly the batches an uninterrupted one would;
+    run sees exactly the batches an uninterrupted one would (training reads and writes it as
+    `ctl_jax.training.position.DataPosition`; inference checkpoints hold {});
   - `meta`: the resolved config and the number of classes as JSON, so evaluate/embed can
     rebuild the network from the checkpoint alone.
 The latest `keep` checkpoints are kept, plus the best one by the monitored evaluation metric.

@@ -8,8 +8,9 @@ import pathlib
 import ml_collections
 
 from ctl_jax import configs as config_lib
-from ctl_jax.models.reid import build_model
-from ctl_jax.training.checkpoints import CheckpointError, CheckpointStore
+from ctl_jax.build import build_model
+from ctl_jax.checkpoints.store import CheckpointError, CheckpointStore
+from ctl_jax.checkpoints.variables import model_variables
 
 
 @dataclasses.dataclass
@@ -58,7 +59,6 @@ def restore_model(
     else:
         config = saved
     num_classes = int(meta["num_classes"])
-    model = build_model(saved.model, num_classes)
-    state = store.restore_raw(step)
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    model = build_model(saved, num_classes, cpu_fast_path=config.get("cpu_fast_path"))
+    variables = model_variables(store.restore_raw(step))
     return RestoredModel(model, variables, config, int(step), num_classes)

@@ -1,5 +1,7 @@
 """Data parallelism: one device mesh axis `data` over every device of every process.
 
+Used by training, evaluation, embedding and search alike, so it sits below all of them.
+
 The state is replicated (`P()`), batches are split along their first axis (`P('data')`).
 `jax.jit` then inserts the cross-device reductions itself (batch-norm statistics, the loss
 means, the gradients), so the step is written as if for one device. Each device receives a
@@ -14,6 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from ctl_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -44,15 +48,15 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_layout(num_identities: int, num_instances: int, mesh: Mesh) -> None:
-    """Every device must get whole identity groups (SPEC section 3)."""
+    """Every device must get whole identity groups (docs/method.md, 'The P x M sampler')."""
     n = mesh.devices.size
     if num_identities % n:
-        raise ValueError(
+        raise ConfigError(
             f"data.num_identities (P={num_identities}) must be divisible by the number of "
             f"devices ({n}) so that every device receives whole identity groups"
         )
     if num_identities % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"data.num_identities (P={num_identities}) must be divisible by the number of "
             f"processes ({jax.process_count()})"
         )

@@ -1,0 +1,56 @@
+"""The CPU fast path: layers and process settings that make ctl_jax fast on XLA's CPU backend.
+
+The model itself (`ctl_jax.models`) is plain Flax and knows nothing of this package. What
+is here only changes how the same computation runs:
+
+- `CPU_LAYERS` (`layers.py`): a layer set with the reference layers' parameters, computing
+  the same values and gradients up to float rounding (convolutions as matrix products or by
+  Winograd, kernel gradients as matrix products, the batch norm's one-pass moments and
+  hand-written backward pass, the max pool's backward pass).
+- `model_layers(setting, dtype, platform)`: the one place that picks the layer set, from
+  the config's `cpu_fast_path` ("auto": the CPU layers on the CPU backend in float32, the
+  reference layers elsewhere; "on"; "off"). `ctl_jax.build.build_model` calls it.
+- `configure_process()` (`process.py`): glibc allocator settings (`malloc.py`) and
+  synchronous CPU dispatch, which every command line applies first.
+
+docs/performance.md has the measurements behind each choice.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ctl_jax.cpu.layers import CPU_LAYERS
+from ctl_jax.cpu.process import configure_process
+from ctl_jax.errors import ConfigError
+from ctl_jax.models.layers import REFERENCE_LAYERS, Layers
+
+SETTINGS = ("auto", "on", "off")
+
+
+def use_cpu_layers(setting: str, dtype: str, platform: str | None = None) -> bool:
+    """Whether `model_layers` picks the CPU layers.
+
+    Args:
+      setting: the config's `cpu_fast_path`: "auto", "on" or "off".
+      dtype: the model's compute dtype (the config's `model.dtype`, e.g. "float32").
+      platform: the platform the model will run on ("cpu", "cuda", "rocm", "tpu"); default
+        JAX's default backend.
+    """
+    if setting not in SETTINGS:
+        raise ConfigError(
+            f"config cpu_fast_path: expected one of {', '.join(SETTINGS)}, got {setting!r}"
+        )
+    if setting != "auto":
+        return setting == "on"
+    platform = platform if platform is not None else jax.default_backend()
+    return platform == "cpu" and jnp.dtype(dtype) == jnp.float32
+
+
+def model_layers(setting: str, dtype: str, platform: str | None = None) -> Layers:
+    """`CPU_LAYERS` or `REFERENCE_LAYERS`, see `use_cpu_layers`."""
+    return CPU_LAYERS if use_cpu_layers(setting, dtype, platform) else REFERENCE_LAYERS
+
+
+__all__ = ["CPU_LAYERS", "SETTINGS", "configure_process", "model_layers", "use_cpu_layers"]

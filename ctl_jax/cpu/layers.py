@@ -1,0 +1,165 @@
+"""The CPU layer set: `CPU_LAYERS`, a `ctl_jax.models.layers.Layers` whose layers create the
+reference layers' parameters and compute the same values and gradients (up to float
+rounding) in ways XLA's CPU backend runs faster.
+
+- 1x1 convolutions as matrix products (the strided ones subsample first, which is exactly
+  what a 1x1 convolution with stride s and no padding computes): XLA's CPU backward pass of
+  a 1x1 convolution is several times slower than the same product.
+- 3x3 convolutions: patches (im2col) @ kernel when a side of the output is at most 3, where
+  XLA's CPU convolution (forward or input gradient) falls onto a very slow path; otherwise,
+  in float32, Winograd for stride 1 and at least 256 input channels, and `conv2d_cpu`'s
+  kernel gradient as matrix products for the others.
+- The stem: in float32, its kernel gradient as patches^T @ gradient.
+- The batch norm's one-pass moments and hand-written backward pass (`batch_norm.py`).
+- The stem's max pool with a custom backward pass (`max_pool.py`).
+
+The rewrites that reassociate sums over the kernel window (Winograd, kernel gradients as
+matrix products) apply in float32 only: in bfloat16 their extra roundings would cost
+precision. Everything these layers compute is under the name scope `SCOPE`, so profiles and
+lowered programs show which operations come from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ctl_jax.cpu import batch_norm, convolution, max_pool
+from ctl_jax.models import layers
+from ctl_jax.models.layers import Dtype, Layers, conv_kernel_init
+
+SCOPE = "cpu_fast_path"
+
+# Stride-1 3x3 convolutions with at least this many input channels (ResNet-50 stages 3-4)
+# run whole by Winograd, gradients included. With fewer channels the transforms' memory
+# traffic eats the gain, and only the forward pass and kernel gradient use it.
+WINOGRAD_MIN_CIN = 256
+
+
+def _reassociate(x: jax.Array) -> bool:
+    """Whether the rewrites that sum in another order apply: float32 only."""
+    return x.dtype == jnp.float32
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, strides: int, precision: Any = None) -> jax.Array:
+    """3x3 convolution, padding 1, (N, H, W, Cin) -> (N, ceil(H/s), ceil(W/s), Cout), by the
+    fastest of the ways above for this shape and dtype."""
+    n, h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    ho, wo = (h - 1) // strides + 1, (w - 1) // strides + 1
+    if min(ho, wo) <= 3:
+        patches = convolution.conv_patches(x, 3, strides, 1).reshape(n * ho * wo, 9 * cin)
+        y = jnp.dot(patches, kernel.reshape(9 * cin, cout), precision=precision)
+        return y.reshape(n, ho, wo, cout)
+    if not _reassociate(x):
+        return convolution.conv2d(x, kernel, strides, 1, precision)
+    if strides == 1 and cin >= WINOGRAD_MIN_CIN:
+        return convolution.winograd_conv3x3(x, kernel, precision)
+    method = "winograd" if strides == 1 else "taps"
+    return convolution.conv2d_cpu(x, kernel, strides, 1, method, precision)
+
+
+class Conv3x3(nn.Module):
+    """3x3 convolution, padding 1, no bias: `conv3x3` with `nn.Conv`'s `kernel`."""
+
+    features: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Any = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, Cin) -> (N, ceil(H/s), ceil(W/s), features)."""
+        shape = (3, 3, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        with jax.named_scope(SCOPE):
+            return conv3x3(x, kernel, self.strides, self.precision)
+
+
+class Conv1x1(nn.Module):
+    """1x1 convolution, no padding, no bias, as a matrix product; `nn.Conv`'s `kernel`."""
+
+    features: int
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Any = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, Cin) -> (N, ceil(H/s), ceil(W/s), features)."""
+        cin = x.shape[-1]
+        shape = (1, 1, cin, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        with jax.named_scope(SCOPE):
+            s = self.strides
+            if s > 1:
+                x = x[:, ::s, ::s, :]
+            n, h, w, _ = x.shape
+            kernel = kernel.reshape(cin, self.features)
+            y = jnp.dot(x.reshape(n * h * w, cin), kernel, precision=self.precision)
+            return y.reshape(n, h, w, self.features)
+
+
+class StemConv(nn.Module):
+    """The ResNet stem: 7x7 convolution, stride 2, padding 3, no bias; `nn.Conv`'s `kernel`.
+    In float32 its kernel gradient is patches^T @ gradient (`conv2d_cpu`, "patches")."""
+
+    features: int = 64
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Any = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, Cin) -> (N, ceil(H/2), ceil(W/2), features)."""
+        shape = (7, 7, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        with jax.named_scope(SCOPE):
+            if _reassociate(x):
+                return convolution.conv2d_cpu(x, kernel, 2, 3, "patches", self.precision)
+            return convolution.conv2d(x, kernel, 2, 3, self.precision)
+
+
+class BatchNorm(layers.BatchNorm):
+    """The reference batch norm (same parameters and statistics) with, in training, the
+    one-pass moments and the hand-written backward pass of `batch_norm.py`."""
+
+    def batch_moments(self, x, valid):
+        with jax.named_scope(SCOPE):
+            # No autodiff through the moments: `normalize_train`'s backward pass covers them.
+            return batch_norm.one_pass_moments(lax.stop_gradient(x), valid)
+
+    def normalize_batch(self, x, scale, bias, valid, mean, var, count):
+        weights = jnp.ones(x.shape[:1], bool) if valid is None else valid
+        shift = jnp.zeros_like(scale) if bias is None else bias
+        with jax.named_scope(SCOPE):
+            return batch_norm.normalize_train(
+                x, scale, shift, weights.astype(jnp.float32), mean, var, count, self.epsilon
+            )
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """`max_pool.max_pool_3x3_s2` under `SCOPE`."""
+    with jax.named_scope(SCOPE):
+        return max_pool.max_pool_3x3_s2(x)
+
+
+CPU_LAYERS = Layers(
+    stem_conv=StemConv,
+    conv3x3=Conv3x3,
+    conv1x1=Conv1x1,
+    norm=BatchNorm,
+    max_pool=max_pool_3x3_s2,
+)
