@@ -169,6 +169,30 @@ def test_mac_value_and_gradient_at_one_position():
         for k in range(5):
             want[i, int(np.argmax(flat[i, :, k])), k] = 1.0
     np.testing.assert_array_equal(grad, want.reshape(x.shape))
+    # The same under jit (as in the training step), weighted per channel.
+    weights = jnp.arange(1.0, 6.0)
+    jitted = jax.jit(jax.grad(lambda v: jnp.sum(pooling.mac(v) * weights)))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(jitted), want.reshape(x.shape) * np.arange(1, 6))
+
+
+def test_mac_gradient_matches_finite_differences():
+    # Distinct values (no ties): MAC is differentiable and its gradient is the exact one.
+    x = np.random.default_rng(8).permutation(2 * 3 * 2 * 4).reshape(2, 3, 2, 4) / 10.0
+    weights = np.random.default_rng(9).normal(size=4)
+
+    def objective(v):
+        return jnp.sum(pooling.mac(v) @ weights)
+
+    grad = np.asarray(jax.jit(jax.grad(objective))(jnp.asarray(x, jnp.float32)))
+    numeric = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += 1e-3
+        down[index] -= 1e-3
+        numeric[index] = (
+            (up.max(axis=(1, 2)) @ weights).sum() - (down.max(axis=(1, 2)) @ weights).sum()
+        ) / 2e-3
+    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-5)
 
 
 def test_rmac_gradient_is_finite_on_zero_regions():
