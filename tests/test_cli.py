@@ -204,6 +204,41 @@ def test_evaluate_checkpoint_flip_test(checkpoint_dir, tmp_path):
     assert_one_line_error(result, "--flip applies when embedding images")
 
 
+def test_evaluate_checkpoint_with_whitening(checkpoint_dir, tmp_path):
+    from ctl_jax.retrieval.whitening import Whitening, learn_pca
+
+    # Whitened embeddings are unit vectors, and a rotation of unit vectors keeps every cosine
+    # and commutes with query expansion's weighted sums: the metrics with a rotation equal
+    # those with the identity, a 4-d whitening changes them. So --whitening reaches the
+    # embeddings before the options. (Not with --rerank: its k-reciprocal sets flip on the
+    # near-ties of this random model's embeddings under float32 rounding.)
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.normal(size=(512, 512)))
+    for name, projection in (("identity", np.eye(512)), ("rotation", rotation)):
+        whitening = Whitening("pca", np.zeros(512, np.float32), projection.astype(np.float32))
+        whitening.save(tmp_path / f"{name}.npz")
+    learn_pca(rng.normal(size=(40, 512)), dim=4).save(tmp_path / "reduced.npz")
+    args = [f"--workdir={checkpoint_dir}", "--modes=instance", "--noverification", "--aqe"]
+    metrics = {}
+    for name in ("identity", "rotation", "reduced"):
+        out = tmp_path / f"{name}.json"
+        result = run(
+            "ctl_jax.evaluate", *args, f"--whitening={tmp_path / name}.npz", f"--output={out}"
+        )
+        assert result.returncode == 0, result.stderr
+        metrics[name] = json.loads(out.read_text())
+    assert metrics["rotation"]["meta"]["whitening"] == str(tmp_path / "rotation.npz")
+    for key in ("mAP", "mINP", "rank1"):
+        want = metrics["identity"]["instance"][key]
+        assert metrics["rotation"]["instance"][key] == pytest.approx(want, abs=1e-5)
+    assert metrics["reduced"]["instance"]["mAP"] != pytest.approx(
+        metrics["identity"]["instance"]["mAP"], abs=1e-6
+    )
+    learn_pca(rng.normal(size=(40, 64)), dim=4).save(tmp_path / "other.npz")
+    result = run("ctl_jax.evaluate", *args, f"--whitening={tmp_path / 'other.npz'}")
+    assert_one_line_error(result, "learned on 64-d embeddings", "512-d")
+
+
 def test_evaluate_missing_step_and_corrupt_checkpoint(checkpoint_dir, tmp_path):
     missing = run("ctl_jax.evaluate", f"--workdir={checkpoint_dir}", "--step=3")
     assert_one_line_error(missing, "step 3")
