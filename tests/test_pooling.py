@@ -146,6 +146,12 @@ def test_rmac_regions_match_reference_and_stay_inside(shape):
             assert 0 <= top and top + side <= h and 0 <= left and left + side <= w
 
 
+def test_rmac_regions_match_reference_on_every_small_map():
+    for h in range(1, 41):
+        for w in range(1, 41):
+            assert list(pooling.rmac_regions(h, w, 3)) == ref_region_grid(h, w, 3), (h, w)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rmac_matches_reference(shape):
     h, w = shape
