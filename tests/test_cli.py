@@ -63,6 +63,20 @@ def test_config_key_typo_is_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("--config.model.gem_p=0", "model.gem_p must be > 0"),
+        ("--config.loss.classifier_margin=2.0", "classifier_margin must be in [0, pi/2)"),
+    ],
+)
+def test_bad_head_setting_is_one_line_before_the_workdir(tmp_path, setting, message):
+    config = "configs/default.py:" + ("gem" if "gem_p" in setting else "arcface")
+    result = run("ctl_jax.train", f"--config={config}", setting, f"--workdir={tmp_path / 'w'}")
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "w").exists()
+
+
 def test_missing_config_file_is_one_line(tmp_path):
     result = run("ctl_jax.train", "--config=configs/no_such.py", f"--workdir={tmp_path}")
     assert_one_line_error(result, "configs/no_such.py")

@@ -34,7 +34,7 @@ from ctl_jax.training.logbook import MetricsLog, flatten_eval
 from ctl_jax.training.optimizer import make_optimizer
 from ctl_jax.training.position import DataPosition
 from ctl_jax.training.state import TrainState
-from ctl_jax.training.step import make_train_step
+from ctl_jax.training.step import check_head_config, make_train_step
 
 # Batch key and metric of the multi-process stop vote (see `_with_stop_vote`).
 STOP_VOTE = "stop_vote"
@@ -105,6 +105,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
     workdir = pathlib.Path(workdir)
     if jax.process_index() != 0:  # in a multi-process run, process 0 speaks for all
         log = _silent
+    check_head_config(config)  # a bad head setting fails before anything is written
     prepare_workdir(config, workdir)
     dataset, readers = load_dataset(config.data)
     check_trainable(dataset, evaluates=bool(config.eval.modes))

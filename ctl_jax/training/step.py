@@ -11,6 +11,7 @@ import optax
 
 from ctl_jax import losses, margin_losses
 from ctl_jax.errors import ConfigError
+from ctl_jax.models import pooling
 from ctl_jax.training.optimizer import learning_rate
 from ctl_jax.training.state import TrainState
 
@@ -94,6 +95,16 @@ def compute_losses(outputs: dict, batch: Batch, centers: jax.Array, loss_cfg, nu
 
 
 METRICS = ("triplet", "contrastive")
+
+
+def check_head_config(config) -> None:
+    """One-line ConfigErrors for bad pooling, metric-loss or classifier settings of a full
+    config (the training loop calls it before writing anything)."""
+    model = config.model
+    pooling.check_pooling(
+        model.get("pooling", "avg"), model.get("gem_p", 3.0), model.get("rmac_levels", 3)
+    )
+    check_loss_config(config.loss)
 
 
 def check_loss_config(loss_cfg) -> None:
