@@ -4,13 +4,21 @@ Every other config starts from this one and changes a few visible lines. Field g
 `data` (dataset and input pipeline), `model`, `loss`, `solver` (optimiser, schedule, epochs),
 `train` (logging, checkpoints, periodic evaluation), `eval` (evaluation modes); top-level
 `name`, `seed` and `cpu_fast_path`.
+
+Variants (`--config=configs/default.py:<variant>`), each the demo with one change, to compare
+retrieval heads on the synthetic set: `gem`, `max`, `rmac` (pooling), `cosface`, `arcface`
+(classifier), `contrastive` (instead of the batch-hard triplet loss).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+from ctl_jax.errors import ConfigError
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = ("gem", "max", "rmac", "cosface", "arcface", "contrastive")
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "default"
     config.seed = 0
@@ -74,9 +82,16 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"  # "bfloat16" on accelerators: bf16 compute, f32 parameters.
     # A ctl_jax checkpoint (e.g. converted ImageNet weights) to initialise from; "" = random.
     model.init_checkpoint = ""
+    # Global pooling of the last feature map (ctl_jax/models/pooling.py): "avg" (the CTL
+    # paper), "max" (MAC), "gem" (generalised mean, exponent gem_p, trained when
+    # gem_learnable) or "rmac" (regional max over rmac_levels scales, Tolias et al.).
+    model.pooling = "avg"
+    model.gem_p = 3.0
+    model.gem_learnable = False
+    model.rmac_levels = 3
 
     config.loss = loss = ml_collections.ConfigDict()
-    loss.triplet_weight = 1.0
+    loss.triplet_weight = 1.0  # weight of the metric loss (`metric`: triplet or contrastive)
     loss.ce_weight = 1.0
     loss.center_weight = 5e-4
     loss.centroid_weight = 1.0  # 0 turns the centroid triplet loss off (the BNNeck baseline).
@@ -85,6 +100,17 @@ def get_config() -> ml_collections.ConfigDict:
     loss.distance = "euclidean"  # or "cosine"
     loss.label_smoothing = 0.1
     loss.center_lr = 0.5
+    # "triplet" (batch-hard) or "contrastive" (all pairs, Hadsell et al.); both use `margin`
+    # (the contrastive loss has no soft margin) and `distance`.
+    loss.metric = "triplet"
+    # Identity classifier on the BNNeck output: "softmax" (linear), or "cosface" / "arcface"
+    # (normalised features and class weights, margin on the target class, logits scaled by
+    # `scale`; ctl_jax/margin_losses.py). classifier_margin None = the paper's value
+    # (CosFace 0.35, ArcFace 0.5); easy_margin: ArcFace's margin only where cos > 0.
+    loss.classifier = "softmax"
+    loss.scale = 30.0
+    loss.classifier_margin = config_dict.placeholder(float)
+    loss.easy_margin = False
 
     config.solver = solver = ml_collections.ConfigDict()
     solver.base_lr = 3.5e-4
@@ -110,4 +136,21 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.modes = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
     # Flip test: embed each image and its horizontal mirror and average (twice the cost).
     evaluation.flip = False
+    return apply_variant(config, variant)
+
+
+def apply_variant(config: ml_collections.ConfigDict, variant: str | None):
+    """The demo with one retrieval head changed (see the module docstring)."""
+    if variant is None:
+        return config
+    if variant not in VARIANTS:
+        raise ConfigError(f"config variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    config.name = f"{config.name}_{variant}"
+    if variant in ("gem", "max", "rmac"):
+        config.model.pooling = variant
+        config.model.gem_learnable = variant == "gem"
+    elif variant in ("cosface", "arcface"):
+        config.loss.classifier = variant
+    else:
+        config.loss.metric = variant
     return config

@@ -61,6 +61,10 @@ IDENTITY_FIELDS = (
     "model.arch",
     "model.last_stride",
     "model.stem_relu",
+    "model.pooling",
+    "model.gem_p",
+    "model.gem_learnable",
+    "model.rmac_levels",
     "loss",
     "solver.base_lr",
     "solver.weight_decay",
@@ -68,6 +72,34 @@ IDENTITY_FIELDS = (
     "solver.milestones",
     "solver.gamma",
 )
+
+
+# Settings added after work directories were first saved, with the value that a config saved
+# without them used, so that such a run still resumes and its checkpoints still load.
+ADDED_DEFAULTS = {
+    "model.pooling": "avg",
+    "model.gem_p": 3.0,
+    "model.gem_learnable": False,
+    "model.rmac_levels": 3,
+    "loss.metric": "triplet",
+    "loss.classifier": "softmax",
+    "loss.scale": 30.0,
+    "loss.classifier_margin": None,
+    "loss.easy_margin": False,
+}
+
+
+def with_added_defaults(tree: dict) -> dict:
+    """A copy of a config dict with the `ADDED_DEFAULTS` it lacks filled in."""
+    tree = json.loads(json.dumps(tree, default=str))
+    for dotted, value in ADDED_DEFAULTS.items():
+        *groups, key = dotted.split(".")
+        node = tree
+        for group in groups:
+            node = node.get(group) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(key, value)
+    return tree
 
 
 def _lookup(tree: dict, dotted: str):
@@ -79,7 +111,9 @@ def _lookup(tree: dict, dotted: str):
 
 
 def identity_differences(saved: dict, current: dict) -> list[str]:
-    """Lists the identity fields in which two config dicts differ, as readable strings."""
+    """Lists the identity fields in which two config dicts differ, as readable strings
+    (a setting one of them predates counts as its `ADDED_DEFAULTS` value)."""
+    saved, current = with_added_defaults(saved), with_added_defaults(current)
     diffs = []
     for field in IDENTITY_FIELDS:
         a, b = _lookup(saved, field), _lookup(current, field)

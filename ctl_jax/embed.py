@@ -1,5 +1,5 @@
 """Embed images: `python -m ctl_jax.embed (--workdir=DIR | --checkpoint=DIR) --images=PATH
---output=FILE.npz [--step=N] [--batch_size=N] [--overwrite]`.
+--output=FILE.npz [--step=N] [--batch_size=N] [--flip] [--whitening=FILE] [--overwrite]`.
 
 `--images` is one image or a folder, searched recursively for .jpg/.jpeg/.png files (other
 files are skipped and counted). Each image gets the model's test-time preprocessing (resize
@@ -38,6 +38,11 @@ _IDENTITY = flags.DEFINE_string("identity", None, FLAG_HELP)
 _FLIP = flags.DEFINE_bool(
     "flip", False, "Flip test: average each image's embedding with its mirror's (2x time)."
 )
+_WHITENING = flags.DEFINE_string(
+    "whitening",
+    None,
+    "Whitening .npz (ctl_jax.whiten) applied to the embeddings; they are then unit vectors.",
+)
 
 
 def main(argv):
@@ -62,22 +67,33 @@ def main(argv):
     from ctl_jax.retrieval.identities import IdentitySource, assign_identities
     from ctl_jax.retrieval.images import embed_images, list_images
 
-    # A bad --images or --identity fails before the model is loaded.
+    # A bad --images, --identity or --whitening fails before the model is loaded.
     identity = IdentitySource.parse(_IDENTITY.value)
     assign_identities(list_images(_IMAGES.value).paths, _IMAGES.value, identity)
+    whitening = _load_whitening(_WHITENING.value)
     start = time.time()
     embedder = Embedder.load(
         directory, step=_STEP.value, batch_size=_BATCH_SIZE.value, flip=_FLIP.value
     )
+    if whitening is not None:  # fail before embedding, not after
+        whitening.check_input_dim(embedder.dim, f"{directory}'s model")
     embeddings, report = embed_images(
         embedder, _IMAGES.value, progress=_PROGRESS.value, identity=identity
     )
+    if whitening is not None:
+        embeddings = whitening.apply_to(embeddings)
     embeddings.save(output, overwrite=_OVERWRITE.value)
     print(
         f"{report.summary()}{' (flip test)' if _FLIP.value else ''} with {directory} "
         f"(step {embedder.step}) in "
         f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings written to {output}"
     )
+
+
+def _load_whitening(path: str | None):
+    from ctl_jax.retrieval.whitening import Whitening
+
+    return Whitening.load(path) if path else None
 
 
 if __name__ == "__main__":

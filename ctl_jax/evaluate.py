@@ -1,5 +1,6 @@
 """Evaluate retrieval: `python -m ctl_jax.evaluate --workdir=DIR [--config=...] [--step=N]
-[--modes=instance,centroid_camera] [--protocol=...] [--output=FILE]`, or on precomputed
+[--modes=instance,centroid_camera] [--protocol=...] [--whitening=FILE] [--output=FILE]`, or on
+precomputed
 embeddings: `python -m ctl_jax.evaluate --query=Q.npz --gallery=G.npz --modes=...
 --output=FILE`, e.g. Revisited Oxford: `--protocol=revisited --ground_truth=gnd_roxford5k.pkl`
 (embeddings matched to the ground truth by file name).
@@ -8,7 +9,8 @@ Options as the re-ID toolkits report them (Market protocol): `--rerank` (k-recip
 re-ranking, with `--rerank_k1/k2/lambda`), `--aqe` (alpha-weighted query expansion, with
 `--aqe_k/alpha/times`; applied before re-ranking), both on each mode's gallery items (images
 or centroids); pair verification metrics (AUC, TPR at FPR and thresholds, on by default);
-`--plot=DIR` for roc.png and cmc.png.
+`--plot=DIR` for roc.png and cmc.png. `--whitening=FILE` (`ctl_jax.whiten`) whitens query and
+gallery embeddings (and distractors) before any protocol, query expansion or re-ranking.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ _QUERY_CENTROIDS = flags.DEFINE_bool(
     "Multi-image queries: replace the queries of each identity (and camera, in the camera-"
     "aware modes) by their centroid.",
 )
+_WHITENING = flags.DEFINE_string(
+    "whitening",
+    None,
+    "Whitening .npz (ctl_jax.whiten) applied to query and gallery embeddings before evaluating.",
+)
 _FLIP = flags.DEFINE_bool(
     "flip",
     False,
@@ -123,18 +130,23 @@ def evaluate_embedding_files(
     distractors: str | None = None,
     ks=None,
     options: dict | None = None,
+    whitening=None,
 ) -> tuple[dict, dict]:
     """Metrics of precomputed embeddings (no model needed). Under the Market protocol
     `options` go to `evaluation.evaluate`; with options["return_curves"] the results are
-    (metrics, curves)."""
+    (metrics, curves). `whitening` (`ctl_jax.retrieval.whitening.Whitening`) is applied to
+    query, gallery and distractors as they are read, before anything else."""
     from ctl_jax import evaluation
     from ctl_jax.evaluation.query_centroids import evaluate_query_centroids
     from ctl_jax.retrieval.embedding_file import Embeddings
 
-    query, gallery = Embeddings.load(query_path), Embeddings.load(gallery_path)
-    for path, embeddings in ((query_path, query), (gallery_path, gallery)):
+    def load(path):
+        embeddings = Embeddings.load(path)
         if len(embeddings) == 0:
             raise FileContentError(f"embeddings file {path} has no rows; nothing to evaluate")
+        return embeddings if whitening is None else whitening.apply_to(embeddings)
+
+    query, gallery = load(query_path), load(gallery_path)
     # Files with named identities number them independently: one numbering from the labels
     # of both (unchanged for Market-style files, whose labels are their pids).
     if query.dim == gallery.dim:  # (else the evaluation names the mismatch)
@@ -147,7 +159,7 @@ def evaluate_embedding_files(
         from ctl_jax.retrieval.embedding_protocols import evaluate_embeddings
 
         results, extra = evaluate_embeddings(
-            protocol, query, gallery, modes, ground_truth, distractors, ks
+            protocol, query, gallery, modes, ground_truth, distractors, ks, load=load
         )
         return results, {**meta, "protocol": protocol, **extra}
     # As `--workdir` reads a dataset: rows of identity -1 (Market junk, or an image with no
@@ -197,18 +209,23 @@ def evaluate_checkpoint(
     protocol=None,
     options: dict | None = None,
     flip: bool | None = None,
+    whitening=None,
 ) -> tuple[dict, dict]:
     """Metrics of a checkpoint on its (or `config`'s) dataset, under `protocol` (default:
     the config's `eval.protocol`, else the dataset's published one); `options` as for
-    `evaluate_embedding_files`; `flip` overrides the config's eval.flip."""
+    `evaluate_embedding_files`; `flip` overrides the config's eval.flip; `whitening` is
+    applied to the embeddings before any metric (see `Evaluator`)."""
     from ctl_jax import parallel
     from ctl_jax.checkpoints import restore_model
     from ctl_jax.data.source import load_dataset
     from ctl_jax.evaluation.protocols import choose_protocol
     from ctl_jax.evaluator import Evaluator
+    from ctl_jax.models import feature_dim
 
     restored = restore_model(workdir, step=step, config=config)
     config = restored.config
+    if whitening is not None:  # fail before embedding, not after
+        whitening.check_input_dim(feature_dim(config.model.arch), f"{workdir}'s model")
     with config.unlocked():  # the command line's choices are the evaluator's config
         if protocol:
             config.eval.protocol = protocol
@@ -220,7 +237,9 @@ def evaluate_checkpoint(
     if distributed.is_primary():
         print(dataset.statistics_table())
     mesh = parallel.make_mesh()
-    evaluator = Evaluator(restored.model, dataset, readers, config, mesh, flip=flip)
+    evaluator = Evaluator(
+        restored.model, dataset, readers, config, mesh, flip=flip, whitening=whitening
+    )
     market_options = (options or {}) if protocol == "market" else {}
     results = evaluator.run(restored.variables, tuple(config.eval.modes), **market_options)
     if options and options.get("return_curves") and protocol != "market":
@@ -282,6 +301,11 @@ def main(argv):
         if not all(k.isdigit() and int(k) >= 1 for k in _KS.value):
             cli.fail(f"--ks must be positive integers, got {','.join(_KS.value)}")
         ks = tuple(int(k) for k in _KS.value)
+    whitening = None
+    if _WHITENING.value:
+        from ctl_jax.retrieval.whitening import Whitening
+
+        whitening = Whitening.load(_WHITENING.value)
     start = time.time()
     if _QUERY.value or _GALLERY.value:
         if not (_QUERY.value and _GALLERY.value):
@@ -312,6 +336,7 @@ def main(argv):
             _DISTRACTORS.value,
             ks,
             options,
+            whitening,
         )
     elif _WORKDIR.value:
         if _GROUND_TRUTH.value or _DISTRACTORS.value or ks:
@@ -321,7 +346,14 @@ def main(argv):
             )
         flip = _FLIP.value if _FLIP.present else None
         results, meta = evaluate_checkpoint(
-            _WORKDIR.value, _CONFIG(), _STEP.value, modes, _PROTOCOL.value, options, flip
+            _WORKDIR.value,
+            _CONFIG(),
+            _STEP.value,
+            modes,
+            _PROTOCOL.value,
+            options,
+            flip,
+            whitening,
         )
         if meta["protocol"] != "market":
             options = {**options, "verification": False, "return_curves": False}
@@ -329,6 +361,7 @@ def main(argv):
         cli.fail("give --workdir=DIR, or --query=Q.npz and --gallery=G.npz")
     results, curves = results if options["return_curves"] else (results, None)
     meta.update(options_meta(options))
+    meta["whitening"] = _WHITENING.value
     meta["seconds"] = round(time.time() - start, 2)
     meta["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if not distributed.is_primary():  # every process computed the same results

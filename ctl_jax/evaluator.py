@@ -28,10 +28,16 @@ class Evaluator:
       mesh: the device mesh the embedding runs on.
       flip: flip test (mean embedding of each image and its mirror); default the config's
         `eval.flip` (False when the config predates it).
+      whitening: a learned whitening (`ctl_jax.retrieval.whitening.Whitening`, anything with
+        `apply((N, D)) -> (N, d)`) applied to query and gallery embeddings, so that every
+        protocol and option sees whitened vectors; None (training) for the raw embeddings.
     """
 
-    def __init__(self, model, dataset, readers, config, mesh, flip: bool | None = None):
+    def __init__(
+        self, model, dataset, readers, config, mesh, flip: bool | None = None, whitening=None
+    ):
         self.dataset, self.readers, self.config, self.mesh = dataset, readers, config, mesh
+        self.whitening = whitening
         if config.eval.modes:  # a protocol or mode that does not fit fails now, not later
             protocol = choose_protocol(
                 dataset.protocols, config.eval.get("protocol", ""), f"dataset {dataset.name!r}"
@@ -41,7 +47,8 @@ class Evaluator:
         self._embed = make_embed_fn(model, mesh, flip=self.flip)
 
     def embeddings(self, variables) -> tuple[np.ndarray, np.ndarray]:
-        """(query (Q, D), gallery (G, D)) BNNeck embeddings, not normalised.
+        """(query (Q, D), gallery (G, D)) BNNeck embeddings, not normalised; with a
+        whitening, (Q, d) and (G, d) whitened unit vectors.
 
         Args:
           variables: {"params", "batch_stats"} (or a train state, see `model_variables`).
@@ -61,7 +68,7 @@ class Evaluator:
                 self.mesh,
                 description=f"embedding {name}",
             )
-            out.append(embeddings)
+            out.append(embeddings if self.whitening is None else self.whitening.apply(embeddings))
         return out[0], out[1]
 
     def run(self, state_or_variables, modes, protocol: str | None = None, **options) -> dict:

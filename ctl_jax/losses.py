@@ -1,4 +1,5 @@
-"""Losses of the CTL model: batch-hard triplet, centroid triplet, center, label-smoothing CE.
+"""Losses of the CTL model: batch-hard triplet, centroid triplet, center, label-smoothing CE,
+and the contrastive loss (an alternative to the triplet loss).
 
 Every loss is a pure function of arrays over a P x M training batch (docs/method.md, 'The P x M
 sampler'): rows ``p*M .. p*M+M-1`` belong to identity ``p``, and identities with fewer than M
@@ -139,6 +140,58 @@ def batch_hard_triplet_loss(
     x, valid = _prepare(embeddings, valid)
     loss, dist_ap, dist_an, _ = _masked_batch_hard(x, jnp.asarray(labels), valid, margin, distance)
     return loss, {"dist_ap": dist_ap, "dist_an": dist_an}
+
+
+def contrastive_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    margin: float = 0.5,
+    distance: str = "euclidean",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Contrastive loss (Hadsell, Chopra, LeCun 2006) over every valid pair of a batch.
+
+    For each unordered pair {i, j}, i != j, of valid rows with distance d: 0.5 * d^2 if the
+    labels agree (pulled together), 0.5 * max(0, margin - d)^2 if they differ (pushed beyond
+    the margin); the loss is the mean over all such pairs (0 if there is none). Vectorised
+    over the (N, N) distance matrix like the triplet loss; invalid rows take part in no pair.
+
+    Args:
+      embeddings: (N, D) features.
+      labels: (N,) int identity labels (ignored on invalid rows).
+      valid: (N,) bool mask of real samples.
+      margin: the distance negatives are pushed beyond (may be traced).
+      distance: "euclidean" or "cosine". Static under jit.
+
+    Returns:
+      (loss, aux): loss a float32 scalar; aux = {"dist_pos", "dist_neg"}, the mean distance
+      of positive and of negative pairs (0 when there is none).
+    """
+    _check_distance(distance)
+    x, valid = _prepare(embeddings, valid)
+    labels = jnp.asarray(labels)
+    n = x.shape[0]
+    dist = _pairwise_distance(x, distance)
+    pair = valid[:, None] & valid[None, :] & ~jnp.eye(n, dtype=bool)
+    same = labels[:, None] == labels[None, :]
+    pos, neg = pair & same, pair & ~same
+    # A positive pair's term is the squared distance: for the Euclidean distance it is taken
+    # before the square root (exact, and its gradient needs no clamp at d = 0).
+    if distance == "euclidean":
+        sq_norm = jnp.sum(x * x, axis=-1)
+        pos_term = jnp.maximum(sq_norm[:, None] + sq_norm[None, :] - 2.0 * (x @ x.T), 0.0)
+    else:
+        pos_term = jnp.square(dist)
+    per_pair = 0.5 * jnp.where(pos, pos_term, jnp.square(jax.nn.relu(margin - dist)))
+    # Each unordered pair appears twice in the symmetric matrix; the mean is unchanged.
+    num_pairs = jnp.sum(pair).astype(jnp.float32)
+    loss = jnp.sum(jnp.where(pair, per_pair, 0.0)) / jnp.maximum(num_pairs, 1.0)
+
+    def mean_over(mask: jax.Array) -> jax.Array:
+        total = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(dist), 0.0))
+        return total / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+
+    return loss, {"dist_pos": mean_over(pos), "dist_neg": mean_over(neg)}
 
 
 def centroid_triplet_loss(

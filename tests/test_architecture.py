@@ -19,9 +19,9 @@ the package (`ctl_jax.evaluation`), so such a cycle is reported. Counting the im
 parent edges instead would report every package whose `__init__` re-exports its submodules.
 
 Layers (lowest first): errors, files, configs, malloc, parallel (device mesh) | data, models,
-losses, evaluation (metrics) | checkpoints | inference, weights (conversion) | evaluator,
-retrieval | training | cli, distributed (start-up helpers) and the entry points (train,
-evaluate, embed, search, convert, export, serve). The rules checked:
+losses, margin_losses, evaluation (metrics) | checkpoints | inference, weights (conversion) |
+evaluator, retrieval | training | cli, distributed (start-up helpers) and the entry points
+(train, evaluate, embed, search, convert, whiten, export, serve). The rules checked:
 
 1. No cycles between modules.
 2. No cycles between the top-level parts of the package (`ctl_jax.training`,
@@ -44,7 +44,7 @@ import pytest
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1] / "ctl_jax"
 ENTRY_POINTS = tuple(
     f"ctl_jax.{name}"
-    for name in ("train", "evaluate", "embed", "search", "convert", "export", "serve")
+    for name in ("train", "evaluate", "embed", "search", "convert", "whiten", "export", "serve")
 )
 BELOW_TRAINING = tuple(
     f"ctl_jax.{name}"
@@ -56,6 +56,7 @@ BELOW_TRAINING = tuple(
         "data",
         "models",
         "losses",
+        "margin_losses",
         "checkpoints",
         "parallel",
     )

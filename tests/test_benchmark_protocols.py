@@ -357,6 +357,28 @@ def test_evaluate_revisited_on_embedding_files(tmp_path):
             assert metrics[setting][key] == pytest.approx(expected[setting][key], abs=1e-6)
     assert metrics["easy"]["num_query"] == 2  # the third query has no easy positive
 
+    # --whitening applies to the query, the gallery and the distractors alike.
+    from ctl_jax.retrieval.whitening import learn_pca
+
+    whitening = learn_pca(rng.normal(size=(30, 4)), dim=3)
+    whitening.save(tmp_path / "w.npz")
+    result = _run(
+        f"--query={tmp_path / 'Q.npz'}",
+        f"--gallery={tmp_path / 'G.npz'}",
+        "--protocol=revisited",
+        f"--ground_truth={gnd_path}",
+        f"--distractors={tmp_path / 'D.npz'}",
+        f"--whitening={tmp_path / 'w.npz'}",
+        f"--output={out}",
+        "--overwrite",
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    database = whitening.apply(np.concatenate([g, d]))
+    expected = revisited_metrics(whitening.apply(q), database, ground_truth)
+    for setting in ("easy", "medium", "hard"):
+        assert metrics[setting]["mAP"] == pytest.approx(expected[setting]["mAP"], abs=1e-6)
+
     # A gallery that misses an annotated image: one line naming it.
     _embeddings([f"{n}.jpg" for n in gnd["imlist"][:-1]], g[:-1]).save(tmp_path / "G2.npz")
     bad = _run(

@@ -67,6 +67,20 @@ def test_config_key_typo_is_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("--config.model.gem_p=0", "model.gem_p must be > 0"),
+        ("--config.loss.classifier_margin=2.0", "classifier_margin must be in [0, pi/2)"),
+    ],
+)
+def test_bad_head_setting_is_one_line_before_the_workdir(tmp_path, setting, message):
+    config = "configs/default.py:" + ("gem" if "gem_p" in setting else "arcface")
+    result = run("ctl_jax.train", f"--config={config}", setting, f"--workdir={tmp_path / 'w'}")
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "w").exists()
+
+
 def test_missing_config_file_is_one_line(tmp_path):
     result = run("ctl_jax.train", "--config=configs/no_such.py", f"--workdir={tmp_path}")
     assert_one_line_error(result, "configs/no_such.py")
@@ -215,6 +229,41 @@ def test_evaluate_checkpoint_flip_test(checkpoint_dir, tmp_path):
     _embeddings(np.random.default_rng(0), 4, 3, 2, 2).save(npz)
     result = run("ctl_jax.evaluate", f"--query={npz}", f"--gallery={npz}", "--flip")
     assert_one_line_error(result, "--flip applies when embedding images")
+
+
+def test_evaluate_checkpoint_with_whitening(checkpoint_dir, tmp_path):
+    from ctl_jax.retrieval.whitening import Whitening, learn_pca
+
+    # Whitened embeddings are unit vectors, and a rotation of unit vectors keeps every cosine
+    # and commutes with query expansion's weighted sums: the metrics with a rotation equal
+    # those with the identity, a 4-d whitening changes them. So --whitening reaches the
+    # embeddings before the options. (Not with --rerank: its k-reciprocal sets flip on the
+    # near-ties of this random model's embeddings under float32 rounding.)
+    rng = np.random.default_rng(0)
+    rotation, _ = np.linalg.qr(rng.normal(size=(512, 512)))
+    for name, projection in (("identity", np.eye(512)), ("rotation", rotation)):
+        whitening = Whitening("pca", np.zeros(512, np.float32), projection.astype(np.float32))
+        whitening.save(tmp_path / f"{name}.npz")
+    learn_pca(rng.normal(size=(40, 512)), dim=4).save(tmp_path / "reduced.npz")
+    args = [f"--workdir={checkpoint_dir}", "--modes=instance", "--noverification", "--aqe"]
+    metrics = {}
+    for name in ("identity", "rotation", "reduced"):
+        out = tmp_path / f"{name}.json"
+        result = run(
+            "ctl_jax.evaluate", *args, f"--whitening={tmp_path / name}.npz", f"--output={out}"
+        )
+        assert result.returncode == 0, result.stderr
+        metrics[name] = json.loads(out.read_text())
+    assert metrics["rotation"]["meta"]["whitening"] == str(tmp_path / "rotation.npz")
+    for key in ("mAP", "mINP", "rank1"):
+        want = metrics["identity"]["instance"][key]
+        assert metrics["rotation"]["instance"][key] == pytest.approx(want, abs=1e-5)
+    assert metrics["reduced"]["instance"]["mAP"] != pytest.approx(
+        metrics["identity"]["instance"]["mAP"], abs=1e-6
+    )
+    learn_pca(rng.normal(size=(40, 64)), dim=4).save(tmp_path / "other.npz")
+    result = run("ctl_jax.evaluate", *args, f"--whitening={tmp_path / 'other.npz'}")
+    assert_one_line_error(result, "learned on 64-d embeddings", "512-d")
 
 
 def test_evaluate_missing_step_and_corrupt_checkpoint(checkpoint_dir, tmp_path):

@@ -197,6 +197,15 @@ def test_lightning_checkpoint_config_is_read_as_data(tmp_path, base_config):
     assert (config.data.height, config.data.width) == (256, 128)
     assert config.model.arch == "resnet18" and config.model.stem_relu is None
     assert len(notes) == 2
+    # The PyTorch network average-pools and has a linear classifier, whatever the base
+    # config would train.
+    assert (config.model.pooling, config.loss.classifier) == ("avg", "softmax")
+    heads = ml_collections.ConfigDict(base_config.to_dict())
+    heads.model.pooling, heads.model.gem_learnable = "gem", True
+    heads.loss.classifier = "arcface"
+    config, _ = conversion.resolve_config(heads, source)
+    assert (config.model.pooling, config.model.gem_learnable) == ("avg", False)
+    assert config.loss.classifier == "softmax"
     assert source.layout.name == "ctl_lightning"
     assert source.architecture.arch == "resnet18"
     assert source.num_classes == NUM_CLASSES
@@ -350,6 +359,17 @@ def test_training_initialises_from_converted_imagenet_weights(converted, base_co
     variables = _initial_variables(config, imagenet_classes, logs)
     classifier = np.asarray(variables["params"]["classifier"]["kernel"])
     assert 0 < classifier.std() < 0.01
+
+    # A GeM model with a learnable exponent takes the backbone; p starts at its initial value.
+    config.model.pooling, config.model.gem_learnable, config.model.gem_p = "gem", True, 3.5
+    config.loss.classifier = "arcface"
+    variables = _initial_variables(config, num_classes, logs)
+    np.testing.assert_array_equal(variables["params"]["pooling"]["p"], [3.5])
+    np.testing.assert_array_equal(
+        variables["params"]["backbone"]["layer3_0"]["conv2"]["kernel"],
+        backbone["layer3_0"]["conv2"]["kernel"],
+    )
+    assert "params/pooling/p" in logs[-1]
 
 
 def test_output_directory_is_not_overwritten_silently(converted, base_config, tmp_path):

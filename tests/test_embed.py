@@ -282,3 +282,51 @@ def test_embed_and_search_images_commands(checkpoint, image_folder, tmp_path):
         "ctl_jax.search", f"--gallery={out}", f"--query={out}", "--flip", f"--output={results}.2"
     )
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --flip applies when embedding")
+
+
+def test_embed_with_whitening(checkpoint, image_folder, tmp_path):
+    from ctl_jax.retrieval.whitening import learn_pca
+
+    directory, model, state = checkpoint
+    root, images = image_folder
+    rng = np.random.default_rng(2)
+    learned = learn_pca(rng.normal(size=(40, 512)).astype(np.float32), dim=6)
+    learned.save(tmp_path / "w.npz")
+    out = tmp_path / "emb.npz"
+    done = run_cli(
+        "ctl_jax.embed",
+        f"--checkpoint={directory}",
+        f"--images={root}",
+        f"--output={out}",
+        f"--whitening={tmp_path / 'w.npz'}",
+    )
+    assert done.returncode == 0, done.stderr
+    got = Embeddings.load(out)
+    assert got.embeddings.shape == (5, 6) and got.paths.tolist() == images
+    want = learned.apply(direct_embeddings(model, state, images))
+    np.testing.assert_allclose(got.embeddings, want, rtol=1e-3, atol=1e-4)
+
+    bad = run_cli(
+        "ctl_jax.embed",
+        f"--checkpoint={directory}",
+        f"--images={root}",
+        f"--output={out}.2",
+        f"--whitening={tmp_path / 'missing.npz'}",
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: whitening file")
+    assert not pathlib.Path(f"{out}.2").exists()
+
+    # A whitening learned on other embeddings than this model's: one line, before embedding.
+    learn_pca(rng.normal(size=(40, 64)).astype(np.float32), dim=6).save(tmp_path / "w64.npz")
+    bad = run_cli(
+        "ctl_jax.embed",
+        f"--checkpoint={directory}",
+        f"--images={root}",
+        f"--output={out}.3",
+        f"--whitening={tmp_path / 'w64.npz'}",
+    )
+    assert bad.returncode == 1
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the whitening was learned on 64-d embeddings"), last
+    assert not pathlib.Path(f"{out}.3").exists()

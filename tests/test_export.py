@@ -114,3 +114,32 @@ def test_bad_input_is_a_one_line_error(model_dir, tmp_path):
     assert not new.exists()
     done = export(f"--workdir={model_dir}", f"--output={new}")
     assert done.returncode == 2 and "give --format=onnx or --format=stablehlo" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "pooling", [dict(pooling="max"), dict(pooling="gem", gem_p=3.0, gem_learnable=True)]
+)
+def test_onnx_graph_of_the_other_poolings(pooling):
+    """MAC and GeM (with a learned p that has moved from its initial value) in the graph equal
+    the JAX model's; R-MAC, which the graph cannot express, is a one-line error."""
+    from ctl_jax.data import transforms
+    from ctl_jax.deploy.onnx_graph import build_onnx_model
+    from ctl_jax.errors import InvalidValueError
+
+    model = ReidModel(backbone=resnet.ResNet18, num_classes=3, **pooling)
+    variables = init_variables(model, jax.random.key(2), (H, W, 3))
+    if pooling["pooling"] == "gem":
+        variables["params"]["pooling"]["p"] = np.array([2.4], np.float32)
+    images = random_images(4, H, W, seed=5)
+    want = np.asarray(
+        model.apply(variables, transforms.normalize(images), train=False)["bn_features"]
+    )
+    proto = build_onnx_model(model, variables, H, W)
+    session = onnxruntime.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    got = session.run(["embeddings"], {"images": images})[0]
+    assert cosine_rows(got, want).min() >= 0.9999
+    rmac = ReidModel(backbone=resnet.ResNet18, num_classes=3, pooling="rmac")
+    with pytest.raises(InvalidValueError, match="stablehlo"):
+        build_onnx_model(rmac, variables, H, W)

@@ -16,7 +16,7 @@ from tiny_data import make_tiny_reid
 from ctl_jax import parallel
 from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore, restore_model
-from ctl_jax.configs import config_to_json, load_config
+from ctl_jax.configs import ADDED_DEFAULTS, config_to_json, load_config
 from ctl_jax.cpu import CPU_LAYERS
 from ctl_jax.models.layers import REFERENCE_LAYERS
 from ctl_jax.models.reid import feature_dim, init_variables
@@ -373,6 +373,26 @@ def test_workdir_saved_before_cpu_fast_path_resumes(tiny_dataset, uninterrupted,
     loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
     assert CheckpointStore(workdir, read_only=True).all_steps() == before
     assert json.loads((workdir / "config.json").read_text())["cpu_fast_path"] == "auto"
+
+
+def test_workdir_saved_before_the_retrieval_heads_resumes(tiny_dataset, uninterrupted, tmp_path):
+    # A config.json without model.pooling / gem_* / rmac_levels and loss.metric / classifier /
+    # scale / classifier_margin / easy_margin (configs.ADDED_DEFAULTS) is the same run.
+    workdir = tmp_path / "old"
+    shutil.copytree(uninterrupted, workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    for dotted in ADDED_DEFAULTS:
+        group, key = dotted.split(".")
+        del saved[group][key]
+    (workdir / "config.json").write_text(json.dumps(saved))
+    before = CheckpointStore(workdir, read_only=True).all_steps()
+    loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
+    assert CheckpointStore(workdir, read_only=True).all_steps() == before
+    # A head that differs from the saved (default) one is another run.
+    config = _loop_config(tiny_dataset)
+    config.model.pooling = "gem"
+    with pytest.raises(loop.WorkdirMismatchError, match="model.pooling: saved 'avg', now 'gem'"):
+        loop.train_and_evaluate(config, workdir, log=lambda *_: None)
 
 
 def test_checkpoint_saved_before_cpu_fast_path_restores(tmp_path):

@@ -3,10 +3,10 @@
 Graph: `images` uint8 (N, H, W, 3) RGB -> Cast -> x * NORMALIZE_SCALE - NORMALIZE_SHIFT (the
 ImageNet normalisation of `ctl_jax.data.transforms.normalize`) -> Transpose to NCHW -> the
 ResNet (each convolution with its batch norm folded in: Conv with a bias; IBN-a blocks split
-the channels into InstanceNormalization and a per-channel multiply-add) -> GlobalAveragePool
--> the BNNeck as a per-channel multiply-add -> `embeddings` float32 (N, D). The batch
-dimension is symbolic ("N"); H and W are the model's input size. Opset 17, IR version 8, so
-that runtimes from 2022 on load it.
+the channels into InstanceNormalization and a per-channel multiply-add) -> the global pooling
+(average, max or GeM; R-MAC has no ONNX form here) -> the BNNeck as a per-channel
+multiply-add -> `embeddings` float32 (N, D). The batch dimension is symbolic ("N"); H and W
+are the model's input size. Opset 17, IR version 8, so that runtimes from 2022 on load it.
 
 Why written directly rather than converted: the model is a fixed, small set of operations
 (convolutions, batch norms, ReLU, max pool, instance norm, a mean), so the graph is about 150
@@ -175,6 +175,35 @@ def _backbone_spec(model) -> resnet.ResNet:
     return backbone
 
 
+# Global poolings the graph can express (`ctl_jax.models.pooling`); R-MAC's region grid is
+# left to the StableHLO export, which runs the JAX function itself.
+ONNX_POOLINGS = ("avg", "max", "gem")
+
+
+def check_pooling(model) -> None:
+    """A one-line error before anything is written if `model`'s pooling has no ONNX form."""
+    if model.pooling not in ONNX_POOLINGS:
+        raise InvalidValueError(
+            f"ONNX export supports model.pooling {', '.join(ONNX_POOLINGS)}, not "
+            f"{model.pooling!r}; use --format=stablehlo for this model"
+        )
+
+
+def _pooling(g, x, model, params):
+    """(N, C, h, w) -> (N, C, 1, 1) as `ctl_jax.models.pooling.Pooling` computes it."""
+    check_pooling(model)
+    if model.pooling == "avg":
+        return g.op("GlobalAveragePool", [x], "pool")
+    if model.pooling == "max":
+        return g.op("GlobalMaxPool", [x], "pool")
+    # GeM: (mean of clamp(x, eps)^p)^(1/p), p the trained parameter when it is learnable.
+    p = float(params["pooling"]["p"][0]) if model.gem_learnable else float(model.gem_p)
+    clamped = g.op("Max", [x, g.const("gem_eps", np.float32(1e-6))], "gem_clamp")
+    powered = g.op("Pow", [clamped, g.const("gem_p", np.float32(p))], "gem_pow")
+    mean = g.op("GlobalAveragePool", [powered], "gem_mean")
+    return g.op("Pow", [mean, g.const("gem_inv_p", np.float32(1.0 / p))], "pool")
+
+
 def build_onnx_model(model, variables: dict, height: int, width: int):
     """The ONNX `ModelProto` of a `ReidModel` with its variables.
 
@@ -215,7 +244,7 @@ def build_onnx_model(model, variables: dict, height: int, width: int):
             }
             x = _block(g, x, block, params, stats, f"layer{i + 1}_{j}")
 
-    pooled = g.op("GlobalAveragePool", [x], "pool")
+    pooled = _pooling(g, x, model, variables["params"])
     flat = g.op("Flatten", [pooled], "flatten", axis=1)
     mul, add = _bn_affine(variables["params"]["bnneck"], variables["batch_stats"]["bnneck"])
     y = g.op("Mul", [flat, g.const("bnneck_mul", mul)], "bnneck_mul")

@@ -1,9 +1,10 @@
-"""Re-ID model: ResNet backbone -> global average pool -> BNNeck -> bias-free classifier.
+"""Re-ID model: ResNet backbone -> global pooling -> BNNeck -> bias-free classifier.
 
 Parameter tree (a contract for weight import): `backbone/...` (see `resnet.py`),
 `bnneck/scale` (no `bias`: the BNNeck shift is zero by construction), `classifier/kernel`
-of shape (C, num_classes); batch statistics under `batch_stats` with the same paths. The
-layer set (`ctl_jax.models.layers`) changes how the model computes, never these names.
+of shape (C, num_classes) whatever the classifier head, and `pooling/p` (1,) only for a
+learnable GeM exponent; batch statistics under `batch_stats` with the same paths. The layer
+set (`ctl_jax.models.layers`) changes how the model computes, never these names.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ctl_jax import margin_losses
 from ctl_jax.errors import ConfigError
-from ctl_jax.models import resnet
+from ctl_jax.models import pooling, resnet
+from ctl_jax.models.classifier import CosineClassifier
 from ctl_jax.models.layers import REFERENCE_LAYERS, Layers
 
 _ARCHS: dict[str, Callable[..., resnet.ResNet]] = {
@@ -53,12 +56,21 @@ class ReidModel(nn.Module):
       num_classes: number of training identities.
       dtype: compute dtype of the backbone; the head always computes in float32.
       layers: the layer set of the backbone and of the BNNeck's batch norm.
+      pooling, gem_p, gem_learnable, rmac_levels: the global pooling (see `pooling.Pooling`).
+      classifier: "softmax" (linear logits) or a margin head ("cosface", "arcface"), whose
+        `logits` are the cosines between the normalised BNNeck feature and the normalised
+        class weights (the margin and scale are applied by the loss, which knows the labels).
     """
 
     backbone: Callable[..., nn.Module]
     num_classes: int
     dtype: Any = jnp.float32
     layers: Layers = REFERENCE_LAYERS
+    pooling: str = "avg"
+    gem_p: float = 3.0
+    gem_learnable: bool = False
+    rmac_levels: int = 3
+    classifier: str = "softmax"
 
     @nn.compact
     def __call__(
@@ -75,37 +87,50 @@ class ReidModel(nn.Module):
 
         Returns:
           dict with float32 `features` (N, C) = pooled feature f (triplet, CTL, center losses),
-          `bn_features` (N, C) = BNNeck output (retrieval embedding), `logits` (N, num_classes).
+          `bn_features` (N, C) = BNNeck output (retrieval embedding), `logits` (N, num_classes)
+          (cosines for a margin head).
         """
         backbone = self.backbone(dtype=self.dtype, layers=self.layers, name="backbone")
         fmap = backbone(images, train=train, valid=valid)
-        features = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+        features = pooling.Pooling(
+            self.pooling, self.gem_p, self.gem_learnable, self.rmac_levels, name="pooling"
+        )(fmap.astype(jnp.float32))
         bnneck = self.layers.norm(use_bias=False, dtype=jnp.float32, name="bnneck")
         bn_features = bnneck(features, train=train, valid=valid)
-        logits = nn.Dense(
-            self.num_classes,
-            use_bias=False,
-            dtype=jnp.float32,
-            param_dtype=jnp.float32,
-            kernel_init=nn.initializers.normal(stddev=0.001),
-            name="classifier",
-        )(bn_features)
+        if self.classifier in margin_losses.MARGIN_CLASSIFIERS:
+            head = CosineClassifier(self.num_classes, name="classifier")
+        else:
+            head = nn.Dense(
+                self.num_classes,
+                use_bias=False,
+                dtype=jnp.float32,
+                param_dtype=jnp.float32,
+                kernel_init=nn.initializers.normal(stddev=0.001),
+                name="classifier",
+            )
+        logits = head(bn_features)
         return {"features": features, "bn_features": bn_features, "logits": logits}
 
 
 def model_from_config(
-    model_cfg: Any, num_classes: int, layers: Layers = REFERENCE_LAYERS
+    model_cfg: Any,
+    num_classes: int,
+    layers: Layers = REFERENCE_LAYERS,
+    classifier: str = "softmax",
 ) -> ReidModel:
     """Builds a `ReidModel` from a config's `model` group and a layer set.
 
     Args:
       model_cfg: object with `arch` (one of `ARCH_NAMES`), `last_stride` (int), `stem_relu`
-        (None = the architecture's original choice: False for plain ResNets, True for IBN-a)
-        and `dtype` ('float32' or 'bfloat16'). Other keys are ignored (configs saved by
-        earlier versions hold `fast_1x1` and `fast_ops`).
+        (None = the architecture's original choice: False for plain ResNets, True for IBN-a),
+        `dtype` ('float32' or 'bfloat16'), and `pooling`, `gem_p`, `gem_learnable`,
+        `rmac_levels` (a config saved before they existed gets average pooling). Other keys
+        are ignored (configs saved by earlier versions hold `fast_1x1` and `fast_ops`).
       num_classes: number of training identities (classifier width).
       layers: the layer set; the model's parameters do not depend on it. Applications pick
         it with `ctl_jax.build.build_model`.
+      classifier: the config's `loss.classifier`; only training needs it (the embedding and
+        the parameters are the same for every head).
 
     Returns:
       An unbound `ReidModel`.
@@ -120,11 +145,21 @@ def model_from_config(
     if model_cfg.stem_relu is not None:
         kwargs["stem_relu"] = bool(model_cfg.stem_relu)
     backbone = functools.partial(_ARCHS[arch], **kwargs)
+    pool = {
+        "pooling": model_cfg.get("pooling", "avg"),
+        "gem_p": model_cfg.get("gem_p", 3.0),
+        "gem_learnable": bool(model_cfg.get("gem_learnable", False)),
+        "rmac_levels": model_cfg.get("rmac_levels", 3),
+    }
+    pooling.check_pooling(pool["pooling"], pool["gem_p"], pool["rmac_levels"])
+    margin_losses.check_classifier(classifier)
     return ReidModel(
         backbone=backbone,
         num_classes=num_classes,
         dtype=_DTYPES[model_cfg.dtype],
         layers=layers,
+        classifier=classifier,
+        **pool,
     )
 
 

@@ -21,9 +21,11 @@ from ctl_jax.evaluation.protocols import evaluate_protocol
 
 
 def evaluate_embeddings(
-    protocol, query, gallery, modes, ground_truth=None, distractors=None, ks=None
+    protocol, query, gallery, modes, ground_truth=None, distractors=None, ks=None, load=None
 ):
-    """(results, meta) of `Embeddings` query and gallery under `protocol`."""
+    """(results, meta) of `Embeddings` query and gallery under `protocol`; `load` reads the
+    distractors file (default `Embeddings.load`; `ctl_jax.evaluate` passes one that whitens
+    them like the query and gallery)."""
     meta = {}
     gt = None
     if protocol == "revisited":
@@ -35,7 +37,7 @@ def evaluate_embeddings(
         meta["ground_truth"] = str(ground_truth)
         count = 0
         if distractors:
-            extra = Embeddings.load(distractors)
+            extra = (load or Embeddings.load)(distractors)
             count = len(extra)
             meta["distractors"] = str(distractors)
             gallery = Embeddings(

@@ -35,7 +35,7 @@ from ctl_jax.training.logbook import MetricsLog, flatten_eval
 from ctl_jax.training.optimizer import make_optimizer
 from ctl_jax.training.position import DataPosition
 from ctl_jax.training.state import TrainState
-from ctl_jax.training.step import make_train_step
+from ctl_jax.training.step import check_head_config, make_train_step
 from ctl_jax.training.workdir_lock import workdir_lock
 
 # Batch key and metric of the multi-process stop vote (see `_with_stop_vote`).
@@ -140,6 +140,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
     warn = warn_on_stderr
     if jax.process_index() != 0:  # in a multi-process run, process 0 speaks for all
         log = warn = _silent
+    check_head_config(config)  # a bad head setting fails before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     # Nothing is written into the work directory before the checkpoint to resume from has
     # been read: a failed resume leaves the run as it was.
@@ -408,7 +409,7 @@ def _log_step(step, metrics, config, metrics_log, bar, epoch) -> dict:
         metrics_log.write("train", step, logged, epoch=epoch + 1)
         shown = {
             k: logged[k]
-            for k in ("total_loss", "triplet_loss", "centroid_loss", "ce_loss")
+            for k in ("total_loss", "triplet_loss", "contrastive_loss", "centroid_loss", "ce_loss")
             if k in logged
         }
         bar.set_description_str(

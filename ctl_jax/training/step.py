@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ctl_jax import losses
+from ctl_jax import losses, margin_losses
+from ctl_jax.errors import ConfigError
+from ctl_jax.models import pooling
 from ctl_jax.training.optimizer import learning_rate
 from ctl_jax.training.state import TrainState
 
@@ -39,12 +41,34 @@ def compute_losses(outputs: dict, batch: Batch, centers: jax.Array, loss_cfg, nu
     margin = None if loss_cfg.soft_margin else loss_cfg.margin
     metrics = {}
 
-    triplet, aux = losses.batch_hard_triplet_loss(
-        features, labels, valid, margin=margin, distance=loss_cfg.distance
-    )
-    metrics.update(triplet_loss=triplet, dist_ap=aux["dist_ap"], dist_an=aux["dist_an"])
+    if loss_cfg.get("metric", "triplet") == "contrastive":
+        metric_loss, aux = losses.contrastive_loss(
+            features, labels, valid, margin=loss_cfg.margin, distance=loss_cfg.distance
+        )
+        metrics.update(
+            contrastive_loss=metric_loss, dist_pos=aux["dist_pos"], dist_neg=aux["dist_neg"]
+        )
+    else:
+        metric_loss, aux = losses.batch_hard_triplet_loss(
+            features, labels, valid, margin=margin, distance=loss_cfg.distance
+        )
+        metrics.update(triplet_loss=metric_loss, dist_ap=aux["dist_ap"], dist_an=aux["dist_an"])
 
-    ce = losses.cross_entropy_label_smooth(logits, labels, valid, epsilon=loss_cfg.label_smoothing)
+    classifier = loss_cfg.get("classifier", "softmax")
+    if classifier != "softmax":  # the model's logits are cosines; argmax is the same
+        logits_for_ce = margin_losses.margin_logits(
+            logits,
+            labels,
+            classifier,
+            loss_cfg.scale,
+            loss_cfg.classifier_margin,
+            loss_cfg.easy_margin,
+        )
+    else:
+        logits_for_ce = logits
+    ce = losses.cross_entropy_label_smooth(
+        logits_for_ce, labels, valid, epsilon=loss_cfg.label_smoothing
+    )
     metrics["ce_loss"] = ce
     metrics["accuracy"] = jnp.sum((jnp.argmax(logits, -1) == labels) * valid) / jnp.maximum(
         jnp.sum(valid), 1
@@ -55,7 +79,7 @@ def compute_losses(outputs: dict, batch: Batch, centers: jax.Array, loss_cfg, nu
     metrics["center_loss"] = center_for_net
 
     total = (
-        loss_cfg.triplet_weight * triplet
+        loss_cfg.triplet_weight * metric_loss
         + loss_cfg.ce_weight * ce
         + loss_cfg.center_weight * center_for_net
         + (center_for_centers - jax.lax.stop_gradient(center_for_centers))
@@ -70,6 +94,32 @@ def compute_losses(outputs: dict, batch: Batch, centers: jax.Array, loss_cfg, nu
     return total, metrics
 
 
+METRICS = ("triplet", "contrastive")
+
+
+def check_head_config(config) -> None:
+    """One-line ConfigErrors for bad pooling, metric-loss or classifier settings of a full
+    config (the training loop calls it before writing anything)."""
+    model = config.model
+    pooling.check_pooling(
+        model.get("pooling", "avg"), model.get("gem_p", 3.0), model.get("rmac_levels", 3)
+    )
+    check_loss_config(config.loss)
+
+
+def check_loss_config(loss_cfg) -> None:
+    """One-line ConfigErrors for a bad metric loss or classifier head setting."""
+    metric = loss_cfg.get("metric", "triplet")
+    if metric not in METRICS:
+        raise ConfigError(f"loss.metric={metric!r} is not one of {', '.join(METRICS)}")
+    if metric == "contrastive" and loss_cfg.soft_margin:
+        raise ConfigError("loss.soft_margin=True: the contrastive loss has no soft margin")
+    classifier = loss_cfg.get("classifier", "softmax")
+    margin_losses.check_classifier(
+        classifier, loss_cfg.get("scale", 30.0), loss_cfg.get("classifier_margin", None)
+    )
+
+
 def make_train_step(
     model, tx: optax.GradientTransformation, config
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -81,6 +131,12 @@ def make_train_step(
     """
     loss_cfg, solver_cfg = config.loss, config.solver
     num_instances = config.data.num_instances
+    check_loss_config(loss_cfg)
+    if getattr(model, "classifier", "softmax") != loss_cfg.get("classifier", "softmax"):
+        raise ValueError(
+            f"loss.classifier={loss_cfg.classifier!r} needs the model built with that head "
+            f"(ctl_jax.build.build_model(config, ...) builds it)"
+        )
 
     def train_step(state: TrainState, batch: Batch):
         def loss_fn(params, centers):

@@ -72,6 +72,12 @@ def resolve_config(
     config.model.arch = arch
     config.model.stem_relu = source_model.layout.stem_relu
     config.model.init_checkpoint = ""  # the converted weights are the model itself
+    # The PyTorch networks (torchvision, IBN-a, the original CTL) average-pool and have a
+    # linear classifier, whatever head the base config would train.
+    with config.unlocked():  # a base config may predate these settings
+        config.model.pooling = "avg"
+        config.model.gem_learnable = False
+        config.loss.classifier = "softmax"
     if "last_stride" in settings:
         config.model.last_stride = settings["last_stride"]
         notes.append(f"last stride {settings['last_stride']} from the pickled training config")

@@ -1,0 +1,98 @@
+"""Learn a whitening of embeddings: `python -m ctl_jax.whiten --embeddings=train.npz
+--output=whitening.npz [--method=pca|supervised] [--dim=D] [--labels=pids|folders]
+[--shrinkage=A] [--overwrite]`.
+
+The embeddings are an embeddings .npz (`ctl_jax.embed`), usually of the training images.
+`--method=pca` (default) needs nothing else; `--method=supervised` learns from the pairs of
+embeddings with the same identity: the Market-style `pids` of the file (`--labels=pids`), or
+the name of each image's folder (`--labels=folders`, for folder-per-identity datasets).
+Apply the result with `ctl_jax.embed --whitening=FILE` or `ctl_jax.evaluate --whitening=FILE`
+(see ctl_jax/retrieval/whitening.py for the definitions).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import numpy as np
+from absl import flags
+
+from ctl_jax import cli
+
+_EMBEDDINGS = flags.DEFINE_string("embeddings", None, "Embeddings .npz to learn from.")
+_OUTPUT = flags.DEFINE_string("output", None, "Whitening .npz to write.")
+_METHOD = flags.DEFINE_enum(
+    "method",
+    "pca",
+    ["pca", "supervised"],
+    "pca (unsupervised) or supervised (same-identity pairs).",
+)
+_DIM = flags.DEFINE_integer(
+    "dim",
+    None,
+    "Output dimension (default: the embedding dimension, or fewer if the data span fewer).",
+)
+_LABELS = flags.DEFINE_enum(
+    "labels",
+    "pids",
+    ["pids", "folders"],
+    "Identities for --method=supervised: the file's pids, or each path's parent folder name.",
+)
+_SHRINKAGE = flags.DEFINE_float(
+    "shrinkage",
+    0.0,
+    "Supervised only: shrink the pair covariance towards a multiple of the identity by this "
+    "fraction in [0, 1) (needed when the pairs span fewer directions than the embedding has).",
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
+
+
+def identity_labels(pids: np.ndarray, paths: np.ndarray, source: str) -> np.ndarray:
+    """(N,) int labels from pids (`source="pids"`, -1 = unknown) or parent folder names."""
+    if source == "pids":
+        return np.asarray(pids, np.int64)
+    folders = [pathlib.PurePath(str(p)).parent.name for p in paths]
+    _, labels = np.unique(np.asarray(folders, dtype=str), return_inverse=True)
+    return labels.astype(np.int64)
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _EMBEDDINGS.value:
+        cli.fail("give --embeddings=FILE.npz (e.g. the training images embedded by ctl_jax.embed)")
+    if not _OUTPUT.value:
+        cli.fail("give --output=FILE.npz")
+    output = pathlib.Path(_OUTPUT.value)
+    if output.exists() and not _OVERWRITE.value:
+        cli.fail(f"{output} exists; pass --overwrite to replace it or choose another --output")
+    if _DIM.value is not None and _DIM.value < 1:
+        cli.fail(f"--dim must be >= 1, got {_DIM.value}")
+
+    from ctl_jax.retrieval import whitening
+    from ctl_jax.retrieval.embedding_file import Embeddings
+
+    start = time.time()
+    data = Embeddings.load(_EMBEDDINGS.value)
+    labels = None
+    if _METHOD.value == "supervised":
+        labels = identity_labels(data.pids, data.paths, _LABELS.value)
+        if _LABELS.value == "pids" and not (labels >= 0).any():
+            cli.fail(
+                f"--method=supervised needs identities: {_EMBEDDINGS.value} has no "
+                f"Market-style pids (all -1); try --labels=folders"
+            )
+    result = whitening.learn(
+        data.embeddings, _METHOD.value, labels=labels, dim=_DIM.value, shrinkage=_SHRINKAGE.value
+    )
+    result.save(output, overwrite=_OVERWRITE.value)
+    print(
+        f"{_METHOD.value} whitening learned from {len(data):,} embeddings "
+        f"({result.input_dim}-d -> {result.output_dim}-d) in {time.time() - start:.1f} s, "
+        f"written to {output}"
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)
