@@ -21,6 +21,7 @@ WITH_SIBLINGS = (
     "inference",
     "profile_step",
     "roofline",
+    "step_memory",
     "train_step",
 )
 
@@ -91,6 +92,20 @@ def test_train_step_prints_its_json_record():
     assert record["benchmark"] == "train_step" and record["batch"] == 4
     assert record["cpu_fast_path"] == "auto" and record["cpu_layers"] is True
     assert record["seconds_per_step"] > 0
+
+
+@pytest.mark.slow
+def test_roofline_prints_peak_and_step_flops():
+    """The FLOP side of the roofline on the smallest setting: XLA's count and the convolution
+    count agree to within the elementwise work, and a step is about three forward passes."""
+    args = ["--settings=resnet18_64x32", "--flops_only=1", "--matmul=256", "--peak_repeats=1"]
+    result = _run(["-m", "benchmarks.roofline", *args])
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout)
+    assert record["peak"]["peak_gflops"] > 0
+    (entry,) = record["results"]
+    assert 0.9 < entry["conv_matmul_share_of_xla"] < 1.05
+    assert 2.8 < entry["step_over_forward"] < 3.05
 
 
 def _loop_multiply_adds(n, h, w, cin, cout, k, stride, pad):
