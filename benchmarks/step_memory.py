@@ -7,8 +7,8 @@ XLA's CPU runtime allocates one buffer for all of a step's temporaries when the 
 dispatched, so the step's memory is known after compilation, before anything runs:
 `compiled.memory_analysis()` gives the temporary buffer and the arguments (train state and
 batch). For each M (P fixed by the setting) this compiles the step as training runs it and
-records those sizes and the process's resident memory before the step was compiled (Python,
-the libraries, the train state: `base`). The temporary buffer grows linearly with the batch;
+records those sizes and the process's resident memory before the first step was compiled
+(Python, the libraries, the train state: `base`). The temporary buffer grows linearly with the batch;
 a least-squares line through the measured points gives, for `--budget_gb`, the largest batch
 whose estimated peak, base + temporary buffer, stays inside it, and that batch as P x M with
 the setting's M. Estimates, not measured peaks: `compare_torch.py` and `train_step.py` report
@@ -88,7 +88,8 @@ def main(argv=None) -> None:
         batch = np.array([pt["batch"] for pt in points], float)
         temp = np.array([pt["temp_mb"] for pt in points], float)
         per_image, fixed = np.polyfit(batch, temp, 1)
-        base = max(pt["base_rss_mb"] for pt in points)
+        # The first point's: later points' base holds what the earlier compilations left.
+        base = points[0]["base_rss_mb"]
         budget = args.budget_gb * 1024
         largest = int((budget - base - fixed) // per_image)
         out["temp_mb_per_image"] = round(per_image, 2)
