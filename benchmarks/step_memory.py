@@ -8,8 +8,8 @@ dispatched, so the step's memory is known after compilation, before anything run
 `compiled.memory_analysis()` gives the temporary buffer and the arguments (train state and
 batch). For each M (P fixed by the setting) this compiles the step as training runs it and
 records those sizes and the process's resident memory before the first step was compiled
-(Python, the libraries, the train state: `base`). The temporary buffer grows linearly with the batch;
-a least-squares line through the measured points gives, for `--budget_gb`, the largest batch
+(Python, the libraries, the train state: `base`). The temporary buffer grows linearly with the
+batch; a least-squares line through the measured points gives, for `--budget_gb`, the largest batch
 whose estimated peak, base + temporary buffer, stays inside it, and that batch as P x M with
 the setting's M. Estimates, not measured peaks: `compare_torch.py` and `train_step.py` report
 measured peak RSS for the settings they run.
