@@ -39,6 +39,8 @@ SETTINGS = {
     "resnet50_256x128": ("resnet50", 256, 128, 16, 4, 128),
     "resnet18_64x32": ("resnet18", 64, 32, 8, 4, 128),
     "resnet18_256x128": ("resnet18", 256, 128, 16, 4, 128),
+    # The fashion recipe's input and batch (configs/street2shop.py: 320x320, P12 x M4).
+    "resnet50_320x320": ("resnet50", 320, 320, 12, 4, 64),
 }
 DEFAULT_SETTINGS = "resnet50_128x64,resnet50_256x128,resnet18_64x32"
 PROTOCOL = "@@ "  # prefix of the worker's protocol lines on stdout (anything else is ignored)
@@ -100,21 +102,28 @@ class Worker:
 
 
 def compare(
-    task: str, shared: list[str], extra: dict, rounds: int, pause: float, batch: int
+    task: str,
+    shared: list[str],
+    extra: dict,
+    rounds: int,
+    pause: float,
+    batch: int,
+    frameworks: tuple[str, ...] = ("jax", "torch"),
 ) -> dict:
-    """Interleaved timing of one task for both frameworks; returns the JSON fragment."""
+    """Interleaved timing of one task for `frameworks` (both by default); returns the JSON
+    fragment (`jax_over_torch` only when both ran)."""
     import statistics
 
     load_before = common.loadavg()
     workers, ready = {}, {}
-    for framework in ("jax", "torch"):  # built one at a time: compilation sees no rival
+    for framework in frameworks:  # built one at a time: compilation sees no rival
         workers[framework] = Worker(task, framework, shared + extra[framework])
         ready[framework] = workers[framework].read()
-    times = {"jax": [], "torch": []}
-    faults = {"jax": [], "torch": []}
+    times = {framework: [] for framework in frameworks}
+    faults = {framework: [] for framework in frameworks}
     try:
         for r in range(rounds):
-            order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
+            order = frameworks if r % 2 == 0 else frameworks[::-1]
             for framework in order:
                 time.sleep(pause)  # let the other framework's spinning threads go to sleep
                 answer = workers[framework].ask("run")
@@ -123,7 +132,7 @@ def compare(
     finally:
         peak = {fw: w.close()["peak_rss_mb"] for fw, w in workers.items()}
     result = {"batch": batch}
-    for framework in ("jax", "torch"):
+    for framework in frameworks:
         t = times[framework]
         result[framework] = {
             "images_per_second": round(batch / statistics.median(t), 2),
@@ -137,13 +146,15 @@ def compare(
             "threads": ready[framework]["threads"],
             "tuned_malloc": ready[framework]["tuned_malloc"],
         }
+    result["loadavg_before"], result["loadavg_after"] = load_before, common.loadavg()
+    if len(frameworks) < 2:
+        return result
     result["jax_over_torch"] = round(
         result["jax"]["images_per_second"] / result["torch"]["images_per_second"], 3
     )
     result["jax_over_torch_best"] = round(
         result["jax"]["images_per_second_best"] / result["torch"]["images_per_second_best"], 3
     )
-    result["loadavg_before"], result["loadavg_after"] = load_before, common.loadavg()
     return result
 
 

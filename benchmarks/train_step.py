@@ -40,15 +40,16 @@ def fake_batch(args, rng):
     return images, labels.astype(np.int32)
 
 
-def build_jax(args) -> common.Bench:
-    """The ctl_jax training step, compiled (timed) and ready to run on a fixed batch."""
+def make_jax_step(args):
+    """The ctl_jax training step as training jits it (train state donated), with its inputs.
+
+    Returns:
+      (jitted step, replicated train state, batch on the mesh, model).
+    """
     import jax
 
-    # Cold compilation is part of what we report: never read a persistent cache here.
-    jax.config.update("jax_enable_compilation_cache", False)
     from ctl_jax import parallel
     from ctl_jax.build import build_model
-    from ctl_jax.cpu.malloc import release_free_memory
     from ctl_jax.models.reid import feature_dim, init_variables
     from ctl_jax.training.optimizer import make_optimizer
     from ctl_jax.training.state import create_train_state
@@ -74,6 +75,18 @@ def build_jax(args) -> common.Bench:
     batch = parallel.put_batch(
         {"images": images, "labels": labels, "valid": np.ones(len(labels), bool)}, mesh
     )
+    return step, state, batch, model
+
+
+def build_jax(args) -> common.Bench:
+    """The ctl_jax training step, compiled (timed) and ready to run on a fixed batch."""
+    import jax
+
+    # Cold compilation is part of what we report: never read a persistent cache here.
+    jax.config.update("jax_enable_compilation_cache", False)
+    from ctl_jax.cpu.malloc import release_free_memory
+
+    step, state, batch, model = make_jax_step(args)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - t0

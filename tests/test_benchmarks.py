@@ -15,7 +15,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 MODULES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "__init__")
 # The scripts that import their siblings (the others import only ctl_jax and libraries).
-WITH_SIBLINGS = ("compare_torch", "cpu_fast_path_ab", "inference", "profile_step", "train_step")
+WITH_SIBLINGS = (
+    "compare_torch",
+    "cpu_fast_path_ab",
+    "inference",
+    "profile_step",
+    "roofline",
+    "step_memory",
+    "train_step",
+)
 
 
 def _siblings_imported(module: str) -> set[str]:
@@ -84,3 +92,63 @@ def test_train_step_prints_its_json_record():
     assert record["benchmark"] == "train_step" and record["batch"] == 4
     assert record["cpu_fast_path"] == "auto" and record["cpu_layers"] is True
     assert record["seconds_per_step"] > 0
+
+
+@pytest.mark.slow
+def test_roofline_prints_peak_and_step_flops():
+    """The FLOP side of the roofline on the smallest setting: XLA's count and the convolution
+    count agree to within the elementwise work, and a step is about three forward passes."""
+    args = ["--settings=resnet18_64x32", "--flops_only=1", "--matmul=256", "--peak_repeats=1"]
+    result = _run(["-m", "benchmarks.roofline", *args])
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout)
+    assert record["peak"]["peak_gflops"] > 0
+    (entry,) = record["results"]
+    assert 0.9 < entry["conv_matmul_share_of_xla"] < 1.05
+    assert 2.8 < entry["step_over_forward"] < 3.05
+
+
+def _loop_multiply_adds(n, h, w, cin, cout, k, stride, pad):
+    """Multiply-adds of a k x k convolution that meet an input pixel (not padding), counted
+    one output position and tap at a time."""
+    out_h, out_w = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    taps = 0
+    for oy in range(out_h):
+        for ox in range(out_w):
+            for ky in range(k):
+                for kx in range(k):
+                    y, x = oy * stride - pad + ky, ox * stride - pad + kx
+                    taps += 0 <= y < h and 0 <= x < w
+    return n * cin * cout * taps
+
+
+@pytest.mark.parametrize(
+    "h, w, k, stride, pad", [(7, 5, 3, 1, 1), (8, 6, 3, 2, 1), (9, 4, 1, 2, 0), (11, 9, 7, 2, 3)]
+)
+def test_roofline_counts_convolution_flops_like_a_loop(h, w, k, stride, pad):
+    """benchmarks/roofline.py's FLOP count of a convolution, forward and backward (input and
+    kernel gradients: each forward multiply-add has one in each), against a loop count."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.roofline import jaxpr_matmul_flops
+
+    n, cin, cout = 2, 3, 4
+    x = jnp.ones((n, h, w, cin))
+    kernel = jnp.ones((k, k, cin, cout))
+
+    def conv(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (stride, stride),
+            [(pad, pad)] * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+    expected = 2 * _loop_multiply_adds(n, h, w, cin, cout, k, stride, pad)
+    assert jaxpr_matmul_flops(jax.make_jaxpr(conv)(x, kernel)) == expected
+    step = jax.grad(lambda x, kernel: jnp.sum(conv(x, kernel) ** 2), argnums=(0, 1))
+    assert jaxpr_matmul_flops(jax.make_jaxpr(step)(x, kernel)) == 3 * expected
+    dense = jax.make_jaxpr(lambda a, b: a @ b)(jnp.ones((5, 6)), jnp.ones((6, 7)))
+    assert jaxpr_matmul_flops(dense) == 2 * 5 * 6 * 7

@@ -1,0 +1,105 @@
+"""How much memory the training step needs, and the largest P x M that fits a memory budget.
+
+    python -m benchmarks.step_memory --setting=resnet50_256x128 --m=2,4
+    python -m benchmarks.step_memory --setting=resnet50_320x320 --budget_gb=16
+
+XLA's CPU runtime allocates one buffer for all of a step's temporaries when the step is
+dispatched, so the step's memory is known after compilation, before anything runs:
+`compiled.memory_analysis()` gives the temporary buffer and the arguments (train state and
+batch). For each M (P fixed by the setting) this compiles the step as training runs it and
+records those sizes and the process's resident memory before the first step was compiled
+(Python, the libraries, the train state: `base`). The temporary buffer grows linearly with the
+batch; a least-squares line through the measured points gives, for `--budget_gb`, the largest batch
+whose estimated peak, base + temporary buffer, stays inside it, and that batch as P x M with
+the setting's M. Estimates, not measured peaks: `compare_torch.py` and `train_step.py` report
+measured peak RSS for the settings they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+
+import numpy as np
+
+try:
+    from . import common, compare_torch, train_step
+except ImportError:  # run as a file: benchmarks/ is on sys.path (see common.py)
+    import common
+    import compare_torch
+    import train_step
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux /proc), in MiB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def measure(arch: str, height: int, width: int, p: int, m: int, cpu_fast_path: str) -> dict:
+    """XLA's buffer sizes for one compiled training step, in MiB."""
+    argv = [f"--arch={arch}", f"--height={height}", f"--width={width}", f"--p={p}", f"--m={m}"]
+    args = train_step.parse_args(argv + [f"--cpu_fast_path={cpu_fast_path}"])
+    step, state, batch, _ = train_step.make_jax_step(args)
+    base = current_rss_mb()
+    analysis = step.lower(state, batch).compile().memory_analysis()
+    return {
+        "p": p,
+        "m": m,
+        "batch": p * m,
+        "temp_mb": round(analysis.temp_size_in_bytes / 2**20, 1),
+        "argument_mb": round(analysis.argument_size_in_bytes / 2**20, 1),
+        "base_rss_mb": round(base, 1),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--setting", default="resnet50_256x128", help=", ".join(compare_torch.SETTINGS)
+    )
+    parser.add_argument("--m", default="2,4", help="instances per identity to compile at")
+    parser.add_argument("--budget_gb", type=float, default=16.0)
+    parser.add_argument("--cpu_fast_path", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    args = parser.parse_args(argv)
+    if args.setting not in compare_torch.SETTINGS:
+        parser.error(
+            f"--setting: unknown {args.setting!r}; expected one of {list(compare_torch.SETTINGS)}"
+        )
+    common.pin_threads(args.threads)
+    from ctl_jax.cpu.malloc import tune_malloc
+
+    tune_malloc()
+    arch, height, width, p, setting_m, _ = compare_torch.SETTINGS[args.setting]
+    points = [
+        measure(arch, height, width, p, int(m), args.cpu_fast_path) for m in args.m.split(",")
+    ]
+    out = {
+        "benchmark": "step_memory",
+        "setting": args.setting,
+        "cpu_fast_path": args.cpu_fast_path,
+        "loadavg": common.loadavg(),
+        "points": points,
+    }
+    if len({pt["batch"] for pt in points}) >= 2:
+        batch = np.array([pt["batch"] for pt in points], float)
+        temp = np.array([pt["temp_mb"] for pt in points], float)
+        per_image, fixed = np.polyfit(batch, temp, 1)
+        # The first point's: later points' base holds what the earlier compilations left.
+        base = points[0]["base_rss_mb"]
+        budget = args.budget_gb * 1024
+        largest = int((budget - base - fixed) // per_image)
+        out["temp_mb_per_image"] = round(per_image, 2)
+        out["temp_mb_fixed"] = round(fixed, 1)
+        out["estimated_peak_mb_at_setting"] = round(base + fixed + per_image * p * setting_m, 1)
+        out["budget_gb"] = args.budget_gb
+        out["largest_batch_in_budget"] = largest
+        out["largest_p_x_m_in_budget"] = f"{largest // setting_m}x{setting_m}"
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
