@@ -15,7 +15,6 @@ from __future__ import annotations
 import pathlib
 import time
 
-import numpy as np
 from absl import flags
 
 from ctl_jax import cli
@@ -48,15 +47,6 @@ _SHRINKAGE = flags.DEFINE_float(
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing an existing --output file.")
 
 
-def identity_labels(pids: np.ndarray, paths: np.ndarray, source: str) -> np.ndarray:
-    """(N,) int labels from pids (`source="pids"`, -1 = unknown) or parent folder names."""
-    if source == "pids":
-        return np.asarray(pids, np.int64)
-    folders = [pathlib.PurePath(str(p)).parent.name for p in paths]
-    _, labels = np.unique(np.asarray(folders, dtype=str), return_inverse=True)
-    return labels.astype(np.int64)
-
-
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -72,6 +62,7 @@ def main(argv):
 
     from ctl_jax.retrieval import whitening
     from ctl_jax.retrieval.embedding_file import Embeddings
+    from ctl_jax.retrieval.whitening import identity_labels
 
     start = time.time()
     data = Embeddings.load(_EMBEDDINGS.value)

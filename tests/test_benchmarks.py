@@ -18,6 +18,7 @@ MODULES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "__init__"
 WITH_SIBLINGS = (
     "compare_torch",
     "cpu_fast_path_ab",
+    "export",
     "inference",
     "profile_step",
     "roofline",

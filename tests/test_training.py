@@ -131,7 +131,7 @@ def test_metrics_are_reported_and_loss_decreases_on_a_fixed_batch():
     assert int(state.step) == 6
 
 
-def test_total_is_the_weighted_sum_of_spec_section_4():
+def test_total_is_the_weighted_sum_of_the_four_losses():
     config = _config()
     mesh = parallel.make_mesh(1)
     _, _, state, step = _setup(config, mesh)

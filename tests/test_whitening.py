@@ -298,7 +298,7 @@ def test_whiten_and_evaluate_commands(tmp_path):
 
 
 def test_folder_labels():
-    from ctl_jax.whiten import identity_labels
+    from ctl_jax.retrieval.whitening import identity_labels
 
     paths = np.asarray(["/d/train/eiffel/1.jpg", "/d/train/louvre/2.jpg", "/d/train/eiffel/3.jpg"])
     labels = identity_labels(np.full(3, -1), paths, "folders")

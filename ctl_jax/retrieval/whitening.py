@@ -299,3 +299,12 @@ def learn(
             raise InvalidValueError("--method=supervised needs identity labels")
         return learn_supervised(embeddings, labels, dim, shrinkage)
     raise InvalidValueError(f"whitening method {method!r} is not one of {', '.join(METHODS)}")
+
+
+def identity_labels(pids: np.ndarray, paths: np.ndarray, source: str) -> np.ndarray:
+    """(N,) int labels from pids (`source="pids"`, -1 = unknown) or parent folder names."""
+    if source == "pids":
+        return np.asarray(pids, np.int64)
+    folders = [pathlib.PurePath(str(p)).parent.name for p in paths]
+    _, labels = np.unique(np.asarray(folders, dtype=str), return_inverse=True)
+    return labels.astype(np.int64)

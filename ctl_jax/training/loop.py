@@ -130,6 +130,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
       TrainingInterrupted: Ctrl-C or SIGTERM, after a checkpoint was saved.
     """
     workdir = pathlib.Path(workdir)
+    check_head_config(config)  # a bad head setting fails before anything is written
     # One training per work directory; in a multi-process run process 0 holds the lock for
     # all (see ctl_jax/training/workdir_lock.py).
     with workdir_lock(workdir, take=jax.process_index() == 0):
@@ -140,7 +141,6 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
     warn = warn_on_stderr
     if jax.process_index() != 0:  # in a multi-process run, process 0 speaks for all
         log = warn = _silent
-    check_head_config(config)  # a bad head setting fails before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     # Nothing is written into the work directory before the checkpoint to resume from has
     # been read: a failed resume leaves the run as it was.
