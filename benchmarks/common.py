@@ -19,7 +19,8 @@ script imports its siblings relatively, and by their plain name when there is no
         import common
 
 The modules form a tree, never a cycle: `common` <- `train_step`, `inference` <- `tasks` <-
-`compare_torch`, `cpu_fast_path_ab`, `profile_step`; `compare_torch` <- `roofline`;
+`compare_torch`, `cpu_fast_path_ab`, `profile_step`; `compare_torch` <- `roofline`,
+`step_memory`; `train_step` <- `heads_step`;
 `torch_reference` is a leaf.
 """
 

@@ -19,7 +19,10 @@ import os
 import statistics
 import time
 
-import numpy as np
+try:
+    from . import train_step
+except ImportError:  # run as a file: benchmarks/ is on sys.path (see common.py)
+    import train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("avg", "max", "gem", "rmac", "cosface", "arcface", "contrastive")
@@ -48,13 +51,7 @@ def build_step(args, variant: str):
     """(run one step and wait for it, compile seconds) for one demo variant."""
     import jax
 
-    from ctl_jax import parallel
-    from ctl_jax.build import build_model
     from ctl_jax.configs import load_config
-    from ctl_jax.models.reid import feature_dim, init_variables
-    from ctl_jax.training.optimizer import make_optimizer
-    from ctl_jax.training.state import create_train_state
-    from ctl_jax.training.step import make_train_step
 
     config = load_config(
         os.path.join(ROOT, "configs", "default.py"), None if variant == "avg" else variant
@@ -62,31 +59,7 @@ def build_step(args, variant: str):
     config.model.arch = args.arch
     config.data.height, config.data.width = args.height, args.width
     config.data.num_identities, config.data.num_instances = args.p, args.m
-    model = build_model(config, args.num_classes)
-    tx = make_optimizer(config.solver)
-    mesh = parallel.make_mesh(1)
-    variables = init_variables(model, jax.random.key(0), (args.height, args.width, 3))
-    state = create_train_state(
-        variables, tx, args.num_classes, feature_dim(args.arch), jax.random.key(1)
-    )
-    state = parallel.replicate(state, mesh)
-    rep = parallel.replicated(mesh)
-    step = jax.jit(
-        make_train_step(model, tx, config),
-        in_shardings=(rep, parallel.batch_sharded(mesh)),
-        out_shardings=(rep, rep),
-        donate_argnums=0,
-    )
-    rng = np.random.default_rng(0)
-    n = args.p * args.m
-    batch = {
-        "images": rng.standard_normal((n, args.height, args.width, 3)).astype(np.float32),
-        "labels": np.repeat(rng.choice(args.num_classes, args.p, replace=False), args.m).astype(
-            np.int32
-        ),
-        "valid": np.ones(n, bool),
-    }
-    batch = parallel.put_batch(batch, mesh)
+    step, state, batch, _ = train_step.make_jax_step(args, config)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start

@@ -40,8 +40,10 @@ def fake_batch(args, rng):
     return images, labels.astype(np.int32)
 
 
-def make_jax_step(args):
-    """The ctl_jax training step as training jits it (train state donated), with its inputs.
+def make_jax_step(args, config=None):
+    """The ctl_jax training step as training jits it (train state donated), with its inputs:
+    of `config` when given (its model and batch settings must match `args`), else of the
+    default config with the benchmark's settings (`common.jax_config`).
 
     Returns:
       (jitted step, replicated train state, batch on the mesh, model).
@@ -55,7 +57,7 @@ def make_jax_step(args):
     from ctl_jax.training.state import create_train_state
     from ctl_jax.training.step import make_train_step
 
-    config = common.jax_config(args)
+    config = common.jax_config(args) if config is None else config
     model = build_model(config, args.num_classes)
     tx = make_optimizer(config.solver)
     mesh = parallel.make_mesh(1)

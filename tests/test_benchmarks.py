@@ -19,6 +19,7 @@ WITH_SIBLINGS = (
     "compare_torch",
     "cpu_fast_path_ab",
     "export",
+    "heads_step",
     "inference",
     "profile_step",
     "roofline",

@@ -5,14 +5,11 @@ Matas as used by Radenović et al. (Cholesky of the same-identity pair covarianc
 rotation by the principal directions of the whitened data)."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from xla_flags import xla_flags
+from test_cli import run
 
 from ctl_jax import evaluation
 from ctl_jax.errors import FileContentError, InvalidValueError, MissingFileError
@@ -202,18 +199,6 @@ def test_bad_whitening_settings_are_one_line_errors():
 # ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
-
-
-def run(module, *args):
-    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def last_error_line(result):
