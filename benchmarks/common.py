@@ -160,6 +160,20 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def machine_record(benchmark: str, threads: int, rounds: int) -> dict:
+    """The opening fields of a multi-setting benchmark's JSON: what ran where, and the load."""
+    import platform
+
+    return {
+        "benchmark": benchmark,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "rounds": rounds,
+        "loadavg_start": loadavg(),
+    }
+
+
 def loadavg() -> list[float]:
     """The 1-, 5- and 15-minute load averages."""
     return [round(v, 2) for v in os.getloadavg()]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -180,13 +179,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     threads = args.threads or len(os.sched_getaffinity(0))
     out = {
-        "benchmark": "compare_torch",
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "rounds": args.rounds,
+        **common.machine_record("compare_torch", threads, args.rounds),
         "dtype_jax": args.dtype,
-        "loadavg_start": common.loadavg(),
         "results": [],
     }
     for name in args.settings.split(","):

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 
@@ -184,12 +182,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     threads = common.pin_threads(args.threads)
     out = {
-        "benchmark": "roofline",
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "rounds": args.rounds,
-        "loadavg_start": common.loadavg(),
+        **common.machine_record("roofline", threads, args.rounds),
         "peak": matmul_peak(args.matmul, args.peak_repeats),
         "results": [],
     }

@@ -45,6 +45,13 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def refuse_existing_output(path, overwrite: bool, flag: str = "--output") -> None:
+    """A usage error (exit 2) before any work when `path` exists and `--overwrite` is not
+    given: nothing a user produced is replaced silently."""
+    if path and os.path.exists(path) and not overwrite:
+        fail(f"{path} exists; pass --overwrite to replace it or choose another {flag}")
+
+
 def _one_line(error: BaseException) -> str:
     """ml_collections wraps KeyErrors in reprs with embedded newlines; make them readable."""
     text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)

@@ -56,8 +56,7 @@ def main(argv):
     if not _OUTPUT.value:
         cli.fail("give --output=FILE.npz")
     output = pathlib.Path(_OUTPUT.value)
-    if output.exists() and not _OVERWRITE.value:
-        cli.fail(f"{output} exists; pass --overwrite to replace it or choose another --output")
+    cli.refuse_existing_output(output, _OVERWRITE.value)
     if output.is_dir():
         cli.fail(f"--output={output} is a folder; give a file name such as {output}/emb.npz")
     if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:

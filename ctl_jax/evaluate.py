@@ -280,10 +280,7 @@ def main(argv):
     from ctl_jax.evaluation.protocols import PROTOCOL_MODES, check_modes
     from ctl_jax.evaluation.report import format_table, format_verification, write_metrics_json
 
-    if _OUTPUT.value and pathlib.Path(_OUTPUT.value).exists() and not _OVERWRITE.value:
-        cli.fail(
-            f"{_OUTPUT.value} exists; pass --overwrite to replace it or choose another --output"
-        )
+    cli.refuse_existing_output(_OUTPUT.value, _OVERWRITE.value)
     if _PLOT.value:
         for name in ("roc.png", "cmc.png"):
             if (pathlib.Path(_PLOT.value) / name).exists() and not _OVERWRITE.value:

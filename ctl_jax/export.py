@@ -51,8 +51,7 @@ def main(argv):
     output = pathlib.Path(_OUTPUT.value)
     if output.is_dir():
         cli.fail(f"--output={output} is a folder; give a file name such as {output}/model.onnx")
-    if output.exists() and not _OVERWRITE.value:
-        cli.fail(f"{output} exists; pass --overwrite to replace it or choose another --output")
+    cli.refuse_existing_output(output, _OVERWRITE.value)
 
     from ctl_jax import files
     from ctl_jax.embedder import Embedder

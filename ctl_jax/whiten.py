@@ -55,8 +55,7 @@ def main(argv):
     if not _OUTPUT.value:
         cli.fail("give --output=FILE.npz")
     output = pathlib.Path(_OUTPUT.value)
-    if output.exists() and not _OVERWRITE.value:
-        cli.fail(f"{output} exists; pass --overwrite to replace it or choose another --output")
+    cli.refuse_existing_output(output, _OVERWRITE.value)
     if _DIM.value is not None and _DIM.value < 1:
         cli.fail(f"--dim must be >= 1, got {_DIM.value}")
 

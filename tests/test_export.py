@@ -68,11 +68,24 @@ def test_export_matches_ctl_jax_for_every_image_and_batch_size(fmt, model_dir, e
         assert (out.name, out.type, out.shape) == ("embeddings", "tensor(float)", ["N", 512])
 
 
+def _onnx_and_jax(model, variables, images):
+    """(ONNX proto, its embeddings of `images` under onnxruntime, the JAX model's)."""
+    from ctl_jax.data import transforms
+    from ctl_jax.deploy.onnx_graph import build_onnx_model
+
+    want = np.asarray(
+        model.apply(variables, transforms.normalize(images), train=False)["bn_features"]
+    )
+    proto = build_onnx_model(model, variables, H, W)
+    session = onnxruntime.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return proto, session.run(["embeddings"], {"images": images})[0], want
+
+
 def test_onnx_graph_of_bottleneck_ibn_blocks():
     """IBN-a, bottlenecks, stem ReLU and last stride 2 (a ResNet-50-IBN-a with one block per
     stage, so that it compiles quickly): the graph equals the JAX model."""
-    from ctl_jax.data import transforms
-    from ctl_jax.deploy.onnx_graph import build_onnx_model
 
     backbone = functools.partial(resnet.ResNet50IBNa, stage_sizes=(1, 1, 1, 1), last_stride=2)
     model = ReidModel(backbone=backbone, num_classes=3)
@@ -82,15 +95,7 @@ def test_onnx_graph_of_bottleneck_ibn_blocks():
         lambda x: np.asarray(x) * rng.uniform(0.5, 2.0, np.shape(x)).astype(np.float32),
         variables["batch_stats"],
     )
-    images = random_images(5, H, W, seed=3)
-    want = np.asarray(
-        model.apply(variables, transforms.normalize(images), train=False)["bn_features"]
-    )
-    proto = build_onnx_model(model, variables, H, W)
-    session = onnxruntime.InferenceSession(
-        proto.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    got = session.run(["embeddings"], {"images": images})[0]
+    proto, got, want = _onnx_and_jax(model, variables, random_images(5, H, W, seed=3))
     assert got.shape == (5, 2048)
     assert cosine_rows(got, want).min() >= 0.9999
     assert any(node.op_type == "InstanceNormalization" for node in proto.graph.node)
@@ -122,7 +127,6 @@ def test_bad_input_is_a_one_line_error(model_dir, tmp_path):
 def test_onnx_graph_of_the_other_poolings(pooling):
     """MAC and GeM (with a learned p that has moved from its initial value) in the graph equal
     the JAX model's; R-MAC, which the graph cannot express, is a one-line error."""
-    from ctl_jax.data import transforms
     from ctl_jax.deploy.onnx_graph import build_onnx_model
     from ctl_jax.errors import InvalidValueError
 
@@ -130,15 +134,7 @@ def test_onnx_graph_of_the_other_poolings(pooling):
     variables = init_variables(model, jax.random.key(2), (H, W, 3))
     if pooling["pooling"] == "gem":
         variables["params"]["pooling"]["p"] = np.array([2.4], np.float32)
-    images = random_images(4, H, W, seed=5)
-    want = np.asarray(
-        model.apply(variables, transforms.normalize(images), train=False)["bn_features"]
-    )
-    proto = build_onnx_model(model, variables, H, W)
-    session = onnxruntime.InferenceSession(
-        proto.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    got = session.run(["embeddings"], {"images": images})[0]
+    _, got, want = _onnx_and_jax(model, variables, random_images(4, H, W, seed=5))
     assert cosine_rows(got, want).min() >= 0.9999
     rmac = ReidModel(backbone=resnet.ResNet18, num_classes=3, pooling="rmac")
     with pytest.raises(InvalidValueError, match="stablehlo"):
