@@ -14,7 +14,13 @@ op time per step (both threads' events summed, so it can exceed wall time), the 
 three groups (matmul_conv, elementwise_reduce, data_movement: see `op_group`), the `--top`
 kinds with their share, and the `--top` single ops. Tracing slows the steps down (wall time
 per step here is not a benchmark figure; use train_step.py or compare_torch.py for those).
-`--trace_dir` keeps the trace for Perfetto's UI (ui.perfetto.dev opens the .json.gz) or
+The `products` entry adds what the ops compute: the multiply-adds of every matrix product and
+convolution the compiled program runs (`product_flops`, read from its optimised HLO, so after
+the CPU layers' rewrites: Winograd's products count their own, smaller, size), the time those
+ops take, their rate (GFLOP/s while they run) and the `--top` slowest with their shapes. With
+`--threads=1` op time is core time, and the rate compares with one core's peak
+(`roofline.py --threads=1`); with two threads a product's event spans both threads' share of
+it. `--trace_dir` keeps the trace for Perfetto's UI (ui.perfetto.dev opens the .json.gz) or
 TensorBoard's profile plugin.
 """
 
@@ -24,6 +30,7 @@ import argparse
 import collections
 import gzip
 import json
+import math
 import pathlib
 import re
 import sys
@@ -59,6 +66,109 @@ def op_group(kind: str) -> str:
     return "data_movement" if words <= _MOVES else "elementwise_reduce"
 
 
+# Reading the optimised HLO text (`compiled.as_text()`): instruction and parameter shapes,
+# the computations fusions call, and the multiply-adds of dots and convolutions.
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \((.*)\) -> .* \{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])?\S*\s*([\w\-]+)\((.*)$")
+_PARAM = re.compile(r"%?([\w.\-]+): (\w+\[[\d,]*\])")
+_DIMS = re.compile(r"\w+\[([\d,]*)\]")
+
+
+def _dims(shape: str) -> tuple[int, ...]:
+    """ "f32[32,64]" -> (32, 64)."""
+    return tuple(int(d) for d in _DIMS.match(shape).group(1).split(",") if d)
+
+
+def _operands(rest: str) -> list[str]:
+    """Operand names of an instruction, from the text after its opening parenthesis."""
+    depth = 1
+    for position, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return re.findall(r"%([\w.\-]+)", rest[:position])
+    return re.findall(r"%([\w.\-]+)", rest)
+
+
+def _product_flops(op: str, shape: tuple[int, ...], operands, attrs: str, shapes) -> int:
+    """2 x multiply-adds of a `dot` or `convolution` (0 for other ops). A convolution counts
+    every kernel tap at every output position (an input-dilated one, the transposed
+    convolution of a strided one's input gradient, also counts the taps on inserted zeros)."""
+    out = math.prod(shape)
+    if op == "dot":
+        lhs = shapes[operands[0]]
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs).group(1)
+        return 2 * out * math.prod(lhs[int(d)] for d in contracting.split(",") if d)
+    if op == "convolution":
+        kernel = shapes[operands[1]]
+        labels = re.search(r"dim_labels=\w+_(\w+)->", attrs).group(1)
+        taps = math.prod(kernel[i] for i, label in enumerate(labels) if label.isdigit())
+        return 2 * out * taps * kernel[labels.index("i")]
+    return 0
+
+
+def product_flops(hlo_text: str) -> dict[str, int]:
+    """FLOPs (2 x multiply-adds) of each op of an optimised HLO module's entry computation
+    that runs matrix products or convolutions: the dots and convolutions themselves, and the
+    fusions (e.g. YNNPACK's) by the products in the computations they call. Other ops are
+    left out. Op names are those of the profiler's events."""
+    shapes, bodies, calls, entry, current = {}, {}, {}, None, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = header.group(1)
+            bodies[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+            shapes.update((name, _dims(shape)) for name, shape in _PARAM.findall(header.group(2)))
+            continue
+        instruction = _INSTRUCTION.match(line) if current else None
+        if instruction:
+            name, shape, op, rest = instruction.groups()
+            if shape:
+                shapes[name] = _dims(shape)
+            bodies[current].append((name, op, rest))
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            if called:
+                calls[name] = called.group(1)
+
+    def flops_of(computation: str) -> int:
+        total = 0
+        for name, op, rest in bodies.get(computation, ()):
+            total += _product_flops(op, shapes.get(name, ()), _operands(rest), rest, shapes)
+            if name in calls:
+                total += flops_of(calls[name])
+        return total
+
+    result = {}
+    for name, op, rest in bodies.get(entry, ()):
+        flops = _product_flops(op, shapes.get(name, ()), _operands(rest), rest, shapes)
+        flops += flops_of(calls[name]) if name in calls else 0
+        if flops:
+            result[name] = flops
+    return result
+
+
+def products_summary(per_op_ms: dict[str, float], flops: dict[str, int], top: int) -> dict:
+    """Time, FLOPs and rate of the product ops, and the `top` slowest single ones."""
+    timed = {name: ms for name, ms in per_op_ms.items() if name in flops and ms > 0}
+    ms = sum(timed.values())
+    gflop = sum(flops[name] for name in timed) / 1e9
+    slowest = sorted(timed, key=timed.get, reverse=True)[:top]
+
+    def rate(name):
+        return flops[name] / timed[name] / 1e6  # FLOP per ms -> GFLOP/s
+
+    return {
+        "gflop_per_step": round(gflop, 2),
+        "ms_per_step": round(ms, 1),
+        "gflop_per_second": round(gflop / ms * 1e3, 1) if ms else None,
+        "slowest": [
+            {"op": n, "ms": round(timed[n], 2), "gflop_per_second": round(rate(n), 1)}
+            for n in slowest
+        ],
+    }
+
+
 def read_events(trace_dir: pathlib.Path) -> list[dict]:
     """The complete ("X") events of the newest Perfetto trace under `trace_dir`."""
     traces = sorted(trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
@@ -70,13 +180,19 @@ def read_events(trace_dir: pathlib.Path) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
 
-def summarise(events: list[dict], steps: int, wall_seconds: float, top: int) -> dict:
-    """Per-step milliseconds by op kind and for the slowest single ops."""
+def op_milliseconds(events: list[dict], steps: int) -> collections.Counter:
+    """Milliseconds per step of each XLA op (by HLO instruction name)."""
     per_op = collections.Counter()
     for event in events:
         name = event.get("name", "")
         if _HLO_OP.match(name) and not name.startswith("jit_"):
             per_op[name] += event["dur"] / 1e3 / steps  # microseconds -> ms per step
+    return per_op
+
+
+def summarise(events: list[dict], steps: int, wall_seconds: float, top: int) -> dict:
+    """Per-step milliseconds by op kind and for the slowest single ops."""
+    per_op = op_milliseconds(events, steps)
     per_kind, per_group = collections.Counter(), collections.Counter()
     for name, ms in per_op.items():
         per_kind[op_kind(name)] += ms
@@ -127,6 +243,11 @@ def main(argv=None) -> None:
         **process,
         **bench.info,
         **summarise(events, bench_args.steps, wall, args.top),
+        "products": products_summary(
+            op_milliseconds(events, bench_args.steps),
+            product_flops(bench.compiled.as_text()),
+            args.top,
+        ),
     }
     if args.trace_dir:
         result["trace_dir"] = str(trace_dir)

@@ -154,3 +154,32 @@ def test_roofline_counts_convolution_flops_like_a_loop(h, w, k, stride, pad):
     assert jaxpr_matmul_flops(jax.make_jaxpr(step)(x, kernel)) == 3 * expected
     dense = jax.make_jaxpr(lambda a, b: a @ b)(jnp.ones((5, 6)), jnp.ones((6, 7)))
     assert jaxpr_matmul_flops(dense) == 2 * 5 * 6 * 7
+
+
+def test_profile_step_counts_the_products_of_the_compiled_program():
+    """`product_flops` reads the optimised HLO: a plain product, a product contracting the
+    rows of both operands (a kernel gradient's form), a batched product and a 3x3 convolution,
+    against their multiply-adds counted by hand."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from benchmarks import profile_step
+
+    def f(a, b, c, x, k):
+        plain = a @ b  # (24, 40) @ (40, 16)
+        transposed = a.T @ c  # (40, 24) @ (24, 8): contracts axis 0 of both
+        batched = jnp.einsum("bij,bjk->bik", x[..., :6].reshape(2, 30, 6), b[:6, :5][None] * 1.0)
+        y = lax.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return plain.sum() + transposed.sum() + batched.sum() + y.sum()
+
+    shapes = [(24, 40), (40, 16), (24, 8), (2, 5, 6, 7), (3, 3, 7, 9)]
+    args = [jnp.ones(s, jnp.float32) for s in shapes]
+    text = jax.jit(f).lower(*args).compile().as_text()
+    counted = profile_step.product_flops(text)
+    by_hand = 2 * (24 * 40 * 16 + 40 * 24 * 8 + 2 * 30 * 6 * 5 + 2 * 5 * 6 * 9 * 3 * 3 * 7)
+    assert sum(counted.values()) == by_hand
+    entry = text[text.index("ENTRY") :]
+    assert all(f"%{name} = " in entry for name in counted)  # entry ops: the profiler's names
