@@ -16,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 
 def _pool_phases(x: jax.Array) -> tuple[jax.Array, int, int]:
@@ -56,21 +55,14 @@ def _max_pool_3x3_s2(x: jax.Array, input_hw: tuple[int, int]) -> jax.Array:
 
 def _max_pool_fwd(x, input_hw):
     # Index (0..8, row-major in the window) of the first maximum: where the gradient goes.
-    # The first of equal maxima, as XLA's select-and-scatter and PyTorch choose (ties are
-    # common after a ReLU: several zeros): a tap replaces the running index only where it is
-    # strictly larger than the maximum so far. One elementwise pass over the taps gives the
-    # values and the index; an argmax over the 9 taps stacked on a new axis first wrote 9x
-    # the output to memory. The optimisation barrier keeps the index a stored int8 array:
-    # XLA would otherwise fuse the select chain into every consumer in the backward pass
-    # and recompute it there from the input, which would then have to be kept.
+    # argmax returns the first of equal maxima, as XLA's select-and-scatter and PyTorch
+    # choose (ties are common after a ReLU: several zeros). A reduction, because XLA would
+    # fuse an elementwise select chain into every consumer in the backward pass and
+    # recompute it there.
     x6, ho, wo = _pool_phases(x)
-    y = _pool_tap(x6, ho, wo, 0)
-    index = jnp.zeros(y.shape, jnp.int8)
-    for k in range(1, 9):
-        tap = _pool_tap(x6, ho, wo, k)
-        index = jnp.where(tap > y, jnp.int8(k), index)
-        y = jnp.maximum(y, tap)
-    return lax.optimization_barrier((y, index))
+    taps = jnp.stack([_pool_tap(x6, ho, wo, k) for k in range(9)], axis=-1)
+    index = jnp.argmax(taps, axis=-1).astype(jnp.int8)
+    return jnp.max(taps, axis=-1), index  # the same taps give the values (as fast)
 
 
 def _max_pool_bwd(input_hw, index, g):
