@@ -21,6 +21,7 @@ lowered programs show which operations come from them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ctl_jax.cpu import batch_norm, convolution, max_pool
+from ctl_jax.cpu import batch_norm, convolution, max_pool, recompute
 from ctl_jax.models import layers
 from ctl_jax.models.layers import Dtype, Layers, conv_kernel_init
 
@@ -80,7 +81,10 @@ class Conv3x3(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         with jax.named_scope(SCOPE):
-            return conv3x3(x, kernel, self.strides, self.precision)
+            # Only x and the kernel are kept for the backward pass, which recomputes the
+            # Winograd transforms or patches (`recompute.py`): they are 4-9x the input.
+            fn = functools.partial(conv3x3, strides=self.strides, precision=self.precision)
+            return recompute.recomputed(fn, x, kernel)
 
 
 class Conv1x1(nn.Module):
