@@ -37,14 +37,17 @@ def after(g, values):
     the forward pass's, so XLA neither hoists it into the forward pass nor merges it.
 
     XLA's CPU compiler removes `lax.optimization_barrier` before scheduling (with no
-    ordering left in its place), so the dependency is made of data: `v + 0 * nan(g_0)`,
-    `nan(g_0)` 1.0 if g's first element is NaN, else 0.0. The added term is always +0.0
-    (the factor is 0 or 1, never NaN or infinite), so every value is unchanged (-0.0
+    ordering left in its place), so the dependency is made of data: `v + 0 * f(g)`, f(g)
+    1.0 if the first element of any row of g is NaN, else 0.0. The added term is always
+    +0.0 (the factor is 0 or 1, never NaN or infinite), so every value is unchanged (-0.0
     becomes +0.0); XLA does not fold it away, as it does not fold float products with 0.
-    The addition fuses into the recomputation's first pass over each array.
+    It reads one element per row of g (a batch sharded over devices stays sharded: one
+    scalar is reduced across them) and the addition fuses into the recomputation's first
+    pass over each array.
     """
-    first = jnp.ravel(jax.tree.leaves(g)[0])[0]
-    zero = (first != first).astype(jnp.float32) * 0.0
+    g = jax.tree.leaves(g)[0]
+    firsts = g[(slice(None),) + (0,) * (g.ndim - 1)] if g.ndim else g
+    zero = jnp.any(jnp.isnan(firsts)).astype(jnp.float32) * 0.0
     return jax.tree.map(lambda v: v + zero.astype(v.dtype), values)
 
 
