@@ -107,11 +107,15 @@ def test_recomputing_keeps_the_buffer_from_growing_with_depth():
             x = jax.nn.relu(conv(x, k))
         return jnp.sum(jnp.sin(x))
 
-    def kept(x, k):
-        return cpu_layers.conv3x3(x, k, 1)
+    def kept(x, k):  # plain autodiff: the patches are the product's saved operand
+        patches = cpu_layers.convolution.conv_patches(x, 3, 1, 1)
+        return jnp.einsum("nhwp,pc->nhwc", patches, k.reshape(-1, k.shape[-1]))
 
     def recomputed(x, k):
-        return recompute.recomputed(functools.partial(cpu_layers.conv3x3, strides=1), x, k)
+        return recompute.recomputed(kept, x, k)
+
+    def cpu_layer(x, k):  # the CPU layers' 3x3 convolution, which recomputes on small maps
+        return cpu_layers.conv3x3(x, k, 1)
 
     temp = {}
     for depth in (2, 8):
@@ -119,7 +123,7 @@ def test_recomputing_keeps_the_buffer_from_growing_with_depth():
             jnp.asarray(0.1 * rng.normal(size=(3, 3, 32, 32)).astype(np.float32))
             for _ in range(depth)
         ]
-        for conv in (kept, recomputed):
+        for conv in (kept, recomputed, cpu_layer):
             grad = jax.grad(functools.partial(network, conv), argnums=(0, 1))
             temp[conv, depth] = _temp_bytes(grad, kernels, x)
         g_ours = jax.jit(jax.grad(functools.partial(network, recomputed)))(kernels, x)
@@ -129,3 +133,4 @@ def test_recomputing_keeps_the_buffer_from_growing_with_depth():
     assert temp[kept, 8] - temp[kept, 2] > 5 * patches, temp
     assert temp[recomputed, 8] - temp[recomputed, 2] < 1.5 * patches, temp
     assert temp[recomputed, 8] < temp[kept, 8] - 3 * patches, temp
+    assert temp[cpu_layer, 8] - temp[cpu_layer, 2] < 1.5 * patches, temp
