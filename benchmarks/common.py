@@ -128,8 +128,17 @@ def pin_threads(threads: int) -> int:
 
 
 def setup_process(args) -> dict:
-    """Thread pinning and allocator tuning; before either framework starts its threads."""
+    """Thread pinning, allocator tuning and, for ctl_jax, synchronous CPU dispatch; before
+    either framework starts its threads."""
     threads = pin_threads(args.threads)
+    if args.framework == "jax":
+        import jax
+
+        # As the command lines run (`ctl_jax.cpu.configure_process`). Dispatched
+        # asynchronously, a step could allocate its temporary buffer before the last step's
+        # was freed, and the never-trimmed heap kept both: ResNet-50 128x64 P8xM4's RSS rose
+        # from 1.9 to 2.9 GB on its third step (benchmarks/step_memory.py --measure_steps).
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     tuned = args.tune_malloc if args.tune_malloc is not None else args.framework == "jax"
     if not tuned:
         return {"threads": threads, "tuned_malloc": False}

@@ -11,8 +11,17 @@ records those sizes and the process's resident memory before the first step was 
 (Python, the libraries, the train state: `base`). The temporary buffer grows linearly with the
 batch; a least-squares line through the measured points gives, for `--budget_gb`, the largest batch
 whose estimated peak, base + temporary buffer, stays inside it, and that batch as P x M with
-the setting's M. Estimates, not measured peaks: `compare_torch.py` and `train_step.py` report
-measured peak RSS for the settings they run.
+the setting's M. Estimates, not measured peaks.
+
+    python -m benchmarks.step_memory --setting=resnet50_128x64 --measure_steps=5
+
+measures instead, in this fresh process, the resident memory of training at the setting's
+P x M as the command lines run it (allocator settings, synchronous dispatch): the peak while
+building and compiling the step, the resident memory once the compiler's memory is handed
+back, and the peak over `--measure_steps` steps (Linux: the peak is reset through
+/proc/self/clear_refs after compiling). The process's overall peak (what `compare_torch.py`
+reports as peak RSS) is the larger of the compilation's and the steps' peaks. Memory sizes
+and resident memory do not depend on the machine's load; no timings are taken.
 """
 
 from __future__ import annotations
@@ -55,6 +64,54 @@ def measure(arch: str, height: int, width: int, p: int, m: int, cpu_fast_path: s
     }
 
 
+def _status_mb(key: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _reset_peak_rss() -> bool:
+    """Resets this process's peak RSS (VmHWM) to its current RSS; False if Linux refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_rss(arch: str, height: int, width: int, p: int, m: int, cpu_fast_path: str, steps: int):
+    """Measured resident memory (MiB) of compiling and running `steps` training steps."""
+    import jax
+
+    from ctl_jax.cpu.malloc import release_free_memory
+
+    argv = [f"--arch={arch}", f"--height={height}", f"--width={width}", f"--p={p}", f"--m={m}"]
+    args = train_step.parse_args(argv + [f"--cpu_fast_path={cpu_fast_path}"])
+    jax.config.update("jax_enable_compilation_cache", False)  # compile here, as a first run
+    step, state, batch, _ = train_step.make_jax_step(args)
+    compiled = step.lower(state, batch).compile()
+    out = {
+        "p": p,
+        "m": m,
+        "temp_mb": round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),
+        "peak_rss_through_compile_mb": _status_mb("VmHWM"),
+    }
+    release_free_memory()  # as the training loop does after compiling its step
+    out["rss_after_compile_mb"] = _status_mb("VmRSS")
+    out["peak_reset"] = _reset_peak_rss()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+    key = "step_peak_rss_mb" if out["peak_reset"] else "peak_rss_mb"
+    out[key] = _status_mb("VmHWM")
+    out["rss_after_steps_mb"] = _status_mb("VmRSS")
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -64,16 +121,30 @@ def main(argv=None) -> None:
     parser.add_argument("--budget_gb", type=float, default=16.0)
     parser.add_argument("--cpu_fast_path", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
+    parser.add_argument(
+        "--measure_steps",
+        type=int,
+        default=0,
+        help="> 0: measure resident memory over this many steps at the setting's P x M instead",
+    )
     args = parser.parse_args(argv)
     if args.setting not in compare_torch.SETTINGS:
         parser.error(
             f"--setting: unknown {args.setting!r}; expected one of {list(compare_torch.SETTINGS)}"
         )
     common.pin_threads(args.threads)
-    from ctl_jax.cpu.malloc import tune_malloc
+    from ctl_jax.cpu import configure_process
 
-    tune_malloc()
+    configure_process()  # allocator settings and synchronous dispatch, as the command lines
     arch, height, width, p, setting_m, _ = compare_torch.SETTINGS[args.setting]
+    if args.measure_steps > 0:
+        measured = measure_rss(
+            arch, height, width, p, setting_m, args.cpu_fast_path, args.measure_steps
+        )
+        record = {"benchmark": "step_memory", "setting": args.setting, "steps": args.measure_steps}
+        record |= {"cpu_fast_path": args.cpu_fast_path, "loadavg": common.loadavg()}
+        print(json.dumps(record | {"measured": measured}, indent=1))
+        return
     points = [
         measure(arch, height, width, p, int(m), args.cpu_fast_path) for m in args.m.split(",")
     ]

@@ -110,6 +110,21 @@ def test_roofline_prints_peak_and_step_flops():
     assert 2.8 < entry["step_over_forward"] < 3.05
 
 
+@pytest.mark.slow
+def test_step_memory_measures_compilation_and_steps_apart():
+    """`--measure_steps`: the compiled step's buffer, the RSS after compiling and the steps'
+    own peak, which holds the buffer on top of what was resident after compiling."""
+    args = ["--setting=resnet18_64x32", "--measure_steps=1", "--threads=1"]
+    result = _run(["-m", "benchmarks.step_memory", *args])
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout)["measured"]
+    assert (measured["p"], measured["m"]) == (8, 4) and measured["temp_mb"] > 0
+    assert measured["peak_rss_through_compile_mb"] >= measured["rss_after_compile_mb"]
+    if measured["peak_reset"]:
+        assert measured["step_peak_rss_mb"] >= measured["rss_after_steps_mb"]
+        assert measured["step_peak_rss_mb"] > measured["rss_after_compile_mb"]
+
+
 def _loop_multiply_adds(n, h, w, cin, cout, k, stride, pad):
     """Multiply-adds of a k x k convolution that meet an input pixel (not padding), counted
     one output position and tap at a time."""

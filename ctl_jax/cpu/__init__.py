@@ -6,7 +6,9 @@ is here only changes how the same computation runs:
 - `CPU_LAYERS` (`layers.py`): a layer set with the reference layers' parameters, computing
   the same values and gradients up to float rounding (convolutions as matrix products or by
   Winograd, kernel gradients as matrix products, the batch norm's one-pass moments and
-  hand-written backward pass, the max pool's backward pass).
+  hand-written backward pass, the max pool's backward pass), whose backward passes recompute
+  their elementwise intermediates instead of keeping them (`recompute.py`: half the step's
+  temporary buffer at ResNet-50).
 - `model_layers(setting, dtype, platform)`: the one place that picks the layer set, from
   the config's `cpu_fast_path` ("auto": the CPU layers on the CPU backend in float32, the
   reference layers elsewhere; "on"; "off"). `ctl_jax.build.build_model` calls it.

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ctl_jax.cpu import recompute
 from ctl_jax.models import layers
 
 
@@ -79,6 +80,10 @@ def _normalize_train_fwd(x, scale, bias, weights, mean, var, count, epsilon):
 
 def _normalize_train_bwd(epsilon, residuals, g):
     x, scale, weights, mean, var, count = residuals
+    # x after g: otherwise XLA computes xhat (or scale * rstd * x) in the forward pass and
+    # keeps it for the backward pass next to x, which it keeps anyway (the ReLU after the
+    # batch norm recomputes its mask from x): one more tensor per batch norm.
+    x = recompute.after(g, x)
     axes = tuple(range(x.ndim - 1))
     rstd = lax.rsqrt(var + epsilon)
     centered = x.astype(jnp.float32) - mean

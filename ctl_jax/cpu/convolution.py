@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ctl_jax.cpu import recompute
+
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -190,7 +192,9 @@ def _conv_fwd(x, kernel, strides, padding, method, precision):
 
 
 def _conv_bwd(strides, padding, method, precision, residuals, g):
-    x, kernel = residuals
+    # After g: otherwise XLA computes the kernel gradient's patches, taps or transformed
+    # input in the forward pass (they depend on x only) and keeps them (`recompute.py`).
+    x, kernel = recompute.after(g, residuals)
     _, vjp_x = jax.vjp(lambda x_: conv2d(x_, kernel, strides, padding, precision), x)
     size = kernel.shape[0]
     dk = _KERNEL_GRADS[method](x, g, size, strides, padding, precision)

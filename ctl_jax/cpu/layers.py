@@ -12,6 +12,10 @@ rounding) in ways XLA's CPU backend runs faster.
 - The stem: in float32, its kernel gradient as patches^T @ gradient.
 - The batch norm's one-pass moments and hand-written backward pass (`batch_norm.py`).
 - The stem's max pool with a custom backward pass (`max_pool.py`).
+- For memory: what a backward pass needs beyond a layer's input (Winograd's transforms, the
+  patches, the batch norm's normalised input, kernel-gradient patches and taps) is
+  recomputed once the incoming gradient exists, not kept from the forward pass
+  (`recompute.py`); only elementwise work and copies are recomputed, no product.
 
 The rewrites that reassociate sums over the kernel window (Winograd, kernel gradients as
 matrix products) apply in float32 only: in bfloat16 their extra roundings would cost
@@ -21,6 +25,7 @@ lowered programs show which operations come from them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ctl_jax.cpu import batch_norm, convolution, max_pool
+from ctl_jax.cpu import batch_norm, convolution, max_pool, recompute
 from ctl_jax.models import layers
 from ctl_jax.models.layers import Dtype, Layers, conv_kernel_init
 
@@ -48,19 +53,33 @@ def _reassociate(x: jax.Array) -> bool:
 def conv3x3(x: jax.Array, kernel: jax.Array, strides: int, precision: Any = None) -> jax.Array:
     """3x3 convolution, padding 1, (N, H, W, Cin) -> (N, ceil(H/s), ceil(W/s), Cout), by the
     fastest of the ways above for this shape and dtype."""
-    n, h, w, cin = x.shape
-    cout = kernel.shape[-1]
+    _, h, w, cin = x.shape
     ho, wo = (h - 1) // strides + 1, (w - 1) // strides + 1
+    # The patches (9x the input) and Winograd's transforms (4x the input, 16/9 of the
+    # kernel) are recomputed in the backward pass rather than kept (`recompute.py`); the
+    # other paths keep only x and the kernel already.
     if min(ho, wo) <= 3:
-        patches = convolution.conv_patches(x, 3, strides, 1).reshape(n * ho * wo, 9 * cin)
-        y = jnp.dot(patches, kernel.reshape(9 * cin, cout), precision=precision)
-        return y.reshape(n, ho, wo, cout)
+        fn = functools.partial(_patches_conv3x3, strides=strides, precision=precision)
+        return recompute.recomputed(fn, x, kernel)
     if not _reassociate(x):
         return convolution.conv2d(x, kernel, strides, 1, precision)
     if strides == 1 and cin >= WINOGRAD_MIN_CIN:
-        return convolution.winograd_conv3x3(x, kernel, precision)
+        fn = functools.partial(convolution.winograd_conv3x3, precision=precision)
+        return recompute.recomputed(fn, x, kernel)
     method = "winograd" if strides == 1 else "taps"
     return convolution.conv2d_cpu(x, kernel, strides, 1, method, precision)
+
+
+def _patches_conv3x3(x: jax.Array, kernel: jax.Array, strides: int, precision: Any) -> jax.Array:
+    """3x3 convolution, padding 1, as patches (im2col) @ kernel."""
+    n, _, _, cin = x.shape
+    cout = kernel.shape[-1]
+    patches = convolution.conv_patches(x, 3, strides, 1)
+    _, ho, wo, _ = patches.shape
+    y = jnp.dot(
+        patches.reshape(n * ho * wo, 9 * cin), kernel.reshape(9 * cin, cout), precision=precision
+    )
+    return y.reshape(n, ho, wo, cout)
 
 
 class Conv3x3(nn.Module):
