@@ -76,12 +76,20 @@ def worker(argv: list[str]) -> None:
 class Worker:
     """Parent-side handle of one worker process."""
 
-    def __init__(self, task: str, framework: str, args: list[str]):
+    def __init__(self, task: str, framework: str, args: list[str], tree: str | None = None):
+        """`tree`: run the worker from another source tree (its `benchmarks` and `ctl_jax`,
+        e.g. an older commit checked out with `git worktree add`); default: this one."""
         # The worker is this script, started the way this process was (see common.py).
         script = ["-m", __spec__.name] if __package__ else [os.path.abspath(__file__)]
+        env = None
+        if tree:
+            script = ["-m", "benchmarks.compare_torch"]
+            env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
         cmd = [sys.executable, *script, "--worker", f"--task={task}"]
         cmd += [f"--framework={framework}", *args]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tree, env=env
+        )
 
     def read(self) -> dict:
         for line in self.proc.stdout:

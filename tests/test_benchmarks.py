@@ -17,6 +17,7 @@ MODULES = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "__init__"
 # The scripts that import their siblings (the others import only ctl_jax and libraries).
 WITH_SIBLINGS = (
     "compare_torch",
+    "compare_trees",
     "cpu_fast_path_ab",
     "export",
     "heads_step",

@@ -1,0 +1,74 @@
+"""ctl_jax against ctl_jax: the same step from two source trees, timed interleaved.
+
+    git worktree add /tmp/before <commit>
+    python -m benchmarks.compare_trees --trees=/tmp/before,. --rounds=8 \
+        --arch=resnet50 --height=128 --width=64 --p=8 --m=4 --warmup=2
+
+For an A/B of a change to the model or the CPU layers that has no switch: one worker process
+per tree (`compare_torch.py`'s workers, each importing its own tree's `ctl_jax` and
+`benchmarks`, so the other tree needs a `benchmarks/compare_torch.py` with the same worker
+protocol), built one after the other, then timed steps alternating A, B, B, A, ... so that
+both see the same load. Step times on a shared machine move by 10-15% from run to run; only
+an interleaved comparison like this shows a few per cent, and even it needs several rounds.
+Prints one JSON object: per tree the median and best seconds per step, every step's seconds,
+the compile seconds and the peak RSS, and `second_over_first`, the ratio of the medians
+(> 1: the second tree's step is slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+try:
+    from . import common, compare_torch
+except ImportError:  # run as a file: benchmarks/ is on sys.path (see common.py)
+    import common
+    import compare_torch
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trees", required=True, help="two source trees, comma-separated")
+    parser.add_argument("--task", default="train", choices=("train", "inference"))
+    parser.add_argument("--rounds", type=int, default=8, help="timed steps per tree")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds between steps")
+    args, worker_args = parser.parse_known_args(argv)
+    trees = args.trees.split(",")
+    if len(trees) != 2:
+        parser.error(f"--trees: two source trees expected, got {args.trees!r}")
+    load_before = common.loadavg()
+    workers, ready = {}, {}
+    for tree in trees:  # built one at a time: compilation sees no rival
+        workers[tree] = compare_torch.Worker(args.task, "jax", worker_args, tree=tree)
+        ready[tree] = workers[tree].read()
+    times = {tree: [] for tree in trees}
+    try:
+        for r in range(args.rounds):
+            for tree in trees if r % 2 == 0 else trees[::-1]:
+                time.sleep(args.pause)  # let the other worker's spinning threads go to sleep
+                times[tree].append(workers[tree].ask("run")["seconds"])
+    finally:
+        peak = {tree: w.close()["peak_rss_mb"] for tree, w in workers.items()}
+    result = {"benchmark": "compare_trees", "task": args.task, "args": worker_args}
+    for tree in trees:
+        t = times[tree]
+        result[tree] = {
+            "seconds_per_step": round(statistics.median(t), 4),
+            "seconds_per_step_min": round(min(t), 4),
+            "seconds_all": [round(v, 4) for v in t],
+            "compile_seconds": round(ready[tree]["compile_seconds"], 2),
+            "peak_rss_mb": peak[tree],
+        }
+    first, second = (result[tree]["seconds_per_step"] for tree in trees)
+    result["second_over_first"] = round(second / first, 3)
+    result["loadavg_before"], result["loadavg_after"] = load_before, common.loadavg()
+    json.dump(result, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
