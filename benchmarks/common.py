@@ -53,6 +53,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="jax only: the config's cpu_fast_path (the CPU layers of ctl_jax/cpu/)",
     )
+    parser.add_argument(
+        "--cpu_recompute",
+        type=int,
+        default=1,
+        help="jax only: the config's cpu_recompute (1: recompute the CPU layers' elementwise "
+        "intermediates in the backward pass, 0: keep them)",
+    )
     parser.add_argument("--dtype", default="float32", help="jax only: float32 or bfloat16")
     parser.add_argument(
         "--threads",
@@ -93,6 +100,7 @@ def jax_config(args):
 
     config = load_config(os.path.join(ROOT, "configs", "default.py"))
     config.cpu_fast_path = args.cpu_fast_path
+    config.cpu_recompute = bool(args.cpu_recompute)
     config.model.arch = args.arch
     config.model.dtype = args.dtype
     config.data.height, config.data.width = args.height, args.width
@@ -216,6 +224,7 @@ def measure(args, name: str, builders: dict, batch: int, extra: dict | None = No
         "batch": batch,
         "dtype": args.dtype if jax_only else "float32",
         "cpu_fast_path": args.cpu_fast_path if jax_only else None,
+        "cpu_recompute": bool(args.cpu_recompute) if jax_only else None,
         **(extra or {}),
         **summary(times, batch),
         "compile_seconds": round(bench.compile_seconds, 2),

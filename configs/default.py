@@ -26,6 +26,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # CPU layers of ctl_jax/cpu/ (same parameters and results, faster on XLA's CPU backend)
     # on the CPU backend in float32 and the plain Flax layers elsewhere; "on" / "off" force.
     config.cpu_fast_path = "auto"
+    # CPU layers only: their backward passes recompute elementwise intermediates (Winograd
+    # transforms, patches, the batch norm's xhat) instead of keeping them: half the step's
+    # memory at ResNet-50, up to ~8% slower at small sizes (docs/performance.md). False keeps.
+    config.cpu_recompute = True
 
     config.data = data = ml_collections.ConfigDict()
     # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder, msmt17,

@@ -77,6 +77,7 @@ IDENTITY_FIELDS = (
 # Settings added after work directories were first saved, with the value that a config saved
 # without them used, so that such a run still resumes and its checkpoints still load.
 ADDED_DEFAULTS = {
+    "cpu_recompute": True,
     "model.pooling": "avg",
     "model.gem_p": 3.0,
     "model.gem_learnable": False,

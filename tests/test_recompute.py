@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -117,13 +118,16 @@ def test_recomputing_keeps_the_buffer_from_growing_with_depth():
     def cpu_layer(x, k):  # the CPU layers' 3x3 convolution, which recomputes on small maps
         return cpu_layers.conv3x3(x, k, 1)
 
+    def cpu_layer_kept(x, k):  # the same with `cpu_recompute=False`
+        return cpu_layers.conv3x3(x, k, 1, recompute_=False)
+
     temp = {}
     for depth in (2, 8):
         kernels = [
             jnp.asarray(0.1 * rng.normal(size=(3, 3, 32, 32)).astype(np.float32))
             for _ in range(depth)
         ]
-        for conv in (kept, recomputed, cpu_layer):
+        for conv in (kept, recomputed, cpu_layer, cpu_layer_kept):
             grad = jax.grad(functools.partial(network, conv), argnums=(0, 1))
             temp[conv, depth] = _temp_bytes(grad, kernels, x)
         g_ours = jax.jit(jax.grad(functools.partial(network, recomputed)))(kernels, x)
@@ -134,3 +138,24 @@ def test_recomputing_keeps_the_buffer_from_growing_with_depth():
     assert temp[recomputed, 8] - temp[recomputed, 2] < 1.5 * patches, temp
     assert temp[recomputed, 8] < temp[kept, 8] - 3 * patches, temp
     assert temp[cpu_layer, 8] - temp[cpu_layer, 2] < 1.5 * patches, temp
+    assert temp[cpu_layer_kept, 8] - temp[cpu_layer_kept, 2] > 5 * patches, temp
+
+
+@pytest.mark.parametrize("recompute_setting", [True, False])
+def test_the_config_switch_reaches_every_cpu_layer(recompute_setting):
+    """`cpu_recompute` picks the CPU layer set, and a config saved before the key existed
+    counts as True."""
+    from ctl_jax.build import build_model
+    from ctl_jax.configs import load_config
+
+    config = load_config("configs/default.py")
+    config.model.arch = "resnet18"
+    config.cpu_fast_path = "on"
+    config.cpu_recompute = recompute_setting
+    layers_used = build_model(config, 5).layers
+    for name in ("stem_conv", "conv3x3", "norm"):
+        assert getattr(layers_used, name).keywords["recompute"] is recompute_setting, name
+    saved = ml_collections.ConfigDict(
+        {key: value for key, value in config.to_dict().items() if key != "cpu_recompute"}
+    )
+    assert build_model(saved, 5).layers.conv3x3.keywords["recompute"] is True

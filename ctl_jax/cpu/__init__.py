@@ -11,7 +11,8 @@ is here only changes how the same computation runs:
   temporary buffer at ResNet-50).
 - `model_layers(setting, dtype, platform)`: the one place that picks the layer set, from
   the config's `cpu_fast_path` ("auto": the CPU layers on the CPU backend in float32, the
-  reference layers elsewhere; "on"; "off"). `ctl_jax.build.build_model` calls it.
+  reference layers elsewhere; "on"; "off") and `cpu_recompute` (recompute or keep the
+  backward passes' intermediates). `ctl_jax.build.build_model` calls it.
 - `configure_process()` (`process.py`): glibc allocator settings (`malloc.py`) and
   synchronous CPU dispatch, which every command line applies first.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ctl_jax.cpu.layers import CPU_LAYERS
+from ctl_jax.cpu.layers import CPU_LAYERS, cpu_layers
 from ctl_jax.cpu.process import configure_process
 from ctl_jax.errors import ConfigError
 from ctl_jax.models.layers import REFERENCE_LAYERS, Layers
@@ -50,9 +51,21 @@ def use_cpu_layers(setting: str, dtype: str, platform: str | None = None) -> boo
     return platform == "cpu" and jnp.dtype(dtype) == jnp.float32
 
 
-def model_layers(setting: str, dtype: str, platform: str | None = None) -> Layers:
-    """`CPU_LAYERS` or `REFERENCE_LAYERS`, see `use_cpu_layers`."""
-    return CPU_LAYERS if use_cpu_layers(setting, dtype, platform) else REFERENCE_LAYERS
+def model_layers(
+    setting: str, dtype: str, platform: str | None = None, recompute: bool = True
+) -> Layers:
+    """The CPU layers (`cpu_layers(recompute)`, see there) or `REFERENCE_LAYERS`, see
+    `use_cpu_layers`."""
+    if not use_cpu_layers(setting, dtype, platform):
+        return REFERENCE_LAYERS
+    return CPU_LAYERS if recompute else cpu_layers(recompute=False)
 
 
-__all__ = ["CPU_LAYERS", "SETTINGS", "configure_process", "model_layers", "use_cpu_layers"]
+__all__ = [
+    "CPU_LAYERS",
+    "SETTINGS",
+    "configure_process",
+    "cpu_layers",
+    "model_layers",
+    "use_cpu_layers",
+]

@@ -53,8 +53,8 @@ def one_pass_moments(x: jax.Array, valid: jax.Array | None):
     return shift + d_mean, var, count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def normalize_train(x, scale, bias, weights, mean, var, count, epsilon):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def normalize_train(x, scale, bias, weights, mean, var, count, epsilon, recompute_after=True):
     """Training-mode batch norm output from batch statistics, with the textbook backward pass.
 
     Args:
@@ -65,25 +65,32 @@ def normalize_train(x, scale, bias, weights, mean, var, count, epsilon):
     Returns:
       (N, ..., C) float32, `layers.normalize(x, scale, bias, mean, var, epsilon)`.
 
+    `recompute_after`: the backward pass computes xhat from x only once the gradient exists
+    (`recompute.after`), so that XLA does not compute it in the forward pass and keep it next
+    to x (less memory, some speed: docs/performance.md).
+
     The gradient is what autodiff of the moments and of `layers.normalize` gives:
     dx = scale / sigma * (g - w / count * (sum(g) + xhat * sum(g * xhat))). `mean` and
     `var` must come from `x` under `lax.stop_gradient`: their contribution to the gradient
     is in dx, and they get none of their own.
     """
+    del recompute_after  # only the backward pass uses it
     return layers.normalize(x, scale, bias, mean, var, epsilon)
 
 
-def _normalize_train_fwd(x, scale, bias, weights, mean, var, count, epsilon):
+def _normalize_train_fwd(x, scale, bias, weights, mean, var, count, epsilon, recompute_after):
+    del recompute_after
     y = layers.normalize(x, scale, bias, mean, var, epsilon)
     return y, (x, scale, weights, mean, var, count)
 
 
-def _normalize_train_bwd(epsilon, residuals, g):
+def _normalize_train_bwd(epsilon, recompute_after, residuals, g):
     x, scale, weights, mean, var, count = residuals
     # x after g: otherwise XLA computes xhat (or scale * rstd * x) in the forward pass and
     # keeps it for the backward pass next to x, which it keeps anyway (the ReLU after the
     # batch norm recomputes its mask from x): one more tensor per batch norm.
-    x = recompute.after(g, x)
+    if recompute_after:
+        x = recompute.after(g, x)
     axes = tuple(range(x.ndim - 1))
     rstd = lax.rsqrt(var + epsilon)
     centered = x.astype(jnp.float32) - mean

@@ -168,7 +168,7 @@ def _forward(x, kernel, strides, padding, method, precision):
     return conv2d(x, kernel, strides, padding, precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def conv2d_cpu(
     x: jax.Array,
     kernel: jax.Array,
@@ -176,6 +176,7 @@ def conv2d_cpu(
     padding: int,
     method: str,
     precision: Any = None,
+    recompute_after: bool = True,
 ) -> jax.Array:
     """`conv2d(x, kernel, strides, padding)` with the kernel gradient by `method` ("winograd",
     "taps" or "patches", see above) and the input gradient by XLA's transposed convolution.
@@ -183,18 +184,23 @@ def conv2d_cpu(
     With "winograd" the forward pass is Winograd too for inputs of at most
     `WINOGRAD_FORWARD_MAX_ELEMENTS` (the transformed tiles stay in cache), XLA's convolution
     for larger ones. The input gradient stays XLA's: Winograd there was no faster.
+    `recompute_after`: the backward pass computes the kernel gradient's patches, taps or
+    transformed input only once the gradient exists (`recompute.after`), so that they are
+    not kept from the forward pass (less memory, some speed: docs/performance.md).
     """
+    del recompute_after  # only the backward pass uses it
     return _forward(x, kernel, strides, padding, method, precision)
 
 
-def _conv_fwd(x, kernel, strides, padding, method, precision):
+def _conv_fwd(x, kernel, strides, padding, method, precision, recompute_after):
+    del recompute_after
     return _forward(x, kernel, strides, padding, method, precision), (x, kernel)
 
 
-def _conv_bwd(strides, padding, method, precision, residuals, g):
+def _conv_bwd(strides, padding, method, precision, recompute_after, residuals, g):
     # After g: otherwise XLA computes the kernel gradient's patches, taps or transformed
     # input in the forward pass (they depend on x only) and keeps them (`recompute.py`).
-    x, kernel = recompute.after(g, residuals)
+    x, kernel = recompute.after(g, residuals) if recompute_after else residuals
     _, vjp_x = jax.vjp(lambda x_: conv2d(x_, kernel, strides, padding, precision), x)
     size = kernel.shape[0]
     dk = _KERNEL_GRADS[method](x, g, size, strides, padding, precision)
