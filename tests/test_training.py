@@ -376,14 +376,18 @@ def test_workdir_saved_before_cpu_fast_path_resumes(tiny_dataset, uninterrupted,
 
 
 def test_workdir_saved_before_the_retrieval_heads_resumes(tiny_dataset, uninterrupted, tmp_path):
-    # A config.json without model.pooling / gem_* / rmac_levels and loss.metric / classifier /
-    # scale / classifier_margin / easy_margin (configs.ADDED_DEFAULTS) is the same run.
+    # A config.json without model.pooling / gem_* / rmac_levels, loss.metric / classifier /
+    # scale / classifier_margin / easy_margin and cpu_recompute (configs.ADDED_DEFAULTS) is
+    # the same run.
     workdir = tmp_path / "old"
     shutil.copytree(uninterrupted, workdir)
     saved = json.loads((workdir / "config.json").read_text())
     for dotted in ADDED_DEFAULTS:
-        group, key = dotted.split(".")
-        del saved[group][key]
+        *groups, key = dotted.split(".")
+        node = saved
+        for group in groups:
+            node = node[group]
+        del node[key]
     (workdir / "config.json").write_text(json.dumps(saved))
     before = CheckpointStore(workdir, read_only=True).all_steps()
     loop.train_and_evaluate(_loop_config(tiny_dataset), workdir, log=lambda *_: None)
