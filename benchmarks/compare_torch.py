@@ -73,6 +73,19 @@ def worker(argv: list[str]) -> None:
     say({"peak_rss_mb": common.peak_rss_mb()})
 
 
+def setting_args(name: str, threads: int, warmup: int) -> list[str]:
+    """The worker flags every task of setting `name` shares (model, input size, threads,
+    warm-up steps)."""
+    arch, height, width, *_ = SETTINGS[name]
+    return [
+        f"--arch={arch}",
+        f"--height={height}",
+        f"--width={width}",
+        f"--threads={threads}",
+        f"--warmup={warmup}",
+    ]
+
+
 class Worker:
     """Parent-side handle of one worker process."""
 
@@ -108,6 +121,25 @@ class Worker:
         return result
 
 
+def interleave(workers: dict[str, Worker], rounds: int, pause: float):
+    """Times `rounds` steps of each ready worker, alternating A, B, B, A, ... so that all see
+    the same load, then closes them. Returns per worker name the steps' seconds, their page
+    faults and the worker's peak RSS (MB)."""
+    names = list(workers)
+    times = {name: [] for name in names}
+    faults = {name: [] for name in names}
+    try:
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                time.sleep(pause)  # let the other worker's spinning threads go to sleep
+                answer = workers[name].ask("run")
+                times[name].append(answer["seconds"])
+                faults[name].append(answer["page_faults"])
+    finally:
+        peak = {name: w.close()["peak_rss_mb"] for name, w in workers.items()}
+    return times, faults, peak
+
+
 def compare(
     task: str,
     shared: list[str],
@@ -126,18 +158,7 @@ def compare(
     for framework in frameworks:  # built one at a time: compilation sees no rival
         workers[framework] = Worker(task, framework, shared + extra[framework])
         ready[framework] = workers[framework].read()
-    times = {framework: [] for framework in frameworks}
-    faults = {framework: [] for framework in frameworks}
-    try:
-        for r in range(rounds):
-            order = frameworks if r % 2 == 0 else frameworks[::-1]
-            for framework in order:
-                time.sleep(pause)  # let the other framework's spinning threads go to sleep
-                answer = workers[framework].ask("run")
-                times[framework].append(answer["seconds"])
-                faults[framework].append(answer["page_faults"])
-    finally:
-        peak = {fw: w.close()["peak_rss_mb"] for fw, w in workers.items()}
+    times, faults, peak = interleave(workers, rounds, pause)
     result = {"batch": batch}
     for framework in frameworks:
         t = times[framework]
@@ -194,14 +215,7 @@ def main(argv=None) -> None:
     for name in args.settings.split(","):
         arch, height, width, p, m, infer_batch = SETTINGS[name]
         infer_batch = args.infer_batch or infer_batch
-        shared = [
-            f"--arch={arch}",
-            f"--height={height}",
-            f"--width={width}",
-            f"--threads={threads}",
-            f"--warmup={args.warmup}",
-            f"--dtype={args.dtype}",
-        ]
+        shared = setting_args(name, threads, args.warmup) + [f"--dtype={args.dtype}"]
         entry = {"setting": name, "arch": arch, "height": height, "width": width, "p": p, "m": m}
         for task in args.tasks.split(","):
             if task == "train":

@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 try:
     from . import common, compare_torch
@@ -45,14 +44,7 @@ def main(argv=None) -> None:
     for tree in trees:  # built one at a time: compilation sees no rival
         workers[tree] = compare_torch.Worker(args.task, "jax", worker_args, tree=tree)
         ready[tree] = workers[tree].read()
-    times = {tree: [] for tree in trees}
-    try:
-        for r in range(args.rounds):
-            for tree in trees if r % 2 == 0 else trees[::-1]:
-                time.sleep(args.pause)  # let the other worker's spinning threads go to sleep
-                times[tree].append(workers[tree].ask("run")["seconds"])
-    finally:
-        peak = {tree: w.close()["peak_rss_mb"] for tree, w in workers.items()}
+    times, _, peak = compare_torch.interleave(workers, args.rounds, args.pause)
     result = {"benchmark": "compare_trees", "task": args.task, "args": worker_args}
     for tree in trees:
         t = times[tree]

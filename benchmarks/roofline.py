@@ -195,15 +195,8 @@ def main(argv=None) -> None:
         entry = {"setting": name, "arch": arch, "height": height, "width": width, "p": p, "m": m}
         entry.update(step_flops(arch, height, width, p, m))
         if not args.flops_only:
-            shared = [
-                f"--arch={arch}",
-                f"--height={height}",
-                f"--width={width}",
-                f"--threads={threads}",
-                f"--warmup={args.warmup}",
-                f"--p={p}",
-                f"--m={m}",
-            ]
+            shared = compare_torch.setting_args(name, threads, args.warmup)
+            shared += [f"--p={p}", f"--m={m}"]
             frameworks = ("jax",) if args.skip_torch else ("jax", "torch")
             timing = compare_torch.compare(
                 "train",

@@ -150,18 +150,23 @@ def test_resume_past_a_truncated_checkpoint_ends_with_uninterrupted_weights(
     # Step 5 is saved again (orbax refuses an existing step folder: the bad one is aside).
     assert 5 not in CheckpointStore(workdir, read_only=True).all_steps()  # only the latest
     assert (workdir / "config.json").read_bytes() == config_before
-    params_a, centers_a, step_a = _final_params(uninterrupted)
-    params_b, centers_b, step_b = _final_params(workdir)
-    assert step_a == step_b
-    for a, b in zip(_leaves(params_a), _leaves(params_b)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(centers_a, centers_b, rtol=1e-5, atol=1e-6)
+    _assert_same_final_state(uninterrupted, workdir)
 
 
 def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def _assert_same_final_state(run_a, run_b):
+    """The two work directories' last checkpoints: same step, parameters and centers."""
+    params_a, centers_a, step_a = _final_params(run_a)
+    params_b, centers_b, step_b = _final_params(run_b)
+    assert step_a == step_b
+    for a, b in zip(_leaves(params_a), _leaves(params_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(centers_a, centers_b, rtol=1e-5, atol=1e-6)
 
 
 def test_nothing_is_written_before_the_resume_checkpoint_is_read(tiny_dataset, stopped, tmp_path):
@@ -270,12 +275,7 @@ def test_kill_9_at_random_points_resumes_to_the_uninterrupted_weights(
             child.wait()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    params_a, centers_a, step_a = _final_params(uninterrupted)
-    params_b, centers_b, step_b = _final_params(workdir)
-    assert step_a == step_b
-    for a, b in zip(_leaves(params_a), _leaves(params_b)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(centers_a, centers_b, rtol=1e-5, atol=1e-6)
+    _assert_same_final_state(uninterrupted, workdir)
 
 
 def test_evaluate_falls_back_and_names_the_readable_steps(stopped, tmp_path):
