@@ -10,9 +10,10 @@ per tree (`compare_torch.py`'s workers, each importing its own tree's `ctl_jax` 
 protocol), built one after the other, then timed steps alternating A, B, B, A, ... so that
 both see the same load. Step times on a shared machine move by 10-15% from run to run; only
 an interleaved comparison like this shows a few per cent, and even it needs several rounds.
-Prints one JSON object: per tree the median and best seconds per step, every step's seconds,
-the compile seconds and the peak RSS, and `second_over_first`, the ratio of the medians
-(> 1: the second tree's step is slower).
+Prints one JSON object: `trees`, then for `first` and `second` (the trees in that order; the
+same tree twice measures the noise) the median and best seconds per step, every step's
+seconds, the compile seconds and the peak RSS, and `second_over_first`, the ratio of the
+medians (> 1: the second tree's step is slower).
 """
 
 from __future__ import annotations
@@ -40,22 +41,24 @@ def main(argv=None) -> None:
     if len(trees) != 2:
         parser.error(f"--trees: two source trees expected, got {args.trees!r}")
     load_before = common.loadavg()
+    names = dict(zip(("first", "second"), trees))
     workers, ready = {}, {}
-    for tree in trees:  # built one at a time: compilation sees no rival
-        workers[tree] = compare_torch.Worker(args.task, "jax", worker_args, tree=tree)
-        ready[tree] = workers[tree].read()
+    for name, tree in names.items():  # built one at a time: compilation sees no rival
+        workers[name] = compare_torch.Worker(args.task, "jax", worker_args, tree=tree)
+        ready[name] = workers[name].read()
     times, _, peak = compare_torch.interleave(workers, args.rounds, args.pause)
     result = {"benchmark": "compare_trees", "task": args.task, "args": worker_args}
-    for tree in trees:
-        t = times[tree]
-        result[tree] = {
+    result["trees"] = trees
+    for name in names:
+        t = times[name]
+        result[name] = {
             "seconds_per_step": round(statistics.median(t), 4),
             "seconds_per_step_min": round(min(t), 4),
             "seconds_all": [round(v, 4) for v in t],
-            "compile_seconds": round(ready[tree]["compile_seconds"], 2),
-            "peak_rss_mb": peak[tree],
+            "compile_seconds": round(ready[name]["compile_seconds"], 2),
+            "peak_rss_mb": peak[name],
         }
-    first, second = (result[tree]["seconds_per_step"] for tree in trees)
+    first, second = (result[name]["seconds_per_step"] for name in names)
     result["second_over_first"] = round(second / first, 3)
     result["loadavg_before"], result["loadavg_after"] = load_before, common.loadavg()
     json.dump(result, sys.stdout)
