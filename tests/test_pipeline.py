@@ -226,3 +226,20 @@ def test_unreadable_images_become_invalid_slots(split, tmp_path):
         _all(pipeline.make_train_iterator(broken, reader, _cfg(skip_unreadable=False), 0))
     with pytest.raises(UnreadableImageError, match="0000_c1s1_bad.jpg"):
         _all(pipeline.make_eval_iterator(broken, reader, H, W, 8))
+
+
+def test_train_batch_spec_is_what_the_iterator_yields(split):
+    """The step is compiled for `train_batch_spec` before any batch is read; a batch that
+    differed in a key, shape or dtype would be refused by the compiled step."""
+    cfg = _cfg()
+    spec = pipeline.train_batch_spec(cfg)
+    reader = FileImageReader(split.paths)
+    for process_count in (1, 2):
+        shards = [
+            next(iter(pipeline.make_train_iterator(split, reader, cfg, 0, i, process_count)))
+            for i in range(process_count)
+        ]
+        assert set(shards[0]) == set(spec)
+        for key, (shape, dtype) in spec.items():
+            whole = np.concatenate([s[key] for s in shards])
+            assert (whole.shape, whole.dtype) == (shape, dtype), key

@@ -275,6 +275,25 @@ def make_train_iterator(
     )
 
 
+def train_batch_spec(cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array of a global training batch (all processes' rows), as
+    `make_train_iterator` yields them with B = P * M; the training step is compiled for these
+    before the first batch is read (`ctl_jax.training.ahead`).
+
+    Args:
+      cfg: `TrainPipelineConfig`, or a run config (see `TrainPipelineConfig.from_run_config`).
+    """
+    if not isinstance(cfg, TrainPipelineConfig):
+        cfg = TrainPipelineConfig.from_run_config(cfg)
+    b = cfg.P * cfg.M
+    return {
+        "images": ((b, cfg.height, cfg.width, 3), np.dtype(np.float32)),
+        "labels": ((b,), np.dtype(np.int32)),
+        "camids": ((b,), np.dtype(np.int32)),
+        "valid": ((b,), np.dtype(np.bool_)),
+    }
+
+
 def eval_num_batches(num_images: int, batch_size: int) -> int:
     """Number of evaluation batches: ``ceil(num_images / batch_size)`` (last one padded)."""
     return -(-num_images // batch_size)

@@ -30,6 +30,7 @@ from ctl_jax.data.source import check_trainable, load_dataset
 from ctl_jax.errors import NonFiniteLossError, WorkdirMismatchError
 from ctl_jax.evaluator import Evaluator
 from ctl_jax.models.reid import feature_dim
+from ctl_jax.training import ahead
 from ctl_jax.training.initialisation import init_train_state, with_init_checkpoint
 from ctl_jax.training.logbook import MetricsLog, flatten_eval
 from ctl_jax.training.optimizer import make_optimizer
@@ -162,11 +163,11 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
 
     store = CheckpointStore(workdir, config.train.keep_checkpoints, config.train.monitor)
     state_sharding = parallel.replicated(mesh)
+    abstract = ahead.abstract_like(jax.eval_shape(init_state), state_sharding)
+    # Compiled before the state is created or restored, so that the compiler's working
+    # memory does not come on top of it (see ctl_jax/training/ahead.py).
+    step_fn = _compile_step(model, tx, config, mesh, abstract)
     if store.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding),
-            jax.eval_shape(init_state),
-        )
         # The newest readable checkpoint: unreadable newer ones are reported and moved aside.
         state, data, _ = store.restore(abstract, warn=warn)
         position = DataPosition.from_json(data)
@@ -177,17 +178,6 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
     save_config(config, workdir)
 
     meta = {"config": json.loads(config_lib.config_to_json(config)), "num_classes": num_classes}
-    train_step = make_train_step(model, tx, config)
-    if jax.process_count() > 1:
-        train_step = _with_stop_vote(train_step)
-    step_fn = _compiled_on_first_call(
-        jax.jit(
-            train_step,
-            in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-            out_shardings=(state_sharding, state_sharding),
-            donate_argnums=0,
-        )
-    )
     evaluator = Evaluator(model, dataset, readers, config, mesh)
     metrics_log = MetricsLog(workdir)
     pcfg = pipeline.TrainPipelineConfig.from_run_config(config)
@@ -272,20 +262,27 @@ def _evaluate(evaluator, state, step, epoch, config, metrics_log, log) -> tuple[
     return results, flat
 
 
-def _compiled_on_first_call(jitted):
-    """`jitted`, compiled ahead of time on its first call's arguments; the compiler's working
-    memory is handed back to the kernel before the first step allocates its buffers (with
-    glibc's trimming off it would otherwise add to the run's peak; see ctl_jax/cpu/malloc.py)."""
-    compiled = None
-
-    def call(state, batch):
-        nonlocal compiled
-        if compiled is None:
-            compiled = jitted.lower(state, batch).compile()
-            release_free_memory()
-        return compiled(state, batch)
-
-    return call
+def _compile_step(model, tx, config, mesh, state_spec):
+    """The training step (`make_train_step`, with the stop vote in multi-process runs) jitted
+    with the state donated and compiled for `state_spec` and the pipeline's batches."""
+    train_step = make_train_step(model, tx, config)
+    batch_spec = pipeline.train_batch_spec(config)
+    if jax.process_count() > 1:
+        train_step = _with_stop_vote(train_step)
+        batch_spec[STOP_VOTE] = (batch_spec["labels"][0], np.dtype(np.int32))
+    state_sharding = parallel.replicated(mesh)
+    batch_sharding = parallel.batch_sharded(mesh)
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, state_sharding),
+        donate_argnums=0,
+    )
+    batch_abstract = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+        for k, (shape, dtype) in batch_spec.items()
+    }
+    return ahead.compile_ahead(jitted, state_spec, batch_abstract)
 
 
 def _stopped_message(step, epoch, store) -> str:
