@@ -16,12 +16,15 @@ the setting's M. Estimates, not measured peaks.
     python -m benchmarks.step_memory --setting=resnet50_128x64 --measure_steps=5
 
 measures instead, in this fresh process, the resident memory of training at the setting's
-P x M as the command lines run it (allocator settings, synchronous dispatch): the peak while
-building and compiling the step, the resident memory once the compiler's memory is handed
-back, and the peak over `--measure_steps` steps (Linux: the peak is reset through
-/proc/self/clear_refs after compiling). The process's overall peak (what `compare_torch.py`
-reports as peak RSS) is the larger of the compilation's and the steps' peaks. Memory sizes
-and resident memory do not depend on the machine's load; no timings are taken.
+P x M as the command lines run it (allocator settings, synchronous dispatch, the step
+compiled before the train state exists): the peak through compiling the step, the peak
+through creating the state (its initialiser is compiled too), the resident memory after
+each, and the peak over `--measure_steps` steps (Linux: the peak is reset through
+/proc/self/clear_refs before the steps). The process's overall peak (what
+`compare_torch.py` reports as peak RSS) is the largest of the three. With
+`--compilation_cache=DIR`, run twice, the second run reads both programs from the cache, as
+a repeated or resumed training does. Memory sizes and resident memory do not depend on the
+machine's load; no timings are taken.
 """
 
 from __future__ import annotations
@@ -83,25 +86,40 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_rss(arch: str, height: int, width: int, p: int, m: int, cpu_fast_path: str, steps: int):
-    """Measured resident memory (MiB) of compiling and running `steps` training steps."""
+def measure_rss(
+    arch: str,
+    height: int,
+    width: int,
+    p: int,
+    m: int,
+    cpu_fast_path: str,
+    steps: int,
+    compilation_cache: str = "",
+):
+    """Measured resident memory (MiB) of compiling the step, creating the train state and
+    running `steps` training steps, in the training loop's order (the step is compiled ahead
+    of the state, `ctl_jax.training.ahead`)."""
     import jax
-
-    from ctl_jax.cpu.malloc import release_free_memory
 
     argv = [f"--arch={arch}", f"--height={height}", f"--width={width}", f"--p={p}", f"--m={m}"]
     args = train_step.parse_args(argv + [f"--cpu_fast_path={cpu_fast_path}"])
-    jax.config.update("jax_enable_compilation_cache", False)  # compile here, as a first run
-    step, state, batch, _ = train_step.make_jax_step(args)
-    compiled = step.lower(state, batch).compile()
+    if compilation_cache:  # as the command lines run: a second run reads the cache
+        jax.config.update("jax_compilation_cache_dir", compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    else:  # compile here, as a first run
+        jax.config.update("jax_enable_compilation_cache", False)
+    compiled, make_state, batch, _, seconds = train_step.make_compiled_jax_step(args)
     out = {
         "p": p,
         "m": m,
         "temp_mb": round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),
+        "compile_seconds": round(seconds, 1),
         "peak_rss_through_compile_mb": _status_mb("VmHWM"),
+        "rss_after_compile_mb": _status_mb("VmRSS"),
     }
-    release_free_memory()  # as the training loop does after compiling its step
-    out["rss_after_compile_mb"] = _status_mb("VmRSS")
+    state = make_state()
+    out["peak_rss_through_init_mb"] = _status_mb("VmHWM")
+    out["rss_after_init_mb"] = _status_mb("VmRSS")
     out["peak_reset"] = _reset_peak_rss()
     for _ in range(steps):
         state, metrics = compiled(state, batch)
@@ -122,6 +140,13 @@ def main(argv=None) -> None:
     parser.add_argument("--cpu_fast_path", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument(
+        "--compilation_cache",
+        default="",
+        help="with --measure_steps: use this persistent compilation cache directory (run twice: "
+        "the second run reads the step from it, as a resumed or repeated training does); "
+        "default: none, a first run's compilation",
+    )
+    parser.add_argument(
         "--measure_steps",
         type=int,
         default=0,
@@ -139,7 +164,14 @@ def main(argv=None) -> None:
     arch, height, width, p, setting_m, _ = compare_torch.SETTINGS[args.setting]
     if args.measure_steps > 0:
         measured = measure_rss(
-            arch, height, width, p, setting_m, args.cpu_fast_path, args.measure_steps
+            arch,
+            height,
+            width,
+            p,
+            setting_m,
+            args.cpu_fast_path,
+            args.measure_steps,
+            args.compilation_cache,
         )
         record = {"benchmark": "step_memory", "setting": args.setting, "steps": args.measure_steps}
         record |= {"cpu_fast_path": args.cpu_fast_path, "loadavg": common.loadavg()}

@@ -65,8 +65,18 @@ def compile_ahead(jitted, state_spec, batch_spec):
     # with "Function ... not found"): only fresh compilations are reloaded.
     if not hits and _reloadable():
         compiled = _reloaded(compiled)
-    release_free_memory()  # the compiler's working memory (see ctl_jax/cpu/malloc.py)
+    release_compiler_memory()
     return compiled
+
+
+def release_compiler_memory() -> None:
+    """Drops JAX's in-memory caches of compiled programs (what is still in use is held by its
+    user) and returns the heap's free pages to the kernel: after one-off compilations, such
+    as the step's and the state initialiser's, whose working memory the heap would otherwise
+    keep (trimming is off, see ctl_jax/cpu/malloc.py)."""
+    jax.clear_caches()
+    gc.collect()
+    release_free_memory()
 
 
 def _reloadable() -> bool:

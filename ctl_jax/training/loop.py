@@ -175,6 +175,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
     else:
         state = parallel.replicate(with_init_checkpoint(init_state(), config.model, log), mesh)
         position = DataPosition()
+    ahead.release_compiler_memory()  # of the initialiser or the restoring
     save_config(config, workdir)
 
     meta = {"config": json.loads(config_lib.config_to_json(config)), "num_classes": num_classes}
