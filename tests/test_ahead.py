@@ -19,9 +19,11 @@ def _step(state, batch):
 
 def _jitted(mesh):
     rep, rows = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(
-        _step, in_shardings=(rep, rows), out_shardings=(rep, rep), donate_argnums=0
-    ), rep, rows
+    return (
+        jax.jit(_step, in_shardings=(rep, rows), out_shardings=(rep, rep), donate_argnums=0),
+        rep,
+        rows,
+    )
 
 
 def _state(mesh):

@@ -32,9 +32,7 @@ _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
 def abstract_like(tree, sharding):
     """`jax.ShapeDtypeStruct`s of `tree`'s leaves (arrays or abstract values) on `sharding`."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def compile_ahead(jitted, state_spec, batch_spec):
