@@ -31,6 +31,7 @@ import dataclasses
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -173,8 +174,32 @@ def page_faults() -> int:
     return usage.ru_minflt + usage.ru_majflt
 
 
+def status_mb(key: str) -> float | None:
+    """A memory figure of this process from Linux's /proc/self/status (VmRSS, VmHWM), in
+    MiB; None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """This process's peak resident memory (MiB) since it started its program.
+
+    Linux: VmHWM. Not `getrusage`'s ru_maxrss, which in a process started by fork + exec
+    keeps the parent's resident memory at the fork: a worker spawned by a benchmark that had
+    compiled a ResNet step reported the parent's 945 MB as its own peak. Elsewhere ru_maxrss
+    (KiB on Linux and BSD, bytes on macOS).
+    """
+    hwm = status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    scale = 2**20 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
 
 
 def machine_record(benchmark: str, threads: int, rounds: int) -> dict:

@@ -67,15 +67,6 @@ def measure(arch: str, height: int, width: int, p: int, m: int, cpu_fast_path: s
     }
 
 
-def _status_mb(key: str) -> float:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
 def _reset_peak_rss() -> bool:
     """Resets this process's peak RSS (VmHWM) to its current RSS; False if Linux refuses."""
     try:
@@ -114,19 +105,19 @@ def measure_rss(
         "m": m,
         "temp_mb": round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),
         "compile_seconds": round(seconds, 1),
-        "peak_rss_through_compile_mb": _status_mb("VmHWM"),
-        "rss_after_compile_mb": _status_mb("VmRSS"),
+        "peak_rss_through_compile_mb": common.status_mb("VmHWM"),
+        "rss_after_compile_mb": common.status_mb("VmRSS"),
     }
     state = make_state()
-    out["peak_rss_through_init_mb"] = _status_mb("VmHWM")
-    out["rss_after_init_mb"] = _status_mb("VmRSS")
+    out["peak_rss_through_init_mb"] = common.status_mb("VmHWM")
+    out["rss_after_init_mb"] = common.status_mb("VmRSS")
     out["peak_reset"] = _reset_peak_rss()
     for _ in range(steps):
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
     key = "step_peak_rss_mb" if out["peak_reset"] else "peak_rss_mb"
-    out[key] = _status_mb("VmHWM")
-    out["rss_after_steps_mb"] = _status_mb("VmRSS")
+    out[key] = common.status_mb("VmHWM")
+    out["rss_after_steps_mb"] = common.status_mb("VmRSS")
     return out
 
 

@@ -4,11 +4,13 @@ its JSON record."""
 
 import ast
 import json
+import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -211,3 +213,16 @@ def test_profile_step_counts_the_products_of_the_compiled_program():
     assert sum(counted.values()) == by_hand
     entry = text[text.index("ENTRY") :]
     assert all(f"%{name} = " in entry for name in counted)  # entry ops: the profiler's names
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc only")
+def test_worker_peak_rss_is_its_own():
+    """A worker started by a process holding much memory reports its own peak, not the
+    parent's at the fork (which `getrusage`'s ru_maxrss carries over across exec)."""
+    held = np.ones(2**26)  # 512 MiB, touched
+    code = "from benchmarks import common; print(common.peak_rss_mb())"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout) < 256, (float(result.stdout), held.nbytes >> 20)
