@@ -61,10 +61,25 @@ def compile_ahead(jitted, state_spec, batch_spec):
     # An executable read from the persistent compilation cache is already a deserialised
     # one, and serialising it again loses kernels in jaxlib 0.10 (the reloaded program fails
     # with "Function ... not found"): only fresh compilations are reloaded.
-    if not hits and _reloadable():
-        compiled = _reloaded(compiled)
+    if hits or not _reloadable():
+        release_compiler_memory()
+        return compiled
+    # Serialised, the fresh executable dropped (JAX's caches hold it too), the memory
+    # released, then the copy loaded: the same program without the compiler's by-products.
+    # Imported here: an experimental module, used only on this path.
+    from jax.experimental import serialize_executable
+
+    # Loaded onto the devices it was compiled for (by default it would be all of them).
+    devices = compiled.runtime_executable().local_devices()
+    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    del compiled
     release_compiler_memory()
-    return compiled
+    loaded = serialize_executable.deserialize_and_load(
+        payload, in_tree, out_tree, execution_devices=devices
+    )
+    del payload
+    release_free_memory()  # what loading used on the way
+    return loaded
 
 
 def release_compiler_memory() -> None:
@@ -81,19 +96,3 @@ def _reloadable() -> bool:
     """Single-process runs on CPU devices only: on accelerators the compiler's memory is the
     host's, not the devices', and a multi-process executable is loaded by every process."""
     return jax.process_count() == 1 and all(d.platform == "cpu" for d in jax.devices())
-
-
-def _reloaded(compiled):
-    """`compiled`, serialised and loaded back without the compiler's by-products."""
-    # Imported here: an experimental module, used only on this path.
-    from jax.experimental import serialize_executable
-
-    # Loaded onto the devices it was compiled for (by default it would be all of them).
-    devices = compiled.runtime_executable().local_devices()
-    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-    del compiled
-    jax.clear_caches()  # they hold the fresh executable too
-    gc.collect()
-    return serialize_executable.deserialize_and_load(
-        payload, in_tree, out_tree, execution_devices=devices
-    )
