@@ -61,6 +61,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="jax only: the config's cpu_recompute (1: recompute the CPU layers' elementwise "
         "intermediates in the backward pass, 0: keep them)",
     )
+    parser.add_argument(
+        "--cpu_winograd_tile",
+        type=int,
+        choices=(2, 4),
+        default=4,
+        help="jax only: the config's cpu_winograd_tile (4: Winograd F(4x4, 3x3) on maps of "
+        "at least 8x8, 2: F(2x2, 3x3) only)",
+    )
     parser.add_argument("--dtype", default="float32", help="jax only: float32 or bfloat16")
     parser.add_argument(
         "--threads",
@@ -102,6 +110,7 @@ def jax_config(args):
     config = load_config(os.path.join(ROOT, "configs", "default.py"))
     config.cpu_fast_path = args.cpu_fast_path
     config.cpu_recompute = bool(args.cpu_recompute)
+    config.cpu_winograd_tile = args.cpu_winograd_tile
     config.model.arch = args.arch
     config.model.dtype = args.dtype
     config.data.height, config.data.width = args.height, args.width
@@ -250,6 +259,7 @@ def measure(args, name: str, builders: dict, batch: int, extra: dict | None = No
         "dtype": args.dtype if jax_only else "float32",
         "cpu_fast_path": args.cpu_fast_path if jax_only else None,
         "cpu_recompute": bool(args.cpu_recompute) if jax_only else None,
+        "cpu_winograd_tile": args.cpu_winograd_tile if jax_only else None,
         **(extra or {}),
         **summary(times, batch),
         "compile_seconds": round(bench.compile_seconds, 2),

@@ -30,6 +30,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # transforms, patches, the batch norm's xhat) instead of keeping them: half the step's
     # memory at ResNet-50, up to ~8% slower at small sizes (docs/performance.md). False keeps.
     config.cpu_recompute = True
+    # CPU layers only: stride-1 3x3 convolutions on maps of at least 8x8 by Winograd
+    # F(4x4, 3x3) (4 = default; fewer multiplies and less memory traffic, relative rounding
+    # ~1e-5 instead of ~1e-6) or only F(2x2, 3x3) (2; docs/performance.md).
+    config.cpu_winograd_tile = 4
 
     config.data = data = ml_collections.ConfigDict()
     # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder, msmt17,

@@ -26,7 +26,7 @@ def build_model(
     Args:
       config: a full config (`configs/*.py`, or the `config.json` of a work directory; one
         saved before `cpu_fast_path` existed counts as "auto" (and before `cpu_recompute`
-        as True), one saved before the pooling
+        as True, before `cpu_winograd_tile` as 2), one saved before the pooling
         and classifier settings as average pooling and a linear classifier).
       num_classes: number of training identities (classifier width).
       cpu_fast_path: overrides `config.cpu_fast_path` ("auto", "on" or "off") when given.
@@ -34,7 +34,8 @@ def build_model(
     """
     setting = cpu_fast_path or config.get("cpu_fast_path", None) or "auto"
     recompute = bool(config.get("cpu_recompute", True))
-    layers = cpu.model_layers(setting, config.model.dtype, platform, recompute)
+    winograd_tile = config.get("cpu_winograd_tile", 2)
+    layers = cpu.model_layers(setting, config.model.dtype, platform, recompute, winograd_tile)
     loss = config.get("loss", None)
     classifier = loss.get("classifier", "softmax") if loss is not None else "softmax"
     return model_from_config(config.model, num_classes, layers, classifier=classifier)

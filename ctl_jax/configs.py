@@ -78,6 +78,7 @@ IDENTITY_FIELDS = (
 # without them used, so that such a run still resumes and its checkpoints still load.
 ADDED_DEFAULTS = {
     "cpu_recompute": True,
+    "cpu_winograd_tile": 2,
     "model.pooling": "avg",
     "model.gem_p": 3.0,
     "model.gem_learnable": False,

@@ -169,7 +169,8 @@ def _full_cfg(dtype="float32", **top):
     ],
 )
 def test_build_model_picks_the_layer_set(setting, dtype, platform, cpu_layers):
-    config = _full_cfg(dtype) if setting is None else _full_cfg(dtype, cpu_fast_path=setting)
+    top = {} if setting is None else {"cpu_fast_path": setting}
+    config = _full_cfg(dtype, cpu_winograd_tile=4, **top)
     model = build_model(config, 3, platform=platform)
     assert model.layers is (CPU_LAYERS if cpu_layers else REFERENCE_LAYERS)
     # An explicit setting (restoring with another config's choice) overrides the config's.

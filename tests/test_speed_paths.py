@@ -9,10 +9,13 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax import lax
 
+from ctl_jax.build import build_model
+from ctl_jax.configs import load_config
 from ctl_jax.cpu import CPU_LAYERS, batch_norm, convolution
 from ctl_jax.cpu import layers as cpu_layers
 from ctl_jax.models import layers, resnet
@@ -36,16 +39,20 @@ def _rel_err(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
 
+@pytest.mark.parametrize("tile", convolution.WINOGRAD_TILES)
 @pytest.mark.parametrize(
-    "shape", [(2, 8, 4, 6, 5), (1, 7, 5, 3, 4), (3, 1, 1, 2, 3), (2, 2, 3, 4, 2)]
+    "shape", [(2, 8, 4, 6, 5), (1, 7, 5, 3, 4), (3, 1, 1, 2, 3), (2, 2, 3, 4, 2), (1, 10, 13, 4, 3)]
 )
-def test_winograd_matches_direct_convolution(shape):
+def test_winograd_matches_direct_convolution(shape, tile):
+    """F(2x2, 3x3) and F(4x4, 3x3), outputs and both gradients; sizes that are not a multiple
+    of the tile (partial tiles), smaller than a tile, and several tiles."""
     n, h, w, cin, cout = shape
     rng = np.random.default_rng(sum(shape))
     x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32))
     weights = jnp.asarray(rng.normal(size=(n, h, w, cout)).astype(np.float32))
-    y = jax.jit(convolution.winograd_conv3x3)(x, kernel)
+    winograd = functools.partial(convolution.winograd_conv3x3, tile=tile)
+    y = jax.jit(winograd)(x, kernel)
     y_ref = _direct_conv(x, kernel)
     assert y.shape == y_ref.shape
     assert _rel_err(y, y_ref) < 1e-5
@@ -53,7 +60,7 @@ def test_winograd_matches_direct_convolution(shape):
     def loss(conv, inputs, k):
         return jnp.sum(jnp.tanh(conv(inputs, k)) * weights)
 
-    winograd_loss = functools.partial(loss, convolution.winograd_conv3x3)
+    winograd_loss = functools.partial(loss, winograd)
     grads = jax.jit(jax.grad(winograd_loss, argnums=(0, 1)))(x, kernel)
     grads_ref = jax.grad(functools.partial(loss, _direct_conv), argnums=(0, 1))(x, kernel)
     for g, g_ref in zip(grads, grads_ref):
@@ -63,8 +70,10 @@ def test_winograd_matches_direct_convolution(shape):
 @pytest.mark.parametrize(
     "hw, cin, strides",
     [
-        ((8, 4), 256, 1),  # Winograd
-        ((9, 5), 256, 1),  # Winograd, odd sizes
+        ((8, 4), 256, 1),  # Winograd F(2x2, 3x3)
+        ((9, 5), 256, 1),  # Winograd F(2x2, 3x3), odd sizes
+        ((8, 8), 64, 1),  # Winograd F(4x4, 3x3)
+        ((11, 9), 16, 1),  # Winograd F(4x4, 3x3), partial tiles
         ((8, 4), 16, 2),  # strided to a 4x2 output: patches
         ((8, 6), 8, 1),  # Winograd forward and kernel gradient, XLA's input gradient
         ((9, 11), 8, 2),  # strided convolution, kernel gradient per tap
@@ -344,3 +353,40 @@ def test_bottleneck_network_cpu_layers_same_outputs_and_gradients():
 
     assert worst(g_nudged) < 2e-2
     assert worst(g_fast) < 3 * worst(g_nudged) + 2e-5
+
+
+def _winograd_points(layer_set, x):
+    """The batch sizes of the Winograd products in a 3x3 convolution's lowered training
+    step: 16 for F(2x2, 3x3), 36 for F(4x4, 3x3)."""
+    conv = layer_set.conv3x3(8)
+    params = conv.init(jax.random.key(0), x)
+    grad = jax.grad(lambda p, inputs: jnp.sum(conv.apply(p, inputs)))
+    hlo = jax.jit(grad).lower(params, x).as_text()
+    batches = set()
+    for line in hlo.splitlines():
+        if "stablehlo.dot_general" in line and "batching_dims = [0] x [0]" in line:
+            batches.add(int(line.rsplit("-> tensor<", 1)[1].split("x", 1)[0]))
+    return batches
+
+
+def test_winograd_tile_switch_picks_the_transform():
+    """`cpu_winograd_tile`: F(4x4, 3x3) on maps of at least 8x8 (and not below), F(2x2, 3x3)
+    only with 2; other values are a config error naming the key."""
+    large = jnp.ones((2, 8, 8, 4), jnp.float32)
+    small = jnp.ones((2, 8, 4, 256), jnp.float32)  # 8x4: F(2x2, 3x3) at 256 channels
+    assert _winograd_points(cpu_layers.cpu_layers(winograd_tile=4), large) == {36}
+    assert _winograd_points(cpu_layers.cpu_layers(winograd_tile=2), large) == {16}
+    assert _winograd_points(cpu_layers.cpu_layers(winograd_tile=4), small) == {16}
+    assert CPU_LAYERS.conv3x3.keywords["winograd_tile"] == 4
+    # From the config; a config saved before the key existed trained with F(2x2, 3x3).
+    config = load_config("configs/default.py")
+    config.cpu_fast_path = "on"
+    assert build_model(config, 5).layers.conv3x3.keywords["winograd_tile"] == 4
+    config.cpu_winograd_tile = 2
+    assert build_model(config, 5).layers.conv3x3.keywords["winograd_tile"] == 2
+    saved = ml_collections.ConfigDict(
+        {key: value for key, value in config.to_dict().items() if key != "cpu_winograd_tile"}
+    )
+    assert build_model(saved, 5).layers.conv3x3.keywords["winograd_tile"] == 2
+    with pytest.raises(ValueError, match="cpu_winograd_tile: expected 2 or 4, got 3"):
+        cpu_layers.cpu_layers(winograd_tile=3)

@@ -11,8 +11,9 @@ is here only changes how the same computation runs:
   temporary buffer at ResNet-50).
 - `model_layers(setting, dtype, platform)`: the one place that picks the layer set, from
   the config's `cpu_fast_path` ("auto": the CPU layers on the CPU backend in float32, the
-  reference layers elsewhere; "on"; "off") and `cpu_recompute` (recompute or keep the
-  backward passes' intermediates). `ctl_jax.build.build_model` calls it.
+  reference layers elsewhere; "on"; "off"), `cpu_recompute` (recompute or keep the
+  backward passes' intermediates) and `cpu_winograd_tile` (Winograd F(4x4, 3x3) on large
+  maps, or F(2x2, 3x3) only). `ctl_jax.build.build_model` calls it.
 - `configure_process()` (`process.py`): glibc allocator settings (`malloc.py`) and
   synchronous CPU dispatch, which every command line applies first.
 
@@ -52,13 +53,19 @@ def use_cpu_layers(setting: str, dtype: str, platform: str | None = None) -> boo
 
 
 def model_layers(
-    setting: str, dtype: str, platform: str | None = None, recompute: bool = True
+    setting: str,
+    dtype: str,
+    platform: str | None = None,
+    recompute: bool = True,
+    winograd_tile: int = 4,
 ) -> Layers:
-    """The CPU layers (`cpu_layers(recompute)`, see there) or `REFERENCE_LAYERS`, see
-    `use_cpu_layers`."""
+    """The CPU layers (`cpu_layers(recompute, winograd_tile)`, see there) or
+    `REFERENCE_LAYERS`, see `use_cpu_layers`."""
     if not use_cpu_layers(setting, dtype, platform):
         return REFERENCE_LAYERS
-    return CPU_LAYERS if recompute else cpu_layers(recompute=False)
+    if recompute and winograd_tile == 4:
+        return CPU_LAYERS
+    return cpu_layers(recompute=recompute, winograd_tile=winograd_tile)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ctl_jax.cpu import recompute
@@ -56,61 +57,102 @@ def conv_patches(x: jax.Array, size: int, strides: int, padding: int) -> jax.Arr
     return jnp.concatenate(conv_taps(x, size, strides, padding), axis=-1)
 
 
-# Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 4x4 input tile d and the 3x3 kernel g give the
-# 2x2 output tile A^T [(G g G^T) * (B^T d B)] A: 16 multiplies instead of 36, so the forward
-# pass and both gradients (autodiff of the same linear maps) do 2.25x fewer flops, as 16
-# batched matrix products. The transforms only add, subtract and halve, so the results
-# differ from the direct convolution by float rounding (relative 1e-6 in float32).
-#   B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
-#   G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
-#   A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+# Winograd F(m x m, 3x3) (Lavin & Gray 2016): an (m+2) x (m+2) input tile d and the 3x3
+# kernel g give the m x m output tile A^T [(G g G^T) * (B^T d B)] A, (m+2)^2 multiplies
+# instead of 9 m^2, as (m+2)^2 batched matrix products: the forward pass and both gradients
+# (autodiff of the same linear maps) do 2.25x (m = 2) or 4x (m = 4) fewer flops. The
+# transformed input is (m+2)^2 / m^2 times the input: 4x for m = 2, 2.25x for m = 4, so the
+# larger tile also moves less memory. The transforms only add and scale, so the results
+# differ from the direct convolution by float rounding: relative ~1e-6 in float32 for
+# m = 2 (its coefficients are 0, +-1, +-1/2), ~1e-5 for m = 4 (interpolation points 0, +-1,
+# +-2: coefficients up to 8; docs/performance.md has the measured errors).
+WINOGRAD_TILES = (2, 4)
+_WINOGRAD = {
+    2: (  # B^T, G, A^T
+        np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+        np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]]),
+    ),
+    4: (
+        np.array(
+            [
+                [4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1],
+            ]
+        ),
+        np.array(
+            [
+                [1 / 4, 0, 0],
+                [-1 / 6, -1 / 6, -1 / 6],
+                [-1 / 6, 1 / 6, -1 / 6],
+                [1 / 24, 1 / 12, 1 / 6],
+                [1 / 24, -1 / 12, 1 / 6],
+                [0, 0, 1],
+            ]
+        ),
+        np.array(
+            [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+        ),
+    ),
+}
 
 
-def _winograd_input_1d(rows: list[jax.Array]) -> list[jax.Array]:
-    d0, d1, d2, d3 = rows
-    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+def _combine(matrix: np.ndarray, rows: list[jax.Array]) -> list[jax.Array]:
+    """[sum_j matrix[i, j] * rows[j] for each i], skipping zero coefficients and multiplying
+    only by coefficients other than +-1 (elementwise work XLA fuses into one loop)."""
+    out = []
+    for coefficients in matrix:
+        total = None
+        for c, row in zip(coefficients.tolist(), rows):
+            if c == 0:
+                continue
+            term = row if c == 1 else -row if c == -1 else c * row
+            total = term if total is None else total + term
+        out.append(total)
+    return out
 
 
-def _winograd_kernel_1d(rows: list[jax.Array]) -> list[jax.Array]:
-    g0, g1, g2 = rows
-    return [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
-
-
-def _winograd_output_1d(rows: list[jax.Array]) -> list[jax.Array]:
-    m0, m1, m2, m3 = rows
-    return [m0 + m1 + m2, m1 - m2 - m3]
-
-
-def winograd_conv3x3(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
-    """3x3 convolution, stride 1, padding 1, NHWC x HWIO, by Winograd F(2x2, 3x3).
+def winograd_conv3x3(
+    x: jax.Array, kernel: jax.Array, precision: Any = None, tile: int = 2
+) -> jax.Array:
+    """3x3 convolution, stride 1, padding 1, NHWC x HWIO, by Winograd F(tile x tile, 3x3),
+    `tile` 2 or 4 (`WINOGRAD_TILES`).
 
     Same result as `lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))` up to
-    float rounding, for any H, W >= 1 (odd sizes are padded to whole tiles and cropped).
+    float rounding, for any H, W >= 1 (sizes that are not a multiple of `tile` are padded
+    to whole tiles and cropped).
     """
+    b_t, g, a_t = _WINOGRAD[tile]
+    m, a = tile, tile + 2
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
-    th, tw = (h + 1) // 2, (w + 1) // 2
-    # Tile (i, j) reads padded rows 2i..2i+3 and columns 2j..2j+3. The image reshapes split
-    # or merge one axis at a time, so that a batch sharded under an Explicit mesh keeps
-    # working (JAX cannot infer the sharding of a reshape that splits several axes).
-    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
-    xp = xp.reshape(n, th + 1, 2, 2 * tw + 2, cin).reshape(n, th + 1, 2, tw + 1, 2, cin)
-    row_taps = [xp[:, u : u + th, a] for u in (0, 1) for a in (0, 1)]  # (n, th, tw+1, 2, cin)
-    v = []
-    for r in _winograd_input_1d(row_taps):
-        v += _winograd_input_1d([r[:, :, u : u + tw, a] for u in (0, 1) for a in (0, 1)])
-    v = jnp.stack(v).reshape(16, n * th * tw, cin)
+    th, tw = -(-h // m), -(-w // m)
+    # Tile (i, j) reads padded rows m*i .. m*i+a-1 and the same columns. Each transform runs
+    # in two stages, rows then columns, each stacked into one array: XLA then writes the
+    # stage in one loop; transforming each of the a*a outputs separately from the padded
+    # image made a*a small loops and a copy to stack them, 2-7x slower (docs/performance.md).
+    # Reshapes split or merge one axis at a time, so that a batch sharded under an Explicit
+    # mesh keeps working (JAX cannot infer the sharding of a reshape that splits several).
+    xp = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))
+    row_taps = [xp[:, d : d + m * (th - 1) + 1 : m] for d in range(a)]  # (n, th, Wp, cin)
+    rows = jnp.stack(_combine(b_t, row_taps))  # (a, n, th, Wp, cin)
+    col_taps = [rows[:, :, :, d : d + m * (tw - 1) + 1 : m] for d in range(a)]
+    v = jnp.stack(_combine(b_t, col_taps), 1)  # (a, a, n, th, tw, cin)
+    v = v.reshape(a * a, n, th, tw, cin).reshape(a * a, n * th * tw, cin)
     u = []
-    for r in _winograd_kernel_1d([kernel[0], kernel[1], kernel[2]]):
-        u += _winograd_kernel_1d([r[0], r[1], r[2]])
-    u = jnp.stack(u).reshape(16, cin, cout)
-    m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
-    m = m.reshape(4, 4, n * th * tw, cout).reshape(4, 4, n, th * tw, cout)
-    m = m.reshape(4, 4, n, th, tw, cout)
-    rows = _winograd_output_1d([m[0], m[1], m[2], m[3]])
-    y = [_winograd_output_1d([r[0], r[1], r[2], r[3]]) for r in rows]
-    y = jnp.stack([jnp.stack(y[0], 3), jnp.stack(y[1], 3)], 2)  # (n, th, 2, tw, 2, cout)
-    y = y.reshape(n, th, 2, 2 * tw, cout).reshape(n, 2 * th, 2 * tw, cout)
+    for r in _combine(g, [kernel[0], kernel[1], kernel[2]]):
+        u += _combine(g, [r[0], r[1], r[2]])
+    u = jnp.stack(u).reshape(a * a, cin, cout)
+    prod = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
+    prod = prod.reshape(a, a, n * th * tw, cout).reshape(a, a, n, th * tw, cout)
+    prod = prod.reshape(a, a, n, th, tw, cout)
+    cols = jnp.stack(_combine(a_t, [prod[i] for i in range(a)]), 3)  # (a, n, th, m, tw, cout)
+    y = jnp.stack(_combine(a_t, [cols[i] for i in range(a)]), 4)  # (n, th, m, tw, m, cout)
+    y = y.reshape(n, th, m, tw * m, cout).reshape(n, th * m, tw * m, cout)
     return y[:, :h, :w, :]
 
 

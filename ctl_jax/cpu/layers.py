@@ -7,8 +7,9 @@ rounding) in ways XLA's CPU backend runs faster.
   a 1x1 convolution is several times slower than the same product.
 - 3x3 convolutions: patches (im2col) @ kernel when a side of the output is at most 3, where
   XLA's CPU convolution (forward or input gradient) falls onto a very slow path; otherwise,
-  in float32, Winograd for stride 1 and at least 256 input channels, and `conv2d_cpu`'s
-  kernel gradient as matrix products for the others.
+  in float32 and stride 1, Winograd F(4x4, 3x3) on maps with both sides at least 8,
+  F(2x2, 3x3) on smaller ones with at least 256 input channels, and `conv2d_cpu`'s kernel
+  gradient as matrix products for the others.
 - The stem: in float32, its kernel gradient as patches^T @ gradient.
 - The batch norm's one-pass moments and hand-written backward pass (`batch_norm.py`).
 - The stem's max pool with a custom backward pass (`max_pool.py`).
@@ -34,14 +35,21 @@ import jax.numpy as jnp
 from jax import lax
 
 from ctl_jax.cpu import batch_norm, convolution, max_pool, recompute
+from ctl_jax.errors import ConfigError
 from ctl_jax.models import layers
 from ctl_jax.models.layers import Dtype, Layers, conv_kernel_init
 
 SCOPE = "cpu_fast_path"
 
-# Stride-1 3x3 convolutions with at least this many input channels (ResNet-50 stages 3-4)
-# run whole by Winograd, gradients included. With fewer channels the transforms' memory
-# traffic eats the gain, and only the forward pass and kernel gradient use it.
+# Stride-1 3x3 convolutions whose output map has both sides at least this long run whole
+# (forward pass and both gradients) by Winograd F(4x4, 3x3): at least 2 x 2 tiles per
+# image. On smaller maps its products get too thin (N * 2 rows at 8x4) and F(2x2, 3x3)
+# or the patches are faster.
+WINOGRAD_F4_MIN_SIDE = 8
+# On smaller maps, stride-1 3x3 convolutions with at least this many input channels
+# (ResNet-50 stages 3-4) run whole by Winograd F(2x2, 3x3), gradients included. With fewer
+# channels its transforms' memory traffic eats the gain, and only the forward pass and the
+# kernel gradient use it.
 WINOGRAD_MIN_CIN = 256
 
 
@@ -51,11 +59,17 @@ def _reassociate(x: jax.Array) -> bool:
 
 
 def conv3x3(
-    x: jax.Array, kernel: jax.Array, strides: int, precision: Any = None, recompute_: bool = True
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: int,
+    precision: Any = None,
+    recompute_: bool = True,
+    winograd_tile: int = 4,
 ) -> jax.Array:
     """3x3 convolution, padding 1, (N, H, W, Cin) -> (N, ceil(H/s), ceil(W/s), Cout), by the
     fastest of the ways above for this shape and dtype; `recompute_=False` keeps the
-    intermediates from the forward pass (see `cpu_layers`)."""
+    intermediates from the forward pass, `winograd_tile=2` never uses F(4x4, 3x3) (see
+    `cpu_layers`)."""
     _, h, w, cin = x.shape
     ho, wo = (h - 1) // strides + 1, (w - 1) // strides + 1
     # The patches (9x the input) and Winograd's transforms (4x the input, 16/9 of the
@@ -66,8 +80,10 @@ def conv3x3(
         return recompute.recomputed(fn, x, kernel) if recompute_ else fn(x, kernel)
     if not _reassociate(x):
         return convolution.conv2d(x, kernel, strides, 1, precision)
-    if strides == 1 and cin >= WINOGRAD_MIN_CIN:
-        fn = functools.partial(convolution.winograd_conv3x3, precision=precision)
+    whole_f4 = winograd_tile == 4 and min(ho, wo) >= WINOGRAD_F4_MIN_SIDE
+    if strides == 1 and (whole_f4 or cin >= WINOGRAD_MIN_CIN):
+        tile = 4 if whole_f4 else 2
+        fn = functools.partial(convolution.winograd_conv3x3, precision=precision, tile=tile)
         return recompute.recomputed(fn, x, kernel) if recompute_ else fn(x, kernel)
     method = "winograd" if strides == 1 else "taps"
     return convolution.conv2d_cpu(x, kernel, strides, 1, method, precision, recompute_)
@@ -95,6 +111,7 @@ class Conv3x3(nn.Module):
     precision: Any = None
     kernel_init: Any = conv_kernel_init
     recompute: bool = True  # see `cpu_layers`
+    winograd_tile: int = 4  # see `cpu_layers`
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -103,7 +120,9 @@ class Conv3x3(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         with jax.named_scope(SCOPE):
-            return conv3x3(x, kernel, self.strides, self.precision, self.recompute)
+            return conv3x3(
+                x, kernel, self.strides, self.precision, self.recompute, self.winograd_tile
+            )
 
 
 class Conv1x1(nn.Module):
@@ -192,16 +211,25 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
         return max_pool.max_pool_3x3_s2(x)
 
 
-def cpu_layers(recompute: bool = True) -> Layers:
-    """The CPU layer set. `recompute=True` (the config's `cpu_recompute`, default): the
-    backward passes recompute their elementwise intermediates (Winograd transforms, patches,
-    the batch norm's xhat) once the incoming gradient exists instead of keeping them from the
-    forward pass (`recompute.py`): half the step's temporary buffer at ResNet-50, for some
-    speed at small sizes (ResNet-50 128x64: 8% slower; 256x128: no difference measured).
-    `False`: they are kept, as before. Values and gradients are the same either way."""
+def cpu_layers(recompute: bool = True, winograd_tile: int = 4) -> Layers:
+    """The CPU layer set.
+
+    `recompute=True` (the config's `cpu_recompute`, default): the backward passes recompute
+    their elementwise intermediates (Winograd transforms, patches, the batch norm's xhat)
+    once the incoming gradient exists instead of keeping them from the forward pass
+    (`recompute.py`): half the step's temporary buffer at ResNet-50, for some speed at small
+    sizes (ResNet-50 128x64: 8% slower; 256x128: no difference measured). `False`: they are
+    kept, as before. Values and gradients are the same either way.
+
+    `winograd_tile=4` (the config's `cpu_winograd_tile`, default): stride-1 3x3 convolutions
+    on maps of at least `WINOGRAD_F4_MIN_SIDE` run by Winograd F(4x4, 3x3), 4x fewer
+    multiplies than the direct convolution (F(2x2, 3x3): 2.25x) at ~10x its float rounding
+    (relative ~1e-5 instead of ~1e-6); `2`: F(2x2, 3x3) only, as before."""
+    if winograd_tile not in convolution.WINOGRAD_TILES:
+        raise ConfigError(f"cpu_winograd_tile: expected 2 or 4, got {winograd_tile!r}")
     return Layers(
         stem_conv=functools.partial(StemConv, recompute=recompute),
-        conv3x3=functools.partial(Conv3x3, recompute=recompute),
+        conv3x3=functools.partial(Conv3x3, recompute=recompute, winograd_tile=winograd_tile),
         conv1x1=Conv1x1,
         norm=functools.partial(BatchNorm, recompute=recompute),
         max_pool=max_pool_3x3_s2,
