@@ -30,16 +30,24 @@ except ImportError:  # run as a file: benchmarks/ is on sys.path (see common.py)
     import compare_torch
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    """(own options, the workers' options: everything else, passed on unchanged)."""
+    # No abbreviations: `--p=16` (P identities, a worker option) must not be taken for
+    # `--pause=16`.
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--trees", required=True, help="two source trees, comma-separated")
     parser.add_argument("--task", default="train", choices=("train", "inference"))
     parser.add_argument("--rounds", type=int, default=8, help="timed steps per tree")
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between steps")
     args, worker_args = parser.parse_known_args(argv)
-    trees = args.trees.split(",")
-    if len(trees) != 2:
+    if len(args.trees.split(",")) != 2:
         parser.error(f"--trees: two source trees expected, got {args.trees!r}")
+    return args, worker_args
+
+
+def main(argv=None) -> None:
+    args, worker_args = parse_args(argv)
+    trees = args.trees.split(",")
     load_before = common.loadavg()
     names = dict(zip(("first", "second"), trees))
     workers, ready = {}, {}

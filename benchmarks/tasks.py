@@ -23,6 +23,9 @@ def parse_task(parser: argparse.ArgumentParser, argv=None, jax_only: bool = True
       other settings).
     """
     parser.add_argument("--task", choices=tuple(TASKS), default="train")
+    # No abbreviations: the benchmark's options pass through, and e.g. `--m=4` (M images per
+    # identity) must not be taken for an option of `parser` that starts the same.
+    parser.allow_abbrev = False
     args, rest = parser.parse_known_args(argv)
     module = TASKS[args.task]
     benchmark_args = module.parse_args(rest)

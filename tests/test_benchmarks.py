@@ -226,3 +226,20 @@ def test_worker_peak_rss_is_its_own():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout) < 256, (float(result.stdout), held.nbytes >> 20)
+
+
+def test_pass_through_options_are_not_abbreviations_of_own_ones():
+    """`--p` / `--m` (the step's P x M) go to the step, never to an option of the wrapping
+    benchmark that starts the same (`--pause`, `--measure_steps`): argparse's prefix
+    matching once turned `compare_trees --p=16` into a 16 s pause at P = 8."""
+    import argparse
+
+    from benchmarks import compare_trees, tasks
+
+    own, workers = compare_trees.parse_args(["--trees=a,b", "--p=16", "--m=2"])
+    assert own.pause == 0.5 and workers == ["--p=16", "--m=2"]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--measure_steps", type=int, default=0)
+    parser.add_argument("--pause", type=float, default=0.0)
+    own, _, step_args, _ = tasks.parse_task(parser, ["--m=2", "--p=3"])
+    assert (own.measure_steps, own.pause, step_args.m, step_args.p) == (0, 0.0, 2, 3)
