@@ -315,7 +315,11 @@ def test_converted_model_embeds_like_pytorch(case, converted, images):
     assert report.ignored and all(k.endswith("num_batches_tracked") for k in report.ignored)
     print(f"{case}: cosine {cos:.10f} (1 - cos {1 - cos:.1e}), max relative diff {rel:.2e}")
     assert cos >= 0.9999
-    assert rel < 2e-4
+    # Float rounding through 16-50 layers, largest at the BNNeck output of a randomly
+    # initialised CTL ResNet-50: 6.1e-5 with Winograd F(2x2, 3x3) only, 2.1e-4 with the
+    # default F(4x4, 3x3) on maps of 8x8 and more (`cpu_winograd_tile`, docs/performance.md);
+    # a wrong mapping (a transposed kernel, a swapped statistic) is off by O(0.1-1).
+    assert rel < 4e-4
 
 
 def _initial_variables(config, num_classes, logs):
