@@ -50,10 +50,15 @@ def current_rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def measure(arch: str, height: int, width: int, p: int, m: int, cpu_fast_path: str) -> dict:
-    """XLA's buffer sizes for one compiled training step, in MiB."""
+def _step_args(arch, height, width, p, m, layer_options):
+    """`train_step`'s arguments for the setting, with `layer_options` (its `--cpu_*` flags)."""
     argv = [f"--arch={arch}", f"--height={height}", f"--width={width}", f"--p={p}", f"--m={m}"]
-    args = train_step.parse_args(argv + [f"--cpu_fast_path={cpu_fast_path}"])
+    return train_step.parse_args(argv + list(layer_options))
+
+
+def measure(arch: str, height: int, width: int, p: int, m: int, layer_options=()) -> dict:
+    """XLA's buffer sizes for one compiled training step, in MiB."""
+    args = _step_args(arch, height, width, p, m, layer_options)
     step, state, batch, _ = train_step.make_jax_step(args)
     base = current_rss_mb()
     analysis = step.lower(state, batch).compile().memory_analysis()
@@ -83,7 +88,7 @@ def measure_rss(
     width: int,
     p: int,
     m: int,
-    cpu_fast_path: str,
+    layer_options,
     steps: int,
     compilation_cache: str = "",
 ):
@@ -92,8 +97,7 @@ def measure_rss(
     of the state, `ctl_jax.training.ahead`)."""
     import jax
 
-    argv = [f"--arch={arch}", f"--height={height}", f"--width={width}", f"--p={p}", f"--m={m}"]
-    args = train_step.parse_args(argv + [f"--cpu_fast_path={cpu_fast_path}"])
+    args = _step_args(arch, height, width, p, m, layer_options)
     if compilation_cache:  # as the command lines run: a second run reads the cache
         jax.config.update("jax_compilation_cache_dir", compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -129,6 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--m", default="2,4", help="instances per identity to compile at")
     parser.add_argument("--budget_gb", type=float, default=16.0)
     parser.add_argument("--cpu_fast_path", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--cpu_winograd_tile", type=int, choices=(2, 4), default=4)
     parser.add_argument("--threads", type=int, default=0, help="0: all cores")
     parser.add_argument(
         "--compilation_cache",
@@ -153,6 +158,14 @@ def main(argv=None) -> None:
 
     configure_process()  # allocator settings and synchronous dispatch, as the command lines
     arch, height, width, p, setting_m, _ = compare_torch.SETTINGS[args.setting]
+    layer_options = [
+        f"--cpu_fast_path={args.cpu_fast_path}",
+        f"--cpu_winograd_tile={args.cpu_winograd_tile}",
+    ]
+    layers_record = {
+        "cpu_fast_path": args.cpu_fast_path,
+        "cpu_winograd_tile": args.cpu_winograd_tile,
+    }
     if args.measure_steps > 0:
         measured = measure_rss(
             arch,
@@ -160,21 +173,19 @@ def main(argv=None) -> None:
             width,
             p,
             setting_m,
-            args.cpu_fast_path,
+            layer_options,
             args.measure_steps,
             args.compilation_cache,
         )
         record = {"benchmark": "step_memory", "setting": args.setting, "steps": args.measure_steps}
-        record |= {"cpu_fast_path": args.cpu_fast_path, "loadavg": common.loadavg()}
+        record |= layers_record | {"loadavg": common.loadavg()}
         print(json.dumps(record | {"measured": measured}, indent=1))
         return
-    points = [
-        measure(arch, height, width, p, int(m), args.cpu_fast_path) for m in args.m.split(",")
-    ]
+    points = [measure(arch, height, width, p, int(m), layer_options) for m in args.m.split(",")]
     out = {
         "benchmark": "step_memory",
         "setting": args.setting,
-        "cpu_fast_path": args.cpu_fast_path,
+        **layers_record,
         "loadavg": common.loadavg(),
         "points": points,
     }
