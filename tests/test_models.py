@@ -217,7 +217,7 @@ def test_stem_relu_and_ibn_change_output():
     assert not np.allclose(y_ibn, y_bn, atol=1e-3)
 
 
-@pytest.mark.parametrize("winograd_tile, grad_tol", [(2, 1e-5), (4, 3e-5)])
+@pytest.mark.parametrize("winograd_tile, grad_tol", [(2, 1e-5), (4, 1e-4)])
 def test_cpu_layers_same_outputs_and_gradients_as_reference(winograd_tile, grad_tol):
     """The whole re-ID model (IBN-a blocks, downsampling, BNNeck) with the CPU layers against
     the reference layers: train-mode outputs, batch statistics and parameter gradients. At
@@ -249,10 +249,11 @@ def test_cpu_layers_same_outputs_and_gradients_as_reference(winograd_tile, grad_
     jax.tree.map(close, upd_fast, upd_ref)
     # One global scale: some gradients are zero in theory (the stem BN shift, which the next
     # batch norms cancel) and pure rounding noise in practice. F(4x4, 3x3) rounds ~10x more
-    # than F(2x2, 3x3) (docs/performance.md); its worst here, the stem kernel's gradient
-    # (every layer's rounding flows into it), was 1.1e-5. For scale: the reference's own
-    # gradients move by ~1e-4 when the images move by 1e-6 (float32 rounding); a wrong
-    # path is off by O(1).
+    # than F(2x2, 3x3) (docs/performance.md); its worst here was 1.1e-5-4e-5 (the stem's
+    # and the classifier's kernel gradients: every layer's rounding flows into them; the
+    # figure moves with the order of the sums, e.g. the kernel transform's). For scale: the
+    # reference's own gradients move by ~1e-4 when the images move by 1e-6 (float32
+    # rounding); a wrong path is off by O(1).
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_ref))
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a / scale, b / scale, atol=grad_tol)

@@ -45,7 +45,9 @@ def _rel_err(a, b):
 )
 def test_winograd_matches_direct_convolution(shape, tile):
     """F(2x2, 3x3) and F(4x4, 3x3), outputs and both gradients; sizes that are not a multiple
-    of the tile (partial tiles), smaller than a tile, and several tiles."""
+    of the tile (partial tiles), smaller than a tile, and several tiles. F(4x4, 3x3)'s
+    coefficients (up to 8, and 1/24) round more: ~1e-5 relative against ~1e-6."""
+    tolerance = {2: 1e-5, 4: 3e-5}[tile]
     n, h, w, cin, cout = shape
     rng = np.random.default_rng(sum(shape))
     x = jnp.asarray(rng.normal(size=(n, h, w, cin)).astype(np.float32))
@@ -55,7 +57,7 @@ def test_winograd_matches_direct_convolution(shape, tile):
     y = jax.jit(winograd)(x, kernel)
     y_ref = _direct_conv(x, kernel)
     assert y.shape == y_ref.shape
-    assert _rel_err(y, y_ref) < 1e-5
+    assert _rel_err(y, y_ref) < tolerance
 
     def loss(conv, inputs, k):
         return jnp.sum(jnp.tanh(conv(inputs, k)) * weights)
@@ -64,7 +66,7 @@ def test_winograd_matches_direct_convolution(shape, tile):
     grads = jax.jit(jax.grad(winograd_loss, argnums=(0, 1)))(x, kernel)
     grads_ref = jax.grad(functools.partial(loss, _direct_conv), argnums=(0, 1))(x, kernel)
     for g, g_ref in zip(grads, grads_ref):
-        assert _rel_err(g, g_ref) < 1e-5
+        assert _rel_err(g, g_ref) < tolerance
 
 
 @pytest.mark.parametrize(

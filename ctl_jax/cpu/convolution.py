@@ -143,10 +143,13 @@ def winograd_conv3x3(
     col_taps = [rows[:, :, :, d : d + m * (tw - 1) + 1 : m] for d in range(a)]
     v = jnp.stack(_combine(b_t, col_taps), 1)  # (a, a, n, th, tw, cin)
     v = v.reshape(a * a, n, th, tw, cin).reshape(a * a, n * th * tw, cin)
-    # The kernel's transform G g G^T as one small product: written as a*a chains of sums like
-    # the input's, it made the compiled ResNet-18 step's resident memory 40-70 MB larger
-    # (docs/performance.md).
-    u = jnp.einsum("ai,bj,ijco->abco", g, g, kernel).reshape(a * a, cin, cout)
+    # The kernel's transform G g G^T as one product (G kron G) (a*a, 9) @ (9, cin*cout): the
+    # long axis stays the minor one, so the product is a plain wide matmul. Written as a*a
+    # chains of sums like the input's, it made the compiled ResNet-18 step's resident memory
+    # 40-70 MB larger; as `einsum("ai,bj,ijco->abco")`, XLA made it two tall (cin*cout*a, 3)
+    # @ (3, a) products, 25x slower (60 ms vs 2 ms at 512x512 channels; docs/performance.md).
+    g2 = np.kron(g, g).astype(np.float32)
+    u = jnp.dot(g2, kernel.reshape(9, cin * cout), precision=precision).reshape(a * a, cin, cout)
     prod = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
     prod = prod.reshape(a, a, n * th * tw, cout).reshape(a, a, n, th * tw, cout)
     prod = prod.reshape(a, a, n, th, tw, cout)
