@@ -245,7 +245,9 @@ def _conv_fwd(x, kernel, strides, padding, method, precision, recompute_after):
 def _conv_bwd(strides, padding, method, precision, recompute_after, residuals, g):
     # After g: otherwise XLA computes the kernel gradient's patches, taps or transformed
     # input in the forward pass (they depend on x only) and keeps them (`recompute.py`).
-    x, kernel = recompute.after(g, residuals) if recompute_after else residuals
+    # The kernel is only read by the input gradient's convolution: tying it too would copy it.
+    x, kernel = residuals
+    x = recompute.after(g, x) if recompute_after else x
     _, vjp_x = jax.vjp(lambda x_: conv2d(x_, kernel, strides, padding, precision), x)
     size = kernel.shape[0]
     dk = _KERNEL_GRADS[method](x, g, size, strides, padding, precision)

@@ -77,7 +77,8 @@ def conv3x3(
     # other paths keep only x and the kernel already.
     if min(ho, wo) <= 3:
         fn = functools.partial(_patches_conv3x3, strides=strides, precision=precision)
-        return recompute.recomputed(fn, x, kernel) if recompute_ else fn(x, kernel)
+        # Only the patches are recomputed: the kernel goes to the products as it is.
+        return recompute.recomputed(fn, x, kernel, untied=(1,)) if recompute_ else fn(x, kernel)
     if not _reassociate(x):
         return convolution.conv2d(x, kernel, strides, 1, precision)
     whole_f4 = winograd_tile == 4 and min(ho, wo) >= WINOGRAD_F4_MIN_SIDE

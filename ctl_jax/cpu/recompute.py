@@ -51,8 +51,7 @@ def after(g, values):
     return jax.tree.map(lambda v: v + zero.astype(v.dtype), values)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def recomputed(fn: Callable, *args):
+def recomputed(fn: Callable, *args, untied: tuple[int, ...] = ()):
     """`fn(*args)`, whose backward pass recomputes `fn`'s intermediates from `args` once the
     output's gradient is there, instead of keeping them from the forward pass.
 
@@ -60,20 +59,31 @@ def recomputed(fn: Callable, *args):
       fn: a function of arrays, differentiable by `jax.vjp` (may contain custom VJPs);
         static (hashable), e.g. a `functools.partial` binding its non-array arguments.
       args: the arrays `fn` is differentiated with respect to.
+      untied: positions of `args` that the backward pass reads as they are, without making
+        them depend on the gradient: arguments from which nothing is recomputed (a patch
+        product's kernel, used directly by the input gradient). Tying one costs a copy of it
+        (`after`'s addition has nothing to fuse into when a product reads the array).
 
     Returns:
       `fn(*args)`; its gradient is `jax.vjp(fn, *args)`'s, the same operations.
     """
+    return _recomputed(fn, tuple(untied), *args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recomputed(fn: Callable, untied: tuple[int, ...], *args):
     return fn(*args)
 
 
-def _recomputed_fwd(fn, *args):
+def _recomputed_fwd(fn, untied, *args):
     return fn(*args), args
 
 
-def _recomputed_bwd(fn, args, g):
-    _, vjp = jax.vjp(fn, *after(g, args))
+def _recomputed_bwd(fn, untied, args, g):
+    tied = iter(after(g, [a for i, a in enumerate(args) if i not in untied]))
+    args = [a if i in untied else next(tied) for i, a in enumerate(args)]
+    _, vjp = jax.vjp(fn, *args)
     return vjp(g)
 
 
-recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
+_recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
