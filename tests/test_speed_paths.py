@@ -77,6 +77,7 @@ def test_winograd_matches_direct_convolution(shape, tile):
         ((8, 8), 64, 1),  # Winograd F(4x4, 3x3)
         ((11, 9), 16, 1),  # Winograd F(4x4, 3x3), partial tiles
         ((8, 4), 16, 2),  # strided to a 4x2 output: patches
+        ((4, 2), 512, 1),  # 4x2 at 512 channels: Winograd F(2x2, 3x3), not the patches
         ((8, 6), 8, 1),  # Winograd forward and kernel gradient, XLA's input gradient
         ((9, 11), 8, 2),  # strided convolution, kernel gradient per tap
     ],
@@ -357,13 +358,13 @@ def test_bottleneck_network_cpu_layers_same_outputs_and_gradients():
     assert worst(g_fast) < 3 * worst(g_nudged) + 2e-5
 
 
-def _winograd_points(layer_set, x):
+def _winograd_points(layer_set, x, forward_only=False):
     """The batch sizes of the Winograd products in a 3x3 convolution's lowered training
-    step: 16 for F(2x2, 3x3), 36 for F(4x4, 3x3)."""
+    step (or forward pass): 16 for F(2x2, 3x3), 36 for F(4x4, 3x3)."""
     conv = layer_set.conv3x3(8)
     params = conv.init(jax.random.key(0), x)
-    grad = jax.grad(lambda p, inputs: jnp.sum(conv.apply(p, inputs)))
-    hlo = jax.jit(grad).lower(params, x).as_text()
+    step = conv.apply if forward_only else jax.grad(lambda p, i: jnp.sum(conv.apply(p, i)))
+    hlo = jax.jit(step).lower(params, x).as_text()
     batches = set()
     for line in hlo.splitlines():
         if "stablehlo.dot_general" in line and "batching_dims = [0] x [0]" in line:
@@ -392,3 +393,20 @@ def test_winograd_tile_switch_picks_the_transform():
     assert build_model(saved, 5).layers.conv3x3.keywords["winograd_tile"] == 2
     with pytest.raises(ValueError, match="cpu_winograd_tile: expected 2 or 4, got 3"):
         cpu_layers.cpu_layers(winograd_tile=3)
+
+
+def test_small_maps_take_winograd_only_where_it_is_faster():
+    """Maps with a side of 2-3 take the patches, except the forward pass of even-sided ones
+    with at least 512 input channels (`WINOGRAD_SMALL_MAP_MIN_CIN`), which F(2x2, 3x3) tiles
+    exactly; their gradients stay the patches' (no Winograd product in the backward pass)."""
+    x = jnp.ones((2, 4, 2, 512), jnp.float32)
+    assert _winograd_points(CPU_LAYERS, x, forward_only=True) == {16}
+    conv = CPU_LAYERS.conv3x3(8)
+    params = conv.init(jax.random.key(0), x)
+    vjp_only = jax.jit(lambda p, i, g: jax.vjp(conv.apply, p, i)[1](g))
+    text = vjp_only.lower(params, x, jnp.ones((2, 4, 2, 8))).as_text()
+    batched = [line for line in text.splitlines() if "batching_dims = [0] x [0]" in line]
+    assert "stablehlo.dot_general" in text and not batched  # the patches' plain products
+    for shape in [(2, 4, 2, 256), (2, 3, 2, 512), (2, 2, 1, 512)]:
+        x = jnp.ones(shape, jnp.float32)
+        assert _winograd_points(CPU_LAYERS, x, forward_only=True) == set(), shape

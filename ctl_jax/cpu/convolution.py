@@ -148,7 +148,10 @@ def winograd_conv3x3(
     # chains of sums like the input's, it made the compiled ResNet-18 step's resident memory
     # 40-70 MB larger; as `einsum("ai,bj,ijco->abco")`, XLA made it two tall (cin*cout*a, 3)
     # @ (3, a) products, 25x slower (60 ms vs 2 ms at 512x512 channels; docs/performance.md).
-    g2 = np.kron(g, g).astype(np.float32)
+    # Tied to x (`recompute.after`): the transform depends on the kernel only, so XLA would
+    # otherwise compute every layer's at the start of the program and keep them all (16/9
+    # of each kernel: +50 MB for ResNet-18's three 4x2x512 layers when embedding).
+    g2 = recompute.after(x, jnp.asarray(np.kron(g, g), jnp.float32))
     u = jnp.dot(g2, kernel.reshape(9, cin * cout), precision=precision).reshape(a * a, cin, cout)
     prod = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))), precision=precision)
     prod = prod.reshape(a, a, n * th * tw, cout).reshape(a, a, n, th * tw, cout)

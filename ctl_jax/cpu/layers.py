@@ -6,7 +6,9 @@ rounding) in ways XLA's CPU backend runs faster.
   what a 1x1 convolution with stride s and no padding computes): XLA's CPU backward pass of
   a 1x1 convolution is several times slower than the same product.
 - 3x3 convolutions: patches (im2col) @ kernel when a side of the output is at most 3, where
-  XLA's CPU convolution (forward or input gradient) falls onto a very slow path; otherwise,
+  XLA's CPU convolution (forward or input gradient) falls onto a very slow path (but
+  the forward pass by F(2x2, 3x3) on even-sided maps with at least 512 input channels);
+  otherwise,
   in float32 and stride 1, Winograd F(4x4, 3x3) on maps with both sides at least 8,
   F(2x2, 3x3) on smaller ones with at least 256 input channels, and `conv2d_cpu`'s kernel
   gradient as matrix products for the others.
@@ -51,6 +53,13 @@ WINOGRAD_F4_MIN_SIDE = 8
 # channels its transforms' memory traffic eats the gain, and only the forward pass and the
 # kernel gradient use it.
 WINOGRAD_MIN_CIN = 256
+# Maps with a side of 2-3 take the patches (XLA's convolution is very slow there), but the
+# forward pass of stride-1 ones with both sides even and at least this many input channels
+# (ResNet-18 stage 4 on 64x32 images: 4x2 maps) runs by F(2x2, 3x3), which tiles them
+# exactly with 2.25x fewer multiplies: forward, batch 32 / 64 / 128, 4x2x512, patches 10.9 /
+# 20.1 / 44.2 ms, Winograd 7.1 / 15.0 / 31.7. At 256 channels (3.0 against 3.8 ms at batch
+# 32) or on odd or 1-wide sides the patches stay faster (docs/performance.md).
+WINOGRAD_SMALL_MAP_MIN_CIN = 512
 
 
 def _reassociate(x: jax.Array) -> bool:
@@ -76,6 +85,8 @@ def conv3x3(
     # kernel) are recomputed in the backward pass rather than kept (`recompute.py`); the
     # other paths keep only x and the kernel already.
     if min(ho, wo) <= 3:
+        if strides == 1 and _reassociate(x) and _small_map_winograd(ho, wo, cin):
+            return _winograd_forward_patches_backward(x, kernel, precision, recompute_)
         fn = functools.partial(_patches_conv3x3, strides=strides, precision=precision)
         # Only the patches are recomputed: the kernel goes to the products as it is.
         return recompute.recomputed(fn, x, kernel, untied=(1,)) if recompute_ else fn(x, kernel)
@@ -100,6 +111,39 @@ def _patches_conv3x3(x: jax.Array, kernel: jax.Array, strides: int, precision: A
         patches.reshape(n * ho * wo, 9 * cin), kernel.reshape(9 * cin, cout), precision=precision
     )
     return y.reshape(n, ho, wo, cout)
+
+
+def _small_map_winograd(ho: int, wo: int, cin: int) -> bool:
+    """Whether a stride-1 output map with a side of 2-3 runs its forward pass by F(2x2, 3x3)."""
+    return cin >= WINOGRAD_SMALL_MAP_MIN_CIN and min(ho, wo) >= 2 and ho % 2 == wo % 2 == 0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _winograd_forward_patches_backward(x, kernel, precision, recompute_):
+    """Stride-1 3x3 convolution: forward by F(2x2, 3x3), gradients by the patches.
+
+    On 4x2 maps with 512 channels the whole Winograd path was faster as well, but its
+    backward pass holds kernel-sized Winograd arrays (the transformed kernel and its
+    gradient, 16/9 of the kernel each: 17 MB at 512x512), which outweigh the activations at
+    such small maps (+28 MB in ResNet-18's 64x32 training step); the patches' backward
+    holds only the kernel gradient.
+    """
+    del recompute_  # only the backward pass uses it
+    return convolution.winograd_conv3x3(x, kernel, precision, tile=2)
+
+
+def _small_map_fwd(x, kernel, precision, recompute_):
+    return _winograd_forward_patches_backward(x, kernel, precision, recompute_), (x, kernel)
+
+
+def _small_map_bwd(precision, recompute_, residuals, g):
+    x, kernel = residuals
+    x = recompute.after(g, x) if recompute_ else x  # the patches, recomputed after g
+    patches = functools.partial(_patches_conv3x3, strides=1, precision=precision)
+    return jax.vjp(patches, x, kernel)[1](g)
+
+
+_winograd_forward_patches_backward.defvjp(_small_map_fwd, _small_map_bwd)
 
 
 class Conv3x3(nn.Module):
