@@ -137,10 +137,10 @@ def _small_map_fwd(x, kernel, precision, recompute_):
 
 
 def _small_map_bwd(precision, recompute_, residuals, g):
-    x, kernel = residuals
-    x = recompute.after(g, x) if recompute_ else x  # the patches, recomputed after g
     patches = functools.partial(_patches_conv3x3, strides=1, precision=precision)
-    return jax.vjp(patches, x, kernel)[1](g)
+    if recompute_:  # the patches recomputed after g, as `conv3x3`'s patches path does
+        return recompute.vjp_after(patches, residuals, g, untied=(1,))
+    return jax.vjp(patches, *residuals)[1](g)
 
 
 _winograd_forward_patches_backward.defvjp(_small_map_fwd, _small_map_bwd)

@@ -80,6 +80,13 @@ def _recomputed_fwd(fn, untied, *args):
 
 
 def _recomputed_bwd(fn, untied, args, g):
+    return vjp_after(fn, args, g, untied)
+
+
+def vjp_after(fn: Callable, args, g, untied: tuple[int, ...] = ()):
+    """`jax.vjp(fn, *args)` applied to `g`, with `args` (but those at the positions in
+    `untied`) tied to `g` first (`after`): `recomputed`'s backward pass, for custom VJPs
+    whose forward pass differs from `fn` (`layers._winograd_forward_patches_backward`)."""
     tied = iter(after(g, [a for i, a in enumerate(args) if i not in untied]))
     args = [a if i in untied else next(tied) for i, a in enumerate(args)]
     _, vjp = jax.vjp(fn, *args)
