@@ -5,7 +5,7 @@ included (tests/test_max_pool.py). XLA's CPU backend differentiates `reduce_wind
 select-and-scatter, which it expands into iotas, a variadic reduce-window and a scatter over
 the padded input, an order of magnitude slower than the forward pass. Here the forward pass
 is the maximum of the window's 9 taps (elementwise work, exact) and records the int8 index
-of each window's maximum (1/16 of the input's size, so the input need not be kept); the
+of each window's first maximum (1/16 of the input's size, so the input need not be kept); the
 backward pass places the gradient on the four row/column parity phases of the input and
 interleaves them, elementwise work again.
 """
@@ -53,16 +53,45 @@ def _max_pool_3x3_s2(x: jax.Array, input_hw: tuple[int, int]) -> jax.Array:
     return _max_of_taps(x)
 
 
+def _first_max(x6: jax.Array, ho: int, wo: int, taps: range) -> tuple[jax.Array, jax.Array]:
+    """The maximum over `taps` of every window and the int8 index of its first occurrence,
+    as a select chain (one elementwise pass)."""
+    y = _pool_tap(x6, ho, wo, taps[0])
+    index = jnp.full(y.shape, taps[0], jnp.int8)
+    for k in taps[1:]:
+        tap = _pool_tap(x6, ho, wo, k)
+        greater = tap > y
+        index = jnp.where(greater, jnp.int8(k), index)
+        y = jnp.where(greater, tap, y)
+    return y, index
+
+
+def _better(a, b):
+    """Of two (value, index) pairs the larger value, the smaller index among equal ones: a
+    total order, so a reduction with it does not depend on the order it combines in."""
+    (ya, ia), (yb, ib) = a, b
+    take_b = (yb > ya) | ((yb == ya) & (ib < ia))
+    return jnp.where(take_b, yb, ya), jnp.where(take_b, ib, ia)
+
+
 def _max_pool_fwd(x, input_hw):
     # Index (0..8, row-major in the window) of the first maximum: where the gradient goes.
-    # argmax returns the first of equal maxima, as XLA's select-and-scatter and PyTorch
-    # choose (ties are common after a ReLU: several zeros). A reduction, because XLA would
-    # fuse an elementwise select chain into every consumer in the backward pass and
-    # recompute it there.
+    # The first of equal maxima, as XLA's select-and-scatter and PyTorch choose (ties are
+    # common after a ReLU: several zeros). Two select chains (taps 0-3 and 4-8) joined by a
+    # reduction over a stacked axis of 2: XLA fuses an elementwise index into every consumer
+    # in the backward pass and recomputes it there, which keeps the pool's input alive until
+    # then (+17 MB in the ResNet-50 128x64 step), while a reduction's output is written
+    # out; stacking all 9 taps for one argmax wrote 9 quarter-size copies first, 12x slower
+    # (64x128x64x64: 408 -> 30 ms; docs/performance.md).
     x6, ho, wo = _pool_phases(x)
-    taps = jnp.stack([_pool_tap(x6, ho, wo, k) for k in range(9)], axis=-1)
-    index = jnp.argmax(taps, axis=-1).astype(jnp.int8)
-    return jnp.max(taps, axis=-1), index  # the same taps give the values (as fast)
+    firsts, lasts = _first_max(x6, ho, wo, range(0, 4)), _first_max(x6, ho, wo, range(4, 9))
+    y, index = jax.lax.reduce(
+        (jnp.stack([firsts[0], lasts[0]], -1), jnp.stack([firsts[1], lasts[1]], -1)),
+        (jnp.array(-jnp.inf, x.dtype), jnp.array(127, jnp.int8)),
+        _better,
+        (4,),
+    )
+    return y, index
 
 
 def _max_pool_bwd(input_hw, index, g):
