@@ -397,8 +397,9 @@ def test_winograd_tile_switch_picks_the_transform():
 
 def test_small_maps_take_winograd_only_where_it_is_faster():
     """Maps with a side of 2-3 take the patches, except the forward pass of even-sided ones
-    with at least 512 input channels (`WINOGRAD_SMALL_MAP_MIN_CIN`), which F(2x2, 3x3) tiles
-    exactly; their gradients stay the patches' (no Winograd product in the backward pass)."""
+    with at least 512 input channels, or 256 with at least 128 tiles (`conv3x3`'s
+    `WINOGRAD_SMALL_MAP_*`), which F(2x2, 3x3) tiles exactly; their gradients stay the
+    patches' (no Winograd product in the backward pass)."""
     x = jnp.ones((2, 4, 2, 512), jnp.float32)
     assert _winograd_points(CPU_LAYERS, x, forward_only=True) == {16}
     conv = CPU_LAYERS.conv3x3(8)
@@ -407,6 +408,9 @@ def test_small_maps_take_winograd_only_where_it_is_faster():
     text = vjp_only.lower(params, x, jnp.ones((2, 4, 2, 8))).as_text()
     batched = [line for line in text.splitlines() if "batching_dims = [0] x [0]" in line]
     assert "stablehlo.dot_general" in text and not batched  # the patches' plain products
-    for shape in [(2, 4, 2, 256), (2, 3, 2, 512), (2, 2, 1, 512)]:
+    for shape in [(2, 4, 2, 256), (63, 4, 2, 256), (64, 4, 2, 128), (2, 3, 2, 512), (2, 2, 1, 512)]:
         x = jnp.ones(shape, jnp.float32)
         assert _winograd_points(CPU_LAYERS, x, forward_only=True) == set(), shape
+    for shape in [(64, 4, 2, 256), (128, 2, 2, 256)]:  # 128 tiles
+        x = jnp.ones(shape, jnp.float32)
+        assert _winograd_points(CPU_LAYERS, x, forward_only=True) == {16}, shape

@@ -7,7 +7,8 @@ rounding) in ways XLA's CPU backend runs faster.
   a 1x1 convolution is several times slower than the same product.
 - 3x3 convolutions: patches (im2col) @ kernel when a side of the output is at most 3, where
   XLA's CPU convolution (forward or input gradient) falls onto a very slow path (but
-  the forward pass by F(2x2, 3x3) on even-sided maps with at least 512 input channels);
+  the forward pass by F(2x2, 3x3) on even-sided maps with at least 512 input channels, or
+  256 with at least 128 tiles);
   otherwise,
   in float32 and stride 1, Winograd F(4x4, 3x3) on maps with both sides at least 8,
   F(2x2, 3x3) on smaller ones with at least 256 input channels, and `conv2d_cpu`'s kernel
@@ -54,12 +55,17 @@ WINOGRAD_F4_MIN_SIDE = 8
 # kernel gradient use it.
 WINOGRAD_MIN_CIN = 256
 # Maps with a side of 2-3 take the patches (XLA's convolution is very slow there), but the
-# forward pass of stride-1 ones with both sides even and at least this many input channels
-# (ResNet-18 stage 4 on 64x32 images: 4x2 maps) runs by F(2x2, 3x3), which tiles them
-# exactly with 2.25x fewer multiplies: forward, batch 32 / 64 / 128, 4x2x512, patches 10.9 /
-# 20.1 / 44.2 ms, Winograd 7.1 / 15.0 / 31.7. At 256 channels (3.0 against 3.8 ms at batch
-# 32) or on odd or 1-wide sides the patches stay faster (docs/performance.md).
+# forward pass of stride-1 ones with both sides even runs by F(2x2, 3x3), which tiles them
+# exactly with 2.25x fewer multiplies, when its products are large enough: at least 512
+# input channels (ResNet-18 stage 4 on 64x32 images: 4x2 maps), or at least 256 channels
+# and at least 128 tiles (N * Ho * Wo / 4: a batch of 64 or more on 4x2 maps, as when
+# embedding). Forward, 4x2 maps, ms: 512 channels, batch 32 / 64 / 128, patches 10.9 / 20.1
+# / 44.2, Winograd 7.1 / 15.0 / 31.7; 256 channels, batch 32 / 64 / 128, patches 3.2 / 6.6 /
+# 12.0, Winograd 3.9 / 4.5 / 7.0. On odd or 1-wide sides the patches stay faster
+# (docs/performance.md).
 WINOGRAD_SMALL_MAP_MIN_CIN = 512
+WINOGRAD_SMALL_MAP_MIN_CIN_MANY_TILES = 256
+WINOGRAD_SMALL_MAP_MANY_TILES = 128
 
 
 def _reassociate(x: jax.Array) -> bool:
@@ -79,13 +85,13 @@ def conv3x3(
     fastest of the ways above for this shape and dtype; `recompute_=False` keeps the
     intermediates from the forward pass, `winograd_tile=2` never uses F(4x4, 3x3) (see
     `cpu_layers`)."""
-    _, h, w, cin = x.shape
+    n, h, w, cin = x.shape
     ho, wo = (h - 1) // strides + 1, (w - 1) // strides + 1
     # The patches (9x the input) and Winograd's transforms (4x the input, 16/9 of the
     # kernel) are recomputed in the backward pass rather than kept (`recompute.py`); the
     # other paths keep only x and the kernel already.
     if min(ho, wo) <= 3:
-        if strides == 1 and _reassociate(x) and _small_map_winograd(ho, wo, cin):
+        if strides == 1 and _reassociate(x) and _small_map_winograd(n, ho, wo, cin):
             return _winograd_forward_patches_backward(x, kernel, precision, recompute_)
         fn = functools.partial(_patches_conv3x3, strides=strides, precision=precision)
         # Only the patches are recomputed: the kernel goes to the products as it is.
@@ -113,9 +119,14 @@ def _patches_conv3x3(x: jax.Array, kernel: jax.Array, strides: int, precision: A
     return y.reshape(n, ho, wo, cout)
 
 
-def _small_map_winograd(ho: int, wo: int, cin: int) -> bool:
+def _small_map_winograd(n: int, ho: int, wo: int, cin: int) -> bool:
     """Whether a stride-1 output map with a side of 2-3 runs its forward pass by F(2x2, 3x3)."""
-    return cin >= WINOGRAD_SMALL_MAP_MIN_CIN and min(ho, wo) >= 2 and ho % 2 == wo % 2 == 0
+    if min(ho, wo) < 2 or ho % 2 or wo % 2:
+        return False
+    tiles = n * (ho // 2) * (wo // 2)
+    return cin >= WINOGRAD_SMALL_MAP_MIN_CIN or (
+        cin >= WINOGRAD_SMALL_MAP_MIN_CIN_MANY_TILES and tiles >= WINOGRAD_SMALL_MAP_MANY_TILES
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
