@@ -85,13 +85,10 @@ def _max_pool_fwd(x, input_hw):
     # (64x128x64x64: 408 -> 30 ms; docs/performance.md).
     x6, ho, wo = _pool_phases(x)
     firsts, lasts = _first_max(x6, ho, wo, range(0, 4)), _first_max(x6, ho, wo, range(4, 9))
-    y, index = jax.lax.reduce(
-        (jnp.stack([firsts[0], lasts[0]], -1), jnp.stack([firsts[1], lasts[1]], -1)),
-        (jnp.array(-jnp.inf, x.dtype), jnp.array(127, jnp.int8)),
-        _better,
-        (4,),
-    )
-    return y, index
+    # (values, indices), each (N, Ho, Wo, C, 2), reduced over that last axis.
+    pairs = jax.tree.map(lambda a, b: jnp.stack([a, b], axis=-1), firsts, lasts)
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(127, jnp.int8))
+    return jax.lax.reduce(pairs, init, _better, (pairs[0].ndim - 1,))
 
 
 def _max_pool_bwd(input_hw, index, g):
