@@ -1,18 +1,20 @@
 """Search service: `python -m ctl_jax.serve --index=I.npz (--checkpoint=DIR | --workdir=DIR)
-[--host=127.0.0.1] [--port=8080] [--top_k=10] [--max_upload_mb=16] [--step=N] [--log]`.
+[--host=127.0.0.1] [--port=8080] [--token=T] [--read_only] ...` (docs/serving.md).
 
 Serves the index (`python -m ctl_jax.search --save_index` or `ctl_jax.Index.save`) with the
-model that embedded it: `GET /` a page to drop a photo on and see the ranked gallery,
-`POST /search` and `POST /embed` with an image (raw body or multipart/form-data),
-`GET /health` (routes and errors: `ctl_jax.deploy.service`). `--port=0` picks a free port;
-the line ending "on http://HOST:PORT" says which, once the model is compiled and ready.
-Ctrl-C or SIGTERM stops it: requests in progress are answered (an idle keep-alive
-connection is dropped after 10 s), then it exits with code 0.
+model that embedded it, on uvicorn: `GET /` a page to drop a photo on and see the ranked
+gallery (and add or remove identities), `POST /search` and `POST /embed` with an image,
+`POST /identities?label=L` and `DELETE /identities/L` to change the index live (saved to
+the --index file), `GET /health`, `/metrics`, `/openapi.json` (routes: `ctl_jax.deploy.app`).
+`--port=0` picks a free port; the line ending "on http://HOST:PORT" says which, once every
+batch size is compiled and the service is ready. SIGTERM or Ctrl-C: requests in progress
+get up to --shutdown_timeout seconds, then it exits with 143 (SIGTERM) or 130 (Ctrl-C).
 """
 
 from __future__ import annotations
 
-import signal
+import ipaddress
+import os
 import sys
 
 from absl import flags
@@ -29,15 +31,85 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8080, "Port to listen on (0: a free one).")
 _TOP_K = flags.DEFINE_integer("top_k", 10, "Matches per search unless ?k=N is given.")
 _MAX_UPLOAD_MB = flags.DEFINE_float("max_upload_mb", 16.0, "Largest request body (MB).")
-_LOG = flags.DEFINE_bool("log", False, "Log every request to stderr.")
+_LOG = flags.DEFINE_bool("log", True, "Access log: one line per request on stderr.")
+_MAX_BATCH = flags.DEFINE_integer(
+    "max_batch", 32, "Most images embedded in one model call (1: no batching)."
+)
+_BATCH_WAIT_MS = flags.DEFINE_float(
+    "batch_wait_ms", 5.0, "How long a batch waits for more requests (milliseconds)."
+)
+_READ_ONLY = flags.DEFINE_bool("read_only", False, "Refuse live updates (405).")
+_MAX_PIXELS = flags.DEFINE_integer(
+    "max_pixels", 16_000_000, "Largest width x height of an uploaded image (from its header)."
+)
+_MAX_DECODES = flags.DEFINE_integer("max_decodes", 2, "Images decoded at once.")
+_MAX_PARTS = flags.DEFINE_integer("max_parts", 16, "Most multipart/form-data parts.")
+_REQUEST_TIMEOUT = flags.DEFINE_float(
+    "request_timeout", 30.0, "Seconds a request may take, its upload included (then 503)."
+)
+_SHUTDOWN_TIMEOUT = flags.DEFINE_float(
+    "shutdown_timeout", 10.0, "Seconds requests in progress get after SIGTERM / Ctrl-C."
+)
+_TOKEN = flags.DEFINE_string(
+    "token",
+    None,
+    "Bearer token required on every route but / and /health "
+    "(default: $CTL_JAX_TOKEN; none if unset).",
+)
+_ALLOWED_HOSTS = flags.DEFINE_list(
+    "allowed_hosts",
+    None,
+    "Host header names accepted (default: the loopback names when "
+    "bound to a loopback address, else any: '*').",
+)
+_ABSOLUTE_PATHS = flags.DEFINE_bool(
+    "absolute_paths",
+    False,
+    "Answers give absolute gallery paths (default: relative to --image_root).",
+)
+_IMAGE_ROOT = flags.DEFINE_string(
+    "image_root",
+    None,
+    "Folder answers' paths are relative to (default: the deepest folder "
+    "holding every indexed image).",
+)
+_MAX_IN_FLIGHT = flags.DEFINE_integer("max_in_flight", 256, "Requests handled at once (503).")
+_MAX_CONNECTIONS = flags.DEFINE_integer("max_connections", 1024, "Open connections at most.")
+_LOCK_WAIT = flags.DEFINE_float(
+    "lock_wait", 10.0, "Seconds an update waits for another writer of the index file."
+)
 
 
-def _stop(signum, frame):
-    """SIGTERM stops the server as Ctrl-C does; `cli.run` then exits with 128 + signum (143),
-    the conventional code every ctl_jax command gives."""
-    stop = KeyboardInterrupt(f"stopped by signal {signum}")
-    stop.signal_number = signum
-    raise stop
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_flags() -> None:
+    checks = [
+        (_TOP_K.value >= 1, f"--top_k must be >= 1, got {_TOP_K.value}"),
+        (0 <= _PORT.value < 65536, f"--port must be in 0..65535, got {_PORT.value}"),
+        (_MAX_UPLOAD_MB.value > 0, f"--max_upload_mb must be > 0, got {_MAX_UPLOAD_MB.value}"),
+        (_MAX_BATCH.value >= 1, f"--max_batch must be >= 1, got {_MAX_BATCH.value}"),
+        (_BATCH_WAIT_MS.value >= 0, f"--batch_wait_ms must be >= 0, got {_BATCH_WAIT_MS.value}"),
+        (_MAX_PIXELS.value >= 1, f"--max_pixels must be >= 1, got {_MAX_PIXELS.value}"),
+        (_MAX_DECODES.value >= 1, f"--max_decodes must be >= 1, got {_MAX_DECODES.value}"),
+        (_MAX_PARTS.value >= 1, f"--max_parts must be >= 1, got {_MAX_PARTS.value}"),
+        (_REQUEST_TIMEOUT.value > 0, "--request_timeout must be > 0"),
+        (_SHUTDOWN_TIMEOUT.value >= 0, "--shutdown_timeout must be >= 0"),
+        (_MAX_IN_FLIGHT.value >= 1, "--max_in_flight must be >= 1"),
+        (_MAX_CONNECTIONS.value >= 1, "--max_connections must be >= 1"),
+        (_LOCK_WAIT.value >= 0, "--lock_wait must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            cli.fail(message)
+    if not _INDEX.value:
+        cli.fail("give --index=I.npz (python -m ctl_jax.search --save_index builds one)")
 
 
 def main(argv):
@@ -46,57 +118,87 @@ def main(argv):
     from ctl_jax.retrieval.images import model_directory
 
     directory = model_directory(_WORKDIR.value, _CHECKPOINT.value)
-    if not _INDEX.value:
-        cli.fail("give --index=I.npz (python -m ctl_jax.search --save_index builds one)")
-    if _TOP_K.value < 1:
-        cli.fail(f"--top_k must be >= 1, got {_TOP_K.value}")
-    if not 0 <= _PORT.value < 65536:
-        cli.fail(f"--port must be in 0..65535, got {_PORT.value}")
-    if _MAX_UPLOAD_MB.value <= 0:
-        cli.fail(f"--max_upload_mb must be > 0, got {_MAX_UPLOAD_MB.value}")
+    _check_flags()
+    token = _TOKEN.value if _TOKEN.value is not None else os.environ.get("CTL_JAX_TOKEN", "")
+    hosts = _ALLOWED_HOSTS.value
+    if hosts is None:
+        from ctl_jax.deploy.app import LOOPBACK_HOSTS
 
-    import numpy as np
+        hosts = list(LOOPBACK_HOSTS) if _loopback(_HOST.value) else ["*"]
 
-    from ctl_jax.deploy.service import SearchService, make_server
+    import warnings
+
+    from PIL import Image
+
+    from ctl_jax.deploy import server
+    from ctl_jax.deploy.app import AccessSettings, create_app
+    from ctl_jax.deploy.index_store import IndexStore
+    from ctl_jax.deploy.metrics import ServiceMetrics
+    from ctl_jax.deploy.service import SearchService, SearchSettings
+    from ctl_jax.deploy.uploads import UploadLimits
     from ctl_jax.embedder import Embedder
     from ctl_jax.errors import InvalidValueError
-    from ctl_jax.retrieval.updatable_index import Index
 
-    index = Index.load(_INDEX.value)
-    # One image per request: batches of one (the devices' count) compile once.
-    embedder = Embedder.load(directory, step=_STEP.value, batch_size=1)
-    if embedder.dim != index.dim:
+    # Pillow warns from ~89 M pixels; uploads are refused far earlier (--max_pixels), from
+    # the same header, so its warning would only repeat that in the log.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    store = IndexStore(_INDEX.value, read_only=_READ_ONLY.value, lock_wait=_LOCK_WAIT.value)
+    embedder = Embedder.load(directory, step=_STEP.value, batch_size=_MAX_BATCH.value)
+    if embedder.dim != store.index.dim:
         raise InvalidValueError(
-            f"--index={_INDEX.value} holds {index.dim}-d vectors but the model at {directory} "
-            f"gives {embedder.dim}-d embeddings; serve the index with the model that built it"
+            f"--index={_INDEX.value} holds {store.index.dim}-d vectors but the model at "
+            f"{directory} gives {embedder.dim}-d embeddings; serve the index with the model "
+            "that built it"
         )
-    height, width = embedder.input_size
-    embedder(np.zeros((1, height, width, 3), np.uint8))  # compile before the first request
-    service = SearchService(
-        embedder,
-        index,
-        top_k=min(_TOP_K.value, len(index)),
-        max_bytes=int(_MAX_UPLOAD_MB.value * 1024 * 1024),
+    settings = SearchSettings(
+        top_k=_TOP_K.value,
+        max_batch=_MAX_BATCH.value,
+        batch_wait_seconds=_BATCH_WAIT_MS.value / 1000,
+        max_decodes=_MAX_DECODES.value,
+        limits=UploadLimits(
+            max_bytes=int(_MAX_UPLOAD_MB.value * 1024 * 1024),
+            max_pixels=_MAX_PIXELS.value,
+            max_parts=_MAX_PARTS.value,
+        ),
+        image_root=_IMAGE_ROOT.value,
+        absolute_paths=_ABSOLUTE_PATHS.value,
     )
+    metrics = ServiceMetrics()
+    service = SearchService(embedder, store, settings, metrics)
+    service.compile()  # every batch size and the search, before the first request
+    access = AccessSettings(
+        token=token,
+        allowed_hosts=tuple(hosts),
+        max_in_flight=_MAX_IN_FLIGHT.value,
+        request_timeout=_REQUEST_TIMEOUT.value,
+        access_log=_LOG.value,
+    )
+    app = create_app(service, access, metrics)
     try:
-        server = make_server(service, _HOST.value, _PORT.value, verbose=_LOG.value)
+        sock = server.bind(_HOST.value, _PORT.value)
     except OSError as e:
         raise InvalidValueError(
             f"cannot listen on {_HOST.value}:{_PORT.value}: {e.strerror or e}"
         ) from e
-    signal.signal(signal.SIGTERM, _stop)
-    host, port = server.server_address[:2]
-    print(
-        f"serving {index!r} with {directory} (step {embedder.step}) on http://{host}:{port}",
-        flush=True,
+    server.configure_logging(_LOG.value)
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+
+    def announce():
+        print(
+            f"serving {store.index!r} with {directory} (step {embedder.step}, batches up to "
+            f"{service.max_batch}) on http://{shown_host}:{port}",
+            flush=True,
+        )
+
+    code = server.serve(
+        app,
+        sock,
+        announce,
+        shutdown_timeout=_SHUTDOWN_TIMEOUT.value,
+        max_connections=_MAX_CONNECTIONS.value,
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr, flush=True)
-        raise  # after `finally`: the exit code says which signal stopped it (130 or 143)
-    finally:
-        server.server_close()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """The page of `GET /` of the search service: pick or drop a photo, see the ranked gallery.
 
 Self-contained (inline CSS and script, no external resources): it posts the file as the raw
-body to /search and draws each match with its picture (GET /image), label and score.
+body to /search and draws each match with its picture (GET /image), label and score. A
+second form adds images to an identity (POST /identities?label=L, multipart) or removes one
+(DELETE /identities/L). When the service has a token, the page asks for it and sends it as
+`Authorization: Bearer` on every call (pictures are fetched with it, then shown).
 """
 
 PAGE = """<!doctype html>
@@ -28,24 +31,68 @@ PAGE = """<!doctype html>
   .match .noimg { height: 80px; line-height: 80px; color: #999; }
   .rank { color: #888; }
   .label { font-weight: 600; overflow-wrap: anywhere; }
+  #manage { margin-top: 1.5em; padding: .8em; background: #fff; border: 1px solid #ddd;
+            border-radius: 8px; }
+  #manage input[type=text] { width: 12em; }
+  #manage-status.error, #token-box.error { color: #b00; }
+  #token-box { display: none; margin-bottom: 1em; }
 </style>
 </head>
 <body>
 <h1>Image search</h1>
 <div id="info">loading...</div>
+<div id="token-box">This service needs a token:
+  <input type="password" id="token" autocomplete="off"> <button id="token-set">use</button>
+</div>
 <label id="drop" for="file">Drop a photo here, or click to choose one
   <input type="file" id="file" accept="image/*" hidden>
 </label>
 <div id="query"><div>Query</div><img id="query-img" alt="query"></div>
 <div id="status"></div>
 <div id="results"></div>
+<form id="manage" onsubmit="return false">
+  <b>Identities</b>
+  <label>label <input type="text" id="label" required></label>
+  <input type="file" id="add-files" accept="image/*" multiple>
+  <button id="add">add images</button>
+  <button id="remove">remove identity</button>
+  <div id="manage-status"></div>
+</form>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
-fetch("/health").then((r) => r.json()).then((h) => {
-  $("info").textContent = `${h.index.items} ${h.index.kind} items (${h.index.method}), ` +
-    `${h.model.dim}-d embeddings, images resized to ${h.model.input_size.join("x")}`;
-}).catch(() => { $("info").textContent = "service not reachable"; });
+let token = sessionStorage.getItem("ctl_jax_token") || "";
+const call = (url, options = {}) => {
+  const headers = Object.assign({}, options.headers || {});
+  if (token) headers["Authorization"] = "Bearer " + token;
+  return fetch(url, Object.assign({}, options, {headers}));
+};
+const answer = (r) => r.json().then((body) => {
+  if (r.status === 401) $("token-box").style.display = "block";
+  if (!r.ok) throw new Error(body.error || `failed (${r.status})`);
+  return body;
+});
+function refresh() {
+  fetch("/health").then((r) => r.json()).then((h) => {
+    $("info").textContent = `${h.index.items} ${h.index.kind} items (${h.index.method}), ` +
+      `${h.model.dim}-d embeddings, images resized to ${h.model.input_size.join("x")}`;
+  }).catch(() => { $("info").textContent = "service not reachable"; });
+}
+refresh();
+$("token-set").addEventListener("click", () => {
+  token = $("token").value;
+  sessionStorage.setItem("ctl_jax_token", token);
+  $("token-box").style.display = "none";
+});
+
+function picture(url, alt) {
+  const img = document.createElement("img");
+  img.alt = alt;
+  if (!token) { img.src = url; return img; }
+  call(url).then((r) => r.ok ? r.blob() : null)
+    .then((b) => { if (b) img.src = URL.createObjectURL(b); });
+  return img;
+}
 
 function show(file) {
   if (!file) return;
@@ -54,21 +101,17 @@ function show(file) {
   $("status").className = "";
   $("status").textContent = "searching...";
   $("results").replaceChildren();
-  fetch("/search", {method: "POST", body: file,
-                    headers: {"Content-Type": file.type || "application/octet-stream"}})
-    .then((r) => r.json().then((body) => ({ok: r.ok, body})))
-    .then(({ok, body}) => {
-      if (!ok) throw new Error(body.error || "search failed");
+  call("/search", {method: "POST", body: file,
+                   headers: {"Content-Type": file.type || "application/octet-stream"}})
+    .then(answer)
+    .then((body) => {
       const matches = body.queries[0].matches;
       $("status").textContent = `${matches.length} best matches`;
       matches.forEach((m, i) => {
         const card = document.createElement("div");
         card.className = "match";
         if (m.image) {
-          const img = document.createElement("img");
-          img.src = m.image;
-          img.alt = m.label || "";
-          card.appendChild(img);
+          card.appendChild(picture(m.image, m.label || ""));
         } else {
           const none = document.createElement("div");
           none.className = "noimg";
@@ -86,6 +129,34 @@ function show(file) {
     })
     .catch((e) => { $("status").className = "error"; $("status").textContent = e.message; });
 }
+
+function manage(request, done) {
+  const label = $("label").value.trim();
+  const status = $("manage-status");
+  status.className = "";
+  if (!label) { status.className = "error"; status.textContent = "give a label"; return; }
+  status.textContent = "working...";
+  request(encodeURIComponent(label)).then(answer).then((body) => {
+    status.textContent = done(body) + `; the index now holds ${body.items} items`;
+    refresh();
+  }).catch((e) => { status.className = "error"; status.textContent = e.message; });
+}
+$("add").addEventListener("click", () => {
+  const files = [...$("add-files").files];
+  if (!files.length) {
+    $("manage-status").className = "error";
+    $("manage-status").textContent = "choose images to add";
+    return;
+  }
+  const form = new FormData();
+  files.forEach((f) => form.append("images", f, f.name));
+  manage((label) => call(`/identities?label=${label}`, {method: "POST", body: form}),
+         (body) => `added ${body.added} image(s) to ${body.label}`);
+});
+$("remove").addEventListener("click", () => {
+  manage((label) => call(`/identities/${label}`, {method: "DELETE"}),
+         (body) => `removed ${body.label}`);
+});
 $("file").addEventListener("change", (e) => show(e.target.files[0]));
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });

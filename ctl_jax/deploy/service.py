@@ -1,79 +1,170 @@
-"""The HTTP search service behind `python -m ctl_jax.serve`: an `Embedder` and a
-`ctl_jax.Index` answering over the standard library's `ThreadingHTTPServer`.
+"""What the search service does, apart from HTTP (that is `app.py`): decode uploads within
+limits, embed them in dynamic batches, search the current index, update it live.
 
-Routes:
-  GET  /            the search page (`page.py`: self-contained HTML, no external resources)
-  GET  /health      {"status": "ok", "model": {...}, "index": {...}}
-  GET  /image?path=P  a gallery image, only for a path the index holds (else 404), so no
-                    other file can be read whatever P is
-  POST /search[?k=N]  one image -> the search-results JSON of `python -m ctl_jax.search`
-                    (docs/formats.md), one query; each match also has "image": the URL of its
-                    picture (for a centroid, its representative image) or null
-  POST /embed       one image -> {"embedding": [D floats], "dim": D, "input_size": [H, W]}
+    service = SearchService(embedder, IndexStore("I.npz"), SearchSettings(top_k=10))
+    await service.start()           # compiles every batch size, starts the batch worker
+    document = await service.search(image_bytes, k=5)
+    await service.stop()
 
-An image is posted as the raw request body (Content-Type image/* or
-application/octet-stream) or as multipart/form-data (the part named "image", else the first
-file). Errors are JSON `{"error": "..."}`: 400 for a body that is not a decodable image or a
-bad parameter, 404, 405, 411 without Content-Length, 413 over the size limit (the body is
-not read), 415 for another content type.
-
-Concurrency: requests are handled on threads; the model and the index are called under one
-lock, so concurrent requests are answered one model call at a time, each with its own image
-(decoding and JSON encoding run in parallel outside the lock).
+Batches. `/search` and `/embed` requests become jobs of one `Batcher`: up to `max_batch`
+images embedded in one call of the `Embedder`, whose batches are padded to sizes 1, 2, 4,
+..., max_batch (all compiled in `start`), then the batch's queries searched in one call
+padded to `max_batch` rows (compiled in `start` and after every update for the default k).
+A request's answer is the one it would get alone: each image is embedded and searched
+independently of the others in its batch (only padding is added), and the top-k of a
+search for k' >= k starts with the top-k.
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import http.server
-import json
-import mimetypes
-import threading
-import urllib.parse
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
 
 import numpy as np
 
-from ctl_jax.data import image_io
-from ctl_jax.errors import UnreadableImageError
+from ctl_jax.deploy import uploads
+from ctl_jax.deploy.batching import Batcher
+from ctl_jax.deploy.gallery_files import GalleryFiles
+from ctl_jax.deploy.index_store import IndexStore
+from ctl_jax.deploy.uploads import RequestError, UploadLimits
+from ctl_jax.errors import InvalidValueError
 from ctl_jax.retrieval import results
+from ctl_jax.retrieval.embedding_file import Embeddings
 
-DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+log = logging.getLogger("ctl_jax.serve")
 IMAGE_ROUTE = "/image"
+MAX_LABEL_CHARS = 200
 
 
-class RequestError(Exception):
-    """A request the service refuses: HTTP `status` and a one-line message."""
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """How the service answers.
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+    Attributes:
+      top_k: matches per search unless the request asks (?k=N).
+      max_batch: the most images per model call (1: no batching).
+      batch_wait_seconds: how long a batch waits for more requests.
+      max_decodes: images decoded at once (each holds up to max_pixels x 3 bytes twice).
+      limits: what one request may send.
+      image_root: folder answers' paths are relative to (None: the index's common folder).
+      absolute_paths: answers give absolute paths.
+    """
+
+    top_k: int = 10
+    max_batch: int = 32
+    batch_wait_seconds: float = 0.005
+    max_decodes: int = 2
+    limits: UploadLimits = UploadLimits()
+    image_root: str | None = None
+    absolute_paths: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    image: np.ndarray  # (H, W, 3) uint8 at the model's input size
+    k: int  # matches wanted; 0 for an embedding only
+
+
+def image_url(shown: str) -> str:
+    import urllib.parse
+
+    return f"{IMAGE_ROUTE}?{urllib.parse.urlencode({'path': shown})}"
 
 
 class SearchService:
-    """What the handlers call: embed an image, search the index; thread-safe.
+    """Embedding, searching and updating for the HTTP routes (see the module docstring).
 
     Args:
-      embedder: a `ctl_jax.Embedder`.
-      index: a `ctl_jax.Index` of the same embedding width.
-      top_k: default number of matches.
-      max_bytes: the largest request body accepted.
+      embedder: a `ctl_jax.Embedder`; its batch size is the largest batch (load it with
+        `batch_size=settings.max_batch`).
+      store: the `IndexStore` of the index file, of the embedder's width.
+      settings: `SearchSettings`.
+      metrics: a `metrics.ServiceMetrics` or None.
     """
 
-    def __init__(self, embedder, index, top_k: int = 10, max_bytes: int = DEFAULT_MAX_BYTES):
-        from ctl_jax.deploy.page import PAGE
-
+    def __init__(self, embedder, store: IndexStore, settings: SearchSettings, metrics=None):
         self.embedder = embedder
-        self.index = index
-        self.top_k = int(top_k)
-        self.max_bytes = int(max_bytes)
-        self.page = PAGE.encode()
-        self._lock = threading.Lock()
-        # Only these files are served by /image: the index's own (a set: no path tricks).
-        self.images = {str(p) for p in index.items.paths.tolist() if p}
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        # The Embedder pads a batch to 1, 2, 4, ... up to its batch size (`Embedder._batches`).
+        self.max_batch = int(embedder.batch_size)
+        self.gallery = self._gallery_files(store.index)
+        store.on_change = self._on_change
+        self.batcher = Batcher(
+            self._run_batch,
+            self.max_batch,
+            settings.batch_wait_seconds,
+            on_batch=metrics.batch_size.observe if metrics else None,
+        )
+        self._decoder = concurrent.futures.ThreadPoolExecutor(
+            settings.max_decodes, thread_name_prefix="decode"
+        )
+        self._watcher: asyncio.Task | None = None
+        if metrics is not None:
+            metrics.index_items.set(len(store.index))
+
+    # --- life -----------------------------------------------------------------------------
+
+    def batch_sizes(self) -> list[int]:
+        """The padded batch sizes the Embedder runs: d, 2d, 4d, ..., max_batch (d devices)."""
+        sizes, size = [], int(self.embedder.mesh.devices.size)
+        while size < self.max_batch:
+            sizes.append(size)
+            size *= 2
+        return [*sizes, self.max_batch]
+
+    def compile(self) -> None:
+        """Compiles every batch size and the search of the current index (before serving)."""
+        height, width = self.embedder.input_size
+        for size in self.batch_sizes():
+            self.embedder(np.zeros((size, height, width, 3), np.uint8))
+        self._warm_search(self.store.index)
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        self._watcher = asyncio.create_task(self._watch_file(), name="index-file")
+
+    async def stop(self) -> None:
+        self._watcher.cancel()
+        await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.batcher.stop()
+        self._decoder.shutdown(wait=True, cancel_futures=True)
+
+    async def _watch_file(self) -> None:
+        """Picks up a change another writer (`search --add`) made to the index file."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await asyncio.to_thread(self.store.refresh)
+            except Exception as e:  # a damaged file: keep serving the index we have
+                log.warning("cannot reload %s: %s", self.store.path, e)
+
+    def _warm_search(self, index) -> None:
+        k = min(self.settings.top_k, len(index))
+        if k >= 1:
+            index.search_rows(np.ones((1, index.dim), np.float32), k, query_chunk=self.max_batch)
+
+    def _gallery_files(self, index, previous: GalleryFiles | None = None) -> GalleryFiles:
+        return GalleryFiles(
+            index.items.paths.tolist(),
+            root=self.settings.image_root if previous is None else previous.root,
+            absolute=self.settings.absolute_paths,
+            known=None if previous is None else previous.checked,
+        )
+
+    def _on_change(self, index) -> None:
+        """A new index is about to become current (in the updating thread)."""
+        self._warm_search(index)
+        self.gallery = self._gallery_files(index, self.gallery)
+        if self.metrics is not None:
+            self.metrics.index_items.set(len(index))
 
     def health(self) -> dict:
         height, width = self.embedder.input_size
+        index = self.store.index
         return {
             "status": "ok",
             "model": {
@@ -82,216 +173,144 @@ class SearchService:
                 "step": self.embedder.step,
             },
             "index": {
-                "kind": self.index.kind,
-                "method": self.index.method,
-                "items": len(self.index),
-                "dim": self.index.dim,
+                "kind": index.kind,
+                "method": index.method,
+                "items": len(index),
+                "dim": index.dim,
             },
+            "read_only": self.store.read_only,
+            "max_batch": self.max_batch,
         }
 
-    def embed(self, data: bytes) -> np.ndarray:
-        """(D,) float32 BNNeck embedding of encoded image bytes.
+    # --- images in ------------------------------------------------------------------------
+
+    async def images(self, request, many: bool = False) -> list[tuple[np.ndarray, str]]:
+        """The request's images decoded at the model's input size, with their names; at
+        most `max_decodes` decodes run at once (the decoding threads), whatever the number
+        of requests."""
+        found = await uploads.uploaded_images(request, self.settings.limits, many)
+        height, width = self.embedder.input_size
+        decoded = []
+        for data, name in found:
+            image = await asyncio.get_running_loop().run_in_executor(
+                self._decoder,
+                uploads.decode_image,
+                data,
+                height,
+                width,
+                self.settings.limits.max_pixels,
+            )
+            decoded.append((image, name))
+        return decoded
+
+    # --- the batch ------------------------------------------------------------------------
+
+    def _run_batch(self, jobs: list[_Job]) -> list[tuple]:
+        """(embedding, scores, rows, index) per job, one model call and one search."""
+        index = self.store.index
+        embeddings = self.embedder(np.stack([job.image for job in jobs]))
+        wanted = [row for row, job in enumerate(jobs) if job.k]
+        found = {}
+        if wanted:
+            k = min(max(jobs[row].k for row in wanted), len(index))
+            scores, rows = index.search_rows(embeddings[wanted], k, query_chunk=self.max_batch)
+            found = {row: (scores[i], rows[i]) for i, row in enumerate(wanted)}
+        out = []
+        for row, job in enumerate(jobs):
+            scores, rows = found.get(row, (None, None))
+            if scores is not None:
+                scores, rows = scores[: job.k], rows[: job.k]
+            out.append((embeddings[row], scores, rows, index))
+        return out
+
+    async def embed(self, image: np.ndarray) -> np.ndarray:
+        """(D,) float32 BNNeck embedding of one decoded image."""
+        return (await self.batcher(_Job(image, 0)))[0]
+
+    def check_k(self, k: int | None) -> int:
+        """The matches a search returns: `k`, or the default top_k (at most the index size).
 
         Raises:
-          RequestError 400: the bytes are not a decodable image.
+          RequestError 400: k outside 1..index size.
         """
-        try:
-            image = image_io.decode_pil(data, "the request body")
-        except UnreadableImageError as e:
-            raise RequestError(400, f"not a readable image: {e}") from e
-        with self._lock:
-            return self.embedder([image])[0]
+        size = len(self.store.index)
+        k = min(self.settings.top_k, size) if k is None else k
+        if not 1 <= k <= size:
+            raise RequestError(400, f"k must be in 1..{size}, got {k}")
+        return k
 
-    def search(self, data: bytes, k: int | None = None, name: str = "upload") -> dict:
-        """The search-results JSON of one posted image."""
-        k = self.top_k if k is None else k
-        if not 1 <= k <= len(self.index):
-            raise RequestError(400, f"k must be in 1..{len(self.index)}, got {k}")
-        embedding = self.embed(data)
-        with self._lock:
-            scores, rows = self.index.search_rows(embedding[None], k)
-        items = self.index.items
+    async def search(self, image: np.ndarray, k: int | None = None, name="upload") -> dict:
+        """The search-results JSON of one decoded image (docs/formats.md), each match with
+        "image": its picture's URL or null."""
+        k = self.check_k(k)
+        _, scores, rows, index = await self.batcher(_Job(image, k))
+        # An update between the check and the search may have shrunk the index.
+        scores, rows = scores[: len(index)], rows[: len(index)]
+        return self.document(name, scores, rows, index)
+
+    def document(self, name: str, scores, rows, index) -> dict:
+        items = index.items
         document = results.results_document(
             [name],
             [-1],
-            scores,
-            rows,
+            scores[None],
+            rows[None],
             items,
             meta={
                 "gallery": items.source or None,
-                "kind": self.index.kind,
-                "method": self.index.method,
-                "num_gallery": len(self.index),
-                "top_k": k,
+                "kind": index.kind,
+                "method": index.method,
+                "num_gallery": len(index),
+                "top_k": len(scores),
             },
         )
-        found = [int(r) for r in rows[0] if r >= 0]
+        gallery = self.gallery
+        found = [int(r) for r in rows if r >= 0]
         for match, row in zip(document["queries"][0]["matches"], found):
-            path = str(items.paths[row]) if items.paths[row] else ""
-            match["image"] = image_url(path) if path in self.images else None
+            path = str(items.paths[row])
+            match["path"] = gallery.shown(match["path"])
+            match["image"] = image_url(gallery.shown(path)) if gallery.servable(path) else None
         return document
 
+    # --- updates --------------------------------------------------------------------------
 
-def image_url(path: str) -> str:
-    return f"{IMAGE_ROUTE}?{urllib.parse.urlencode({'path': path})}"
-
-
-def image_from_body(content_type: str, body: bytes) -> tuple[bytes, str]:
-    """(image bytes, file name) of a raw or multipart/form-data request body.
-
-    Raises:
-      RequestError 415: another content type; 400: a multipart body without a file.
-    """
-    kind = content_type.split(";")[0].strip().lower()
-    if kind.startswith("image/") or kind == "application/octet-stream":
-        return body, "upload"
-    if kind != "multipart/form-data":
-        raise RequestError(
-            415,
-            f"Content-Type {kind or '(none)'} is not accepted: post the image as the raw body "
-            "(image/* or application/octet-stream) or as multipart/form-data",
+    async def add(self, label: str, images: list[np.ndarray]) -> dict:
+        """Adds images to identity `label` (new or held); the new index is saved."""
+        label = check_label(label)
+        # Concurrently: the images of one request share batches.
+        embeddings = np.stack(await asyncio.gather(*(self.embed(image) for image in images)))
+        count = len(embeddings)
+        added = Embeddings(
+            embeddings,
+            np.zeros(count, np.int64),
+            np.full(count, -1, np.int64),
+            np.full(count, ""),
+            np.full(count, label),
         )
-    header = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
-    if not message.is_multipart():
-        raise RequestError(400, "malformed multipart/form-data body")
-    parts = [p for p in message.iter_parts() if p.get_content_disposition() == "form-data"]
-    chosen = next(
-        (p for p in parts if p.get_param("name", header="content-disposition") == "image"), None
-    )
-    chosen = chosen or next((p for p in parts if p.get_filename()), None)
-    if chosen is None:
-        raise RequestError(400, "the multipart/form-data body has no file (field 'image')")
-    return chosen.get_payload(decode=True) or b"", chosen.get_filename() or "upload"
+        index = await self._update(lambda index: index.add(added), "add")
+        return {"label": label, "added": count, "items": len(index)}
 
+    async def remove(self, label: str) -> dict:
+        label = check_label(label)
+        index = await self._update(lambda index: index.remove([label]), "remove")
+        return {"label": label, "removed": True, "items": len(index)}
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Routes requests to `self.server.service` (a `SearchService`)."""
-
-    server_version = "ctl_jax"
-    protocol_version = "HTTP/1.1"
-    timeout = 10  # seconds a keep-alive connection may stay idle (or a body take to arrive)
-
-    @property
-    def service(self) -> SearchService:
-        return self.server.service
-
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
-        if getattr(self.server, "verbose", False):
-            super().log_message(format, *args)
-
-    def send_bytes(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def send_json(self, status: int, document: dict) -> None:
-        self.send_bytes(status, json.dumps(document).encode(), "application/json")
-
-    def send_error_json(self, error: RequestError) -> None:
-        self.send_json(error.status, {"error": str(error)})
-
-    def do_GET(self):
-        url = urllib.parse.urlsplit(self.path)
+    async def _update(self, change, operation: str):
         try:
-            if url.path == "/":
-                self.send_bytes(200, self.service.page, "text/html; charset=utf-8")
-            elif url.path == "/health":
-                self.send_json(200, self.service.health())
-            elif url.path == IMAGE_ROUTE:
-                self._send_image(url.query)
-            elif url.path in ("/search", "/embed"):
-                raise RequestError(405, f"{url.path} takes POST with an image")
-            else:
-                raise RequestError(404, f"no such page: {url.path}")
-        except RequestError as e:
-            self.send_error_json(e)
-
-    def _send_image(self, query: str) -> None:
-        path = urllib.parse.parse_qs(query).get("path", [""])[0]
-        if path not in self.service.images:
-            raise RequestError(404, "not an image of the index")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise RequestError(404, f"the index's image cannot be read: {e.strerror}") from e
-        kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        self.send_bytes(200, data, kind)
-
-    def do_POST(self):
-        url = urllib.parse.urlsplit(self.path)
-        try:
-            if url.path not in ("/search", "/embed"):
-                raise RequestError(404 if url.path != "/" else 405, f"cannot POST {url.path}")
-            data, name = image_from_body(self.headers.get("Content-Type", ""), self._body())
-            if url.path == "/embed":
-                embedding = self.service.embed(data)
-                height, width = self.service.embedder.input_size
-                self.send_json(
-                    200,
-                    {
-                        "embedding": embedding.tolist(),
-                        "dim": int(embedding.shape[0]),
-                        "input_size": [height, width],
-                    },
-                )
-            else:
-                self.send_json(200, self.service.search(data, self._k(url.query), name))
-        except RequestError as e:
-            self.send_error_json(e)
-
-    def _k(self, query: str) -> int | None:
-        value = urllib.parse.parse_qs(query).get("k", [None])[0]
-        if value is None:
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            raise RequestError(400, f"k must be an integer, got {value!r}") from None
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise RequestError(411, "send the image with a Content-Length header")
-        try:
-            size = int(length)
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(400, f"bad Content-Length {length!r}") from None
-        if size > self.service.max_bytes:
-            # The body is left unread: close the connection after the answer.
-            self.close_connection = True
-            raise RequestError(
-                413, f"the body has {size:,} bytes; the limit is {self.service.max_bytes:,}"
-            )
-        if size == 0:
-            raise RequestError(400, "empty body: post an image")
-        return self.rfile.read(size)
+            index = await asyncio.to_thread(self.store.update, change)
+        except InvalidValueError as e:
+            status = 404 if "unknown label" in str(e) else 400
+            raise RequestError(status, str(e)) from e
+        if self.metrics is not None:
+            self.metrics.updates.labels(operation).inc()
+        return index
 
 
-class Server(http.server.ThreadingHTTPServer):
-    """`ThreadingHTTPServer` holding the service its handlers use.
-
-    `server_close` waits for the request threads (not daemons): a daemon thread still
-    running when the interpreter shuts down can make the process abort. An idle keep-alive
-    connection ends after `Handler.timeout`, which bounds that wait.
-    """
-
-    daemon_threads = False
-    block_on_close = True
-
-    def __init__(self, address, service: SearchService, verbose: bool = False):
-        super().__init__(address, Handler)
-        self.service = service
-        self.verbose = verbose
-
-
-def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 8080, **kw):
-    """A bound (not yet serving) `Server`; port 0 picks a free one (`server.server_port`)."""
-    return Server((host, port), service, **kw)
+def check_label(label: str | None) -> str:
+    """A label an update may use: 1..200 printable characters."""
+    label = (label or "").strip()
+    if not label:
+        raise RequestError(400, "give the identity: ?label=NAME")
+    if len(label) > MAX_LABEL_CHARS or not label.isprintable():
+        raise RequestError(400, f"a label is 1..{MAX_LABEL_CHARS} printable characters")
+    return label

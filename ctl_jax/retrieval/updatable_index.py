@@ -197,10 +197,16 @@ class Index:
     # --- searching ----------------------------------------------------------------------
 
     def search_rows(
-        self, queries: np.ndarray, k: int, progress: bool = False
+        self, queries: np.ndarray, k: int, progress: bool = False, query_chunk: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores (Q, k) float32 cosine best first, rows (Q, k) int64 of `items`; -1 where a
-        faiss index found fewer than k). `queries` (Q, D) are normalised here."""
+        faiss index found fewer than k). `queries` (Q, D) are normalised here.
+
+        `query_chunk` (exact indexes): queries per compiled step, every step padded to it,
+        so any Q up to it runs one compiled program (the service passes its largest batch).
+        """
+        if query_chunk is not None and self.method == "exact":
+            return self._searcher.search(queries, k, query_chunk=query_chunk, progress=progress)
         return self._searcher.search(queries, k, progress=progress)
 
     def search(
