@@ -90,7 +90,9 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame):
         if self.signal_number is None:
             self.signal_number = sig
-            print("shutting down", file=sys.stderr, flush=True)
+            # os.write, not print: the handler may interrupt a write to stderr (the access
+            # log), and a buffered stream would refuse the reentrant call.
+            os.write(sys.stderr.fileno(), b"shutting down\n")
             watchdog = threading.Timer(
                 self.shutdown_timeout + _WATCHDOG_MARGIN, os._exit, (128 + sig,)
             )
