@@ -405,3 +405,32 @@ def test_label_checks(gallery, tmp_path):
         check_error(http.post("/identities", **image), 400, "label=NAME")
         check_error(http.post("/identities?label=%0A", **image), 400)
         check_error(http.post("/identities?label=" + "x" * 300, **image), 400, "printable")
+
+
+def test_batcher_cuts_batches_to_compiled_sizes():
+    """17 jobs at once, sizes 1..16 compiled: a batch of 16, then the one left over; each
+    job gets its own result; max_batch=1 runs each alone."""
+    from ctl_jax.deploy.batching import Batcher
+
+    def run(jobs):
+        return [job * 10 for job in jobs]
+
+    async def main(batcher, jobs):
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher(job) for job in jobs))
+        finally:
+            await batcher.stop()
+
+    seen = []
+    batcher = Batcher(run, 32, 0.05, on_batch=seen.append, sizes=[1, 2, 4, 8, 16, 32])
+    assert asyncio.run(main(batcher, list(range(17)))) == [10 * i for i in range(17)]
+    assert seen == [16, 1]
+    seen.clear()
+    small = Batcher(run, 32, 0.05, on_batch=seen.append, sizes=[1, 2, 4, 8, 16, 32])
+    assert asyncio.run(main(small, [1, 2, 3])) == [10, 20, 30]
+    assert seen == [3]  # too small to cut: one call (padded to 4) beats two
+    seen.clear()
+    alone = Batcher(run, 1, 0.05, on_batch=seen.append, sizes=[1])
+    assert asyncio.run(main(alone, [1, 2, 3])) == [10, 20, 30]
+    assert seen == [1, 1, 1]

@@ -6,6 +6,13 @@ runs them as one call of `run` in its own thread (so the event loop keeps accept
 reading requests meanwhile). While that call runs, new jobs queue up and form the next
 batch at once: under load batches fill without waiting, and a lone request waits at most
 `wait_seconds`. `max_batch=1` runs every job alone, one at a time.
+
+With `sizes` (the padded batch sizes the model runs, e.g. 1, 2, 4, ..., 32), a batch of at
+least `MIN_CUT` jobs is cut to the largest size it fills and the rest waits for the next
+batch (first in line): 17 jobs run as 16 now and 1 with the next arrivals, rather than as 17
+padded to 32, so under load model calls compute little padding. Smaller batches are not
+cut: there a second model call would cost more than the padding (on CPU, a call's fixed
+cost is about that of 8 images of ResNet-18 64x32).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
 from typing import Any
+
+MIN_CUT = 8
 
 
 class Batcher:
@@ -24,6 +33,7 @@ class Batcher:
       max_batch: the most jobs per call.
       wait_seconds: how long the first job of a batch waits for others.
       on_batch: called with each batch's size (metrics).
+      sizes: the batch sizes the model runs without padding (see the module docstring).
     """
 
     def __init__(
@@ -32,11 +42,14 @@ class Batcher:
         max_batch: int,
         wait_seconds: float,
         on_batch: Callable[[int], None] | None = None,
+        sizes: Sequence[int] = (),
     ):
         self.run = run
         self.max_batch = int(max_batch)
         self.wait_seconds = float(wait_seconds) if max_batch > 1 else 0.0
         self.on_batch = on_batch
+        self.sizes = sorted(set(sizes))
+        self._carried: list = []  # jobs cut from the last batch: first in the next
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         # One thread: the model runs one batch at a time (XLA uses every core for it).
@@ -59,7 +72,9 @@ class Batcher:
         return await future
 
     async def _gather(self) -> list:
-        batch = [await self._queue.get()]
+        batch, self._carried = self._carried, []
+        if not batch:
+            batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_seconds
         while len(batch) < self.max_batch:
@@ -76,7 +91,11 @@ class Batcher:
             except asyncio.TimeoutError:
                 break
         # A request that gave up (client gone, deadline) is not computed.
-        return [(job, future) for job, future in batch if not future.done()]
+        batch = [(job, future) for job, future in batch if not future.done()]
+        fits = [size for size in self.sizes if size <= len(batch)]
+        if fits and fits[-1] >= MIN_CUT:
+            batch, self._carried = batch[: fits[-1]], batch[fits[-1] :]
+        return batch
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()

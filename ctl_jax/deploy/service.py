@@ -98,6 +98,7 @@ class SearchService:
             self.max_batch,
             settings.batch_wait_seconds,
             on_batch=metrics.batch_size.observe if metrics else None,
+            sizes=self.batch_sizes(),
         )
         self._decoder = concurrent.futures.ThreadPoolExecutor(
             settings.max_decodes, thread_name_prefix="decode"
