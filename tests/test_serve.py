@@ -5,6 +5,7 @@ update while it runs, a restart, and the page in headless Chromium."""
 import concurrent.futures
 import http.client
 import json
+import os
 import re
 import select
 import shutil
@@ -35,7 +36,7 @@ def gallery(tmp_path_factory):
     return build_gallery(tmp_path_factory.mktemp("serve"))
 
 
-def start_server(gallery, folder, *extra, index=None):
+def start_server(gallery, folder, *extra, index=None, env=None):
     """(process, base URL, stderr file) of a service on a free port."""
     stderr = folder / f"stderr{time.monotonic_ns()}.txt"
     process = subprocess.Popen(
@@ -52,6 +53,7 @@ def start_server(gallery, folder, *extra, index=None):
         stderr=open(stderr, "w"),
         text=True,
         cwd=REPO,
+        env=None if env is None else {**os.environ, **env},
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -186,7 +188,10 @@ def stalled_client(url, stop_event):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_it_whatever_clients_do(gallery, tmp_path, signum, code):
-    process, url, stderr = start_server(gallery, tmp_path, "--shutdown_timeout=2")
+    # The token from the environment (the flag's default).
+    process, url, stderr = start_server(
+        gallery, tmp_path, "--shutdown_timeout=2", env={"CTL_JAX_TOKEN": "t0k"}
+    )
     done = threading.Event()
     slow = [threading.Thread(target=stalled_client, args=(url, done)) for _ in range(2)]
     for thread in slow:
@@ -200,6 +205,10 @@ def test_a_signal_stops_it_whatever_clients_do(gallery, tmp_path, signum, code):
     try:
         time.sleep(1.5)
         assert request(url + "/health")[0] == 200
+        assert request(url + "/metrics")[0] == 401
+        metrics = urllib.request.Request(url + "/metrics", headers={"Authorization": "Bearer t0k"})
+        with urllib.request.urlopen(metrics, timeout=60) as response:
+            assert response.status == 200
         process.send_signal(signum)
         returned = process.wait(timeout=60)
     finally:

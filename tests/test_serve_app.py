@@ -2,10 +2,13 @@
 JSON errors, limits, auth, Host check, /image confinement, batching, live updates."""
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import shutil
 import struct
+import threading
+import time
 import urllib.parse
 import zlib
 
@@ -434,3 +437,33 @@ def test_batcher_cuts_batches_to_compiled_sizes():
     alone = Batcher(run, 1, 0.05, on_batch=seen.append, sizes=[1])
     assert asyncio.run(main(alone, [1, 2, 3])) == [10, 20, 30]
     assert seen == [1, 1, 1]
+
+
+def test_at_most_max_decodes_images_decode_at_once(gallery, tmp_path, monkeypatch):
+    from ctl_jax.deploy import uploads
+
+    decode, running, most = uploads.decode_image, [0], [0]
+    lock = threading.Lock()
+
+    def counting(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.1)  # long enough for the other requests to arrive
+        try:
+            return decode(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(uploads, "decode_image", counting)
+    with client(gallery, tmp_path, max_decodes=2) as (http, _):
+        body = read(gallery["paths"][0])
+
+        def embed(_):
+            return http.post("/embed", content=body, headers={"content-type": "image/png"})
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(embed, range(6)))
+    assert all(a.status_code == 200 for a in answers)
+    assert most[0] == 2
