@@ -152,7 +152,6 @@ def main(argv):
         )
     settings = SearchSettings(
         top_k=_TOP_K.value,
-        max_batch=_MAX_BATCH.value,
         batch_wait_seconds=_BATCH_WAIT_MS.value / 1000,
         max_decodes=_MAX_DECODES.value,
         limits=UploadLimits(

@@ -48,7 +48,7 @@ def embedder(gallery, max_batch):
 
 def make_service(gallery, index_path, *, max_batch=8, read_only=False, lock_wait=0.0, **kw):
     store = IndexStore(index_path, read_only=read_only, lock_wait=lock_wait)
-    settings = SearchSettings(max_batch=max_batch, **kw)
+    settings = SearchSettings(**kw)
     return SearchService(embedder(gallery, max_batch), store, settings, ServiceMetrics())
 
 

@@ -1,16 +1,20 @@
 """What the search service does, apart from HTTP (that is `app.py`): decode uploads within
 limits, embed them in dynamic batches, search the current index, update it live.
 
+    embedder = Embedder.load(model_dir, batch_size=32)      # 32: the largest batch
     service = SearchService(embedder, IndexStore("I.npz"), SearchSettings(top_k=10))
-    await service.start()           # compiles every batch size, starts the batch worker
-    document = await service.search(image_bytes, k=5)
+    service.compile()               # every batch size and the search, before serving
+    await service.start()           # the batch worker and the index-file watcher
+    images = await service.images(request)                  # [(decoded image, name)]
+    document = await service.search(images[0][0], k=5)
     await service.stop()
 
 Batches. `/search` and `/embed` requests become jobs of one `Batcher`: up to `max_batch`
 images embedded in one call of the `Embedder`, whose batches are padded to sizes 1, 2, 4,
-..., max_batch (all compiled in `start`), then the batch's queries searched in one call
-padded to `max_batch` rows (compiled in `start` and after every update for the default k).
-A request's answer is the one it would get alone: each image is embedded and searched
+..., max_batch, then the batch's queries searched in one call padded to `max_batch` rows.
+`compile` compiles all of these before serving, and the search again after every update
+(for the default k), so requests do not wait for compilation. A request's answer is the
+one it would get alone, up to float rounding: each image is embedded and searched
 independently of the others in its batch (only padding is added), and the top-k of a
 search for k' >= k starts with the top-k.
 """
@@ -44,7 +48,6 @@ class SearchSettings:
 
     Attributes:
       top_k: matches per search unless the request asks (?k=N).
-      max_batch: the most images per model call (1: no batching).
       batch_wait_seconds: how long a batch waits for more requests.
       max_decodes: images decoded at once (each holds up to max_pixels x 3 bytes twice).
       limits: what one request may send.
@@ -53,7 +56,6 @@ class SearchSettings:
     """
 
     top_k: int = 10
-    max_batch: int = 32
     batch_wait_seconds: float = 0.005
     max_decodes: int = 2
     limits: UploadLimits = UploadLimits()
@@ -77,8 +79,8 @@ class SearchService:
     """Embedding, searching and updating for the HTTP routes (see the module docstring).
 
     Args:
-      embedder: a `ctl_jax.Embedder`; its batch size is the largest batch (load it with
-        `batch_size=settings.max_batch`).
+      embedder: a `ctl_jax.Embedder`; its batch size is the most images per model call
+        (`Embedder.load(..., batch_size=max_batch)`; 1: no batching).
       store: the `IndexStore` of the index file, of the embedder's width.
       settings: `SearchSettings`.
       metrics: a `metrics.ServiceMetrics` or None.
