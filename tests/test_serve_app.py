@@ -467,3 +467,33 @@ def test_at_most_max_decodes_images_decode_at_once(gallery, tmp_path, monkeypatc
             answers = list(pool.map(embed, range(6)))
     assert all(a.status_code == 200 for a in answers)
     assert most[0] == 2
+
+
+def test_live_updates_of_a_faiss_index_leave_the_served_one_untouched(gallery, tmp_path):
+    """faiss changes an index in place: the update works on a copy, so the index searches
+    were using is never modified."""
+    pytest.importorskip("faiss")
+    index_path = tmp_path / "flat.npz"
+    ctl_jax.Index.build(gallery["embeddings"], kind="instance", method="flat").save(index_path)
+    with client(gallery, tmp_path, index=index_path) as (http, service):
+        before = service.store.index
+        answer = http.post(
+            "/identities?label=erin",
+            content=read(gallery["extra"][0]),
+            headers={"content-type": "image/png"},
+        )
+        assert answer.json()["items"] == 9
+        assert http.delete("/identities/bob").json()["items"] == 7
+        # The index searches held before: still the 8 gallery images, each finding itself.
+        _, rows = before.search_rows(gallery["embeddings"].embeddings, 1)
+        assert len(before) == 8 and rows[:, 0].tolist() == list(range(8))
+    saved = ctl_jax.Index.load(tmp_path / "index.npz")
+    assert sorted(saved.labels.tolist()) == [
+        "alice",
+        "alice",
+        "carol",
+        "carol",
+        "dave",
+        "dave",
+        "erin",
+    ]
