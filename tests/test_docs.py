@@ -178,7 +178,7 @@ def test_readme_quickstart_runs_as_written(tmp_path):
 
 def test_readme_names_pages_that_exist():
     readme = (REPO / "README.md").read_text()
-    named = set(re.findall(r"`(docs/[\w./-]+)`", readme))
+    named = set(re.findall(r"\]\((docs/[\w./-]+)\)", readme))
     assert len(named) >= 10
     for page in named:
         assert (REPO / page).is_file(), page
