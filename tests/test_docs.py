@@ -69,11 +69,11 @@ SIZE = {
 }
 
 
-def readme_blocks() -> list[tuple[str, list[list[str]]]]:
-    """(marker, commands) of each marked block; a command is its argv, continuation lines
-    joined and comments dropped."""
+def readme_blocks(page: str = "README.md") -> list[tuple[str, list[list[str]]]]:
+    """(marker, commands) of each marked block of `page`; a command is its argv,
+    continuation lines joined and comments dropped."""
     blocks = []
-    for kind, body in MARKER.findall((REPO / "README.md").read_text()):
+    for kind, body in MARKER.findall((REPO / page).read_text()):
         text = re.sub(r"\\\n\s*", " ", body)
         lines = [line for line in text.splitlines() if line.strip()]
         commands = [shlex.split(line) for line in lines if not line.startswith("#")]
@@ -174,6 +174,11 @@ def test_readme_quickstart_runs_as_written(tmp_path):
         assert result["matches"] and {m["label"] for m in result["matches"]} <= identities
     assert len(list((tmp_path / "ranked").glob("*.png"))) == num_queries
     assert answer["queries"][0]["matches"][0]["label"] in identities
+
+
+def test_getting_started_shows_the_readme_quick_start():
+    """The site's Getting started page repeats the README's quick start: the same blocks."""
+    assert readme_blocks("docs/getting-started.md") == readme_blocks()
 
 
 def test_readme_names_pages_that_exist():
