@@ -216,3 +216,15 @@ def test_accelerator_extras_pin_the_cpu_jax_version():
     # The docs extra is part of the test extra (make test builds the site).
     test_extra = set(extras["test"].split())
     assert set(extras["docs"].split()) <= test_extra
+
+
+def test_benchmarks_readme_has_one_row_per_script():
+    """benchmarks/README.md: a row for every script and a mention of every helper, so a new
+    benchmark cannot go unlisted."""
+    text = (REPO / "benchmarks" / "README.md").read_text()
+    rows = re.findall(r"^\| `(\w+)\.py` \|", text, re.M)
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"__init__"}
+    helpers = {"common", "tasks", "torch_reference"}
+    assert sorted(rows) == sorted(scripts - helpers)
+    for helper in helpers:
+        assert f"`{helper}.py`" in text
