@@ -18,6 +18,11 @@ repository root), with these appended for size, and nothing else changed:
   line, with k=3), and stops on SIGTERM.
 Before the "your own images" block the test fills `photos/gallery/<identity>/` and
 `photos/queries/` with images of the generated set, as the README asks the user to.
+
+The Market-1501 and original-weights quick starts are not marked: they need the dataset and
+downloaded weights, which CI does not have. Their steps are covered apart (conversion:
+tests/test_convert.py; evaluating a checkpoint: tests/test_cli.py), and docs/reproduce.md
+gives a synthetic-scale run of the original-weights commands.
 """
 
 from __future__ import annotations
