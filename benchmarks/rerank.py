@@ -224,7 +224,7 @@ def main():
                 difference = np.abs(ours - theirs)
                 entry["max_abs_distance_difference"] = float(difference.max())
                 # Entries apart by more than float rounding: where the two orders of a
-                # near-tied pair of neighbours differ (see the README).
+                # near-tied pair of neighbours differ (docs/evaluation.md, 'Re-ranking at scale').
                 entry["distances_differing_over_1e-4"] = int((difference > 1e-4).sum())
                 entry["distances"] = int(difference.size)
                 del difference

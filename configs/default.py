@@ -38,10 +38,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder, msmt17,
     # cuhk03_detected, cuhk03_labeled, veri776, roxford5k, rparis6k, holidays, gldv2, sop,
-    # inshop (the last ten read `root` as their unpacked download; see data/README.md).
+    # inshop (the last ten read `root` as their unpacked download; see docs/datasets.md).
     data.name = "synthetic"
-    # Folder holding the dataset (for market1501/dukemtmc: the folder *containing*
-    # market1501/ or DukeMTMC-reID/; for synthetic: the dataset folder itself).
+    # Folder holding the dataset, relative to the folder the command runs from (for
+    # market1501/dukemtmc: the folder *containing* market1501/ or DukeMTMC-reID/; for
+    # synthetic: the dataset folder itself).
     data.root = "data/synthetic_reid"
     # "folder": read images straight from the dataset folders; "tfds": read a prepared
     # TensorFlow Datasets build from `tfds_data_dir`.

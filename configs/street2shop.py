@@ -1,7 +1,7 @@
 """Street2Shop fashion retrieval. Variants: `:large` (default, CTL-L-R50IBN: ResNet-50-IBN-a,
 320x320, P12 x M4) and `:small` (CTL-S-R50: ResNet-50, 256x128, P16 x M4); Adam 1e-4.
 
-Expects COCO-style JSON files (see README) under `data.root`; images pre-cropped to the
+Expects COCO-style JSON files (docs/datasets.md) under `data.root`; images pre-cropped to the
 input size.
 """
 
