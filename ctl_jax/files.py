@@ -1,14 +1,30 @@
-"""Writing user-facing output files safely: never over an existing file unless asked, and
-atomically (a crash leaves the old file or none, never half a file)."""
+"""Writing user-facing output files safely: never over an existing file unless asked,
+atomically (a crash leaves the old file or none, never half a file), and with a one-line
+error when the output cannot be written.
+
+Every writer goes through here: `atomic_open` for files, `make_folder` for folders, both
+inside `writing`, which turns an `OSError` (no permission, a parent that is a file, a full
+disk) into `UnwritableOutputError`: `cannot write <path>: <reason>`, exit 1 on the command
+line. One place for it, so no command prints a traceback for an unwritable output.
+
+Temporary files. `atomic_open` writes `.<name>.<pid>.<random>.tmp` next to the target and
+renames it over the target when complete. A writer killed before the rename (kill -9, out of
+memory, a power cut) leaves its temporary file; the next write of the same target removes
+every temporary file of that target whose process no longer runs on this host. Only names of
+exactly that pattern are ever removed, so nothing a user wrote is touched. (Temporary files
+written by ctl_jax before the pid was part of the name, `.<name>.<random>.tmp`, are left
+alone: delete them by hand once no write is running.)
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import pathlib
+import re
 import tempfile
 
-from ctl_jax.errors import FileContentError, OutputExistsError
+from ctl_jax.errors import FileContentError, OutputExistsError, UnwritableOutputError, UserError
 
 
 def refuse_overwrite(path: str | os.PathLike, overwrite: bool, flag: str = "--output"):
@@ -24,26 +40,117 @@ def refuse_overwrite(path: str | os.PathLike, overwrite: bool, flag: str = "--ou
     return path
 
 
+def _reason(error: OSError, path: pathlib.Path) -> str:
+    """Why writing `path` failed, in words: a parent that is a file is named as such."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    reason = error.strerror or str(error) or type(error).__name__
+    named = error.filename
+    if named is not None and os.fspath(named) not in (os.fspath(path), ""):
+        reason += f" ({os.fspath(named)})"
+    return reason
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Turns an `OSError` raised in the block into `UnwritableOutputError` naming `path`.
+
+    A `UserError` (also those that are OSErrors, such as `OutputExistsError` or an unreadable
+    input image) passes unchanged: it already says what is wrong.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as e:
+        path = pathlib.Path(path)
+        raise UnwritableOutputError(f"cannot write {path}: {_reason(e, path)}") from e
+
+
+def make_folder(path: str | os.PathLike) -> pathlib.Path:
+    """Creates the folder `path` and its parents (fine if it exists); returns it as a Path.
+
+    Raises:
+      UnwritableOutputError: it cannot be created (e.g. a parent is a file).
+    """
+    path = pathlib.Path(path)
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    """`.<name>.<pid>.<random>.tmp`, the temporary files of `atomic_open` (mkstemp's random
+    part is 8 characters of [a-z0-9_])."""
+    return re.compile(rf"\.{re.escape(name)}\.(\d+)\.[a-z0-9_]{{8}}\.tmp")
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
+    """Removes the temporary files that interrupted writes of `path` left beside it (those
+    of processes that no longer run); returns what was removed."""
+    path = pathlib.Path(path)
+    pattern = _temp_pattern(path.name)
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _running(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another writer removed it first
+            os.unlink(entry.path)
+            removed.append(pathlib.Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     """Opens a temporary file next to `path`; on success it is synced and renamed over `path`.
 
-    Usage: `with atomic_open(path) as f: np.savez(f, ...)`. Parent folders are created.
+    Usage: `with atomic_open(path) as f: np.savez(f, ...)`. Parent folders are created, the
+    temporary files of earlier interrupted writes of `path` removed (module docstring).
+
+    Raises:
+      UnwritableOutputError: the file cannot be written (no permission, a parent that is a
+        file, a full disk); the temporary file is removed.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary user files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+        )
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary user files
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def require_numpy_file(path: pathlib.Path, what: str) -> None:

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from ctl_jax.errors import NotAFolderError, OutputExistsError
+from ctl_jax.files import make_folder
 from ctl_jax.retrieval.gallery import GalleryItems
 from ctl_jax.retrieval.labels import UNKNOWN, labels_from_pids
 
@@ -159,7 +160,7 @@ def write_strips(
             f"{len(existing)} result picture(s) already exist in {directory} (e.g. "
             f"{existing[0].name}); pass --overwrite or choose another --visualize folder"
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    make_folder(directory)
     centroids = items.kind == "centroid"
     bar = tqdm(range(len(files)), desc="drawing", unit="query", disable=not progress)
     if query_labels is None:
