@@ -23,6 +23,7 @@ import os
 import pathlib
 import re
 import tempfile
+from collections.abc import Iterable
 
 from ctl_jax.errors import FileContentError, OutputExistsError, UnwritableOutputError, UserError
 
@@ -40,9 +41,10 @@ def refuse_overwrite(path: str | os.PathLike, overwrite: bool, flag: str = "--ou
     return path
 
 
-def _reason(error: OSError, path: pathlib.Path) -> str:
-    """Why writing `path` failed, in words: a parent that is a file is named as such."""
-    for parent in path.parents:
+def _reason(error: OSError, path: pathlib.Path, folder: bool = False) -> str:
+    """Why writing `path` (a `folder`, else a file) failed, in words: a parent that is a
+    file (or the folder itself) is named as such."""
+    for parent in [path, *path.parents] if folder else path.parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
                 return f"{parent} is a file, not a folder"
@@ -55,8 +57,9 @@ def _reason(error: OSError, path: pathlib.Path) -> str:
 
 
 @contextlib.contextmanager
-def writing(path: str | os.PathLike):
-    """Turns an `OSError` raised in the block into `UnwritableOutputError` naming `path`.
+def writing(path: str | os.PathLike, folder: bool = False, output: str | os.PathLike = ""):
+    """Turns an `OSError` raised in the block into `UnwritableOutputError` naming `path` (a
+    `folder` to create, else a file), or `output` when given (the file `path` is made for).
 
     A `UserError` (also those that are OSErrors, such as `OutputExistsError` or an unreadable
     input image) passes unchanged: it already says what is wrong.
@@ -67,25 +70,26 @@ def writing(path: str | os.PathLike):
         raise
     except OSError as e:
         path = pathlib.Path(path)
-        raise UnwritableOutputError(f"cannot write {path}: {_reason(e, path)}") from e
+        reason = _reason(e, path, folder)
+        raise UnwritableOutputError(f"cannot write {output or path}: {reason}") from e
 
 
-def make_folder(path: str | os.PathLike) -> pathlib.Path:
+def make_folder(path: str | os.PathLike, output: str | os.PathLike = "") -> pathlib.Path:
     """Creates the folder `path` and its parents (fine if it exists); returns it as a Path.
 
     Raises:
-      UnwritableOutputError: it cannot be created (e.g. a parent is a file).
+      UnwritableOutputError: it cannot be created (e.g. a parent is a file); the message
+        names `output` when given (the file the folder is made for), else `path`.
     """
     path = pathlib.Path(path)
-    with writing(path):
+    with writing(path, folder=True, output=output):
         path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _temp_pattern(name: str) -> re.Pattern:
-    """`.<name>.<pid>.<random>.tmp`, the temporary files of `atomic_open` (mkstemp's random
-    part is 8 characters of [a-z0-9_])."""
-    return re.compile(rf"\.{re.escape(name)}\.(\d+)\.[a-z0-9_]{{8}}\.tmp")
+# `.<name>.<pid>.<random>.tmp`, the temporary files of `atomic_open` (mkstemp's random part
+# is 8 characters of [a-z0-9_]); the fixed end makes the split into name and pid unique.
+_TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.[a-z0-9_]{8}\.tmp")
 
 
 def _running(pid: int) -> bool:
@@ -99,21 +103,23 @@ def _running(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
-    """Removes the temporary files that interrupted writes of `path` left beside it (those
-    of processes that no longer run); returns what was removed."""
-    path = pathlib.Path(path)
-    pattern = _temp_pattern(path.name)
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[pathlib.Path]:
+    """Removes the temporary files that interrupted `atomic_open` writes of the files
+    `names` in `folder` left there (those of processes that no longer run on this host);
+    returns what was removed. One scan of the folder, whatever the number of names."""
+    names = set(names)
     removed = []
     try:
-        entries = list(os.scandir(path.parent))
+        entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match is None or not entry.is_file(follow_symlinks=False):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or match.group(1) not in names:
             continue
-        pid = int(match.group(1))
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(match.group(2))
         if pid == os.getpid() or _running(pid):
             continue
         with contextlib.suppress(FileNotFoundError):  # another writer removed it first
@@ -123,11 +129,13 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb"):
+def atomic_open(path: str | os.PathLike, mode: str = "wb", clean: bool = True):
     """Opens a temporary file next to `path`; on success it is synced and renamed over `path`.
 
-    Usage: `with atomic_open(path) as f: np.savez(f, ...)`. Parent folders are created, the
-    temporary files of earlier interrupted writes of `path` removed (module docstring).
+    Usage: `with atomic_open(path) as f: np.savez(f, ...)`. Parent folders are created, and
+    with `clean` the temporary files of earlier interrupted writes of `path` removed (module
+    docstring; a writer of many files in one folder calls `remove_stale_temporaries` once
+    for all and passes clean=False).
 
     Raises:
       UnwritableOutputError: the file cannot be written (no permission, a parent that is a
@@ -136,7 +144,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     path = pathlib.Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
+        if clean:
+            remove_stale_temporaries(path.parent, [path.name])
         fd, tmp = tempfile.mkstemp(
             prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
         )

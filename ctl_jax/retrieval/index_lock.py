@@ -19,6 +19,7 @@ import os
 import pathlib
 from collections.abc import Callable, Iterator
 
+from ctl_jax import files
 from ctl_jax.errors import IndexInUseError
 from ctl_jax.file_lock import LockHeld, exclusive_lock
 
@@ -57,6 +58,8 @@ def index_lock(
       IndexInUseError: another process still holds the lock after `wait_seconds`.
       UnwritableOutputError: the lock file cannot be created beside the index.
     """
+    # Named after the index: the lock file is ours, the place is the user's.
+    files.make_folder(pathlib.Path(index_path).parent, output=index_path)
     with contextlib.ExitStack() as stack:
         try:
             lock = stack.enter_context(
