@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from test_cli import REPO, assert_one_line_error, run
 
 import ctl_jax
@@ -233,3 +234,33 @@ def test_search_messages_bad_min_score_and_empty_index(tmp_path):
     empty = search(*base, "--remove=a,b")
     assert_one_line_error(empty, "the gallery index is empty")
     assert "top_k <=" not in empty.stderr
+
+
+def test_searching_one_image_prints_its_matches_and_no_identity_summary(tmp_path):
+    """The issue's case: one query image, no --output: its top matches on the terminal, and
+    no 'identities from folder names: 0 of 1 image(s)' line for a query without identity."""
+    from PIL import Image
+    from tiny_model import random_images, save_random_model
+
+    model_dir = tmp_path / "model"
+    save_random_model(model_dir)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, pixels in enumerate(random_images(3, 32, 16, seed=1)):
+        Image.fromarray(pixels).save(folder / f"photo{i}.png")
+    gallery = tmp_path / "g.npz"
+    done = run(
+        "ctl_jax.embed", f"--checkpoint={model_dir}", f"--images={folder}", f"--output={gallery}"
+    )
+    assert done.returncode == 0, done.stderr
+    query = folder / "photo1.png"
+    done = search(
+        f"--gallery={gallery}", f"--images={query}", f"--checkpoint={model_dir}", "--top_k=2"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "identities" not in done.stdout
+    lines = done.stdout.splitlines()
+    start = lines.index(f"query 1/1: {query.resolve()}")
+    first = lines[start + 2].split()
+    assert first[0] == "1" and first[3] == str(query.resolve())
+    assert float(first[1]) == pytest.approx(1.0, abs=1e-4)
