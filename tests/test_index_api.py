@@ -3,6 +3,8 @@ one-line errors that leave the index and its file untouched; old index files sti
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -227,6 +229,17 @@ def test_adding_images_the_index_holds_is_refused_and_changes_nothing(kind, tmp_
     load); an image listed twice is refused too; removing the identity first allows it."""
     index = ctl_jax.Index.build(OLD, kind=kind)
     path = index.save(tmp_path / "index.npz")
+    if kind == "centroid":  # the member keys of docs/formats.md, computed independently
+        with np.load(path) as data:
+            got = sorted(zip(data["member_keys"].tolist(), data["member_pids"].tolist()))
+        pid_of = dict(zip(index.labels.tolist(), index.items.pids.tolist()))
+        digest = lambda p: hashlib.blake2b(p.encode(), digest_size=8).digest()  # noqa: E731
+        want = [
+            (int.from_bytes(digest(p), "little"), pid_of[label])
+            for p, label in zip(OLD.paths.tolist(), OLD.labels.tolist())
+            if label
+        ]
+        assert got == sorted(want)
     index = ctl_jax.Index.load(path)
     labels, counts = index.labels.copy(), index.items.counts.copy()
     known = OLD.labels != ""

@@ -25,9 +25,10 @@ Index file (`.npz`, read with allow_pickle=False):
   labels (N,) str: identity names, "" where unknown (version 2);
   sums (N, D) float64: centroid indexes only, each identity's sum of un-normalised
     embeddings, which lets `Index.add` update a centroid exactly (version 2);
-  member_paths (M,) str and member_labels (M,) str: centroid indexes only, the images behind
-    the centroids and their labels, which let `Index.add` refuse an image it already holds
-    (optional: files written before lack them and skip that check);
+  member_keys (M,) uint64 and member_pids (M,) int64: centroid indexes only, a 64-bit
+    BLAKE2b key of the path of each image behind the centroids and its identity's pid, which
+    let `Index.add` refuse an image it already holds (optional: files written before lack
+    them and skip that check);
   source: str, the embeddings file the gallery came from;
   vectors (N, D) float32, L2-normalised (method "exact");
   faiss_index (B,) uint8, the serialised faiss index, and params: JSON str of its build and
@@ -248,8 +249,8 @@ def save_index(
     if sums is not None:
         arrays["sums"] = np.asarray(sums, np.float64)
     if members is not None:
-        arrays["member_paths"] = np.asarray(members[0]).astype(str)
-        arrays["member_labels"] = np.asarray(members[1]).astype(str)
+        arrays["member_keys"] = np.asarray(members[0], np.uint64)
+        arrays["member_pids"] = np.asarray(members[1], np.int64)
     if index.method == "exact":
         arrays["vectors"] = index.vectors
     else:
@@ -271,7 +272,7 @@ def read_index(
     path: str | os.PathLike, search_params: dict | None = None
 ) -> tuple[SearchIndex, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
     """Reads an index written by `save_index`: (the index, its centroid sums or None, its
-    centroid member (paths, labels) or None).
+    centroid member (path keys, pids) or None).
 
     Args:
       path: the index file.
@@ -335,10 +336,13 @@ def read_index(
             if sums is not None and (sums.ndim != 2 or len(sums) != len(items)):
                 raise ValueError(f"'sums' has shape {sums.shape} for {len(items)} items")
             members = None
-            if "member_paths" in data.files and "member_labels" in data.files:
-                members = (data["member_paths"].astype(str), data["member_labels"].astype(str))
+            if "member_keys" in data.files and "member_pids" in data.files:
+                members = (
+                    data["member_keys"].astype(np.uint64),
+                    data["member_pids"].astype(np.int64),
+                )
                 if members[0].shape != members[1].shape or members[0].ndim != 1:
-                    raise ValueError("'member_paths' and 'member_labels' differ in shape")
+                    raise ValueError("'member_keys' and 'member_pids' differ in shape")
             if method == "exact":
                 return ExactIndex(items, data["vectors"]), sums, members
             blob, params = data["faiss_index"], json.loads(str(data["params"]))

@@ -23,15 +23,17 @@ rows. Identities are keyed by label, and an identity keeps its pid across update
 identities get new numbers (`_numbered`), so a pid in earlier results never names another
 identity of the same index. A rebuild may number them differently (`labels.pids_for_labels`):
 across indexes, only the label is the key. Images are keyed by path: adding one the index
-already holds is refused (a centroid index keeps the paths and labels of its member images for
-that). faiss indexes are changed with faiss's own add / remove (`approximate.add_rows`,
-`remove_rows`): every method can add, HNSW cannot remove (nor change an existing centroid,
-which is a removal and an addition). A change is checked completely before anything is
-modified, so a failed call leaves the index as it was."""
+already holds is refused (a centroid index keeps a 64-bit key of each member image's path and
+its pid for that, `path_keys`). faiss indexes are changed with faiss's own add / remove
+(`approximate.add_rows`, `remove_rows`): every method can add, HNSW cannot remove (nor change
+an existing centroid, which is a removal and an addition). A change is checked completely
+before anything is modified, so a failed call leaves the index as it was.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Sequence
 
@@ -84,12 +86,22 @@ def _numbered(items: GalleryItems, before: GalleryItems) -> GalleryItems:
     return dataclasses.replace(items, pids=pids.reshape(len(items)))
 
 
-def _duplicates(paths: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the distinct non-empty paths of `paths` that `held` has, those `paths` lists twice
-    that `held` has not)."""
+def path_keys(paths: np.ndarray) -> np.ndarray:
+    """(N,) uint64 keys of (N,) str image paths: a 64-bit BLAKE2b digest of each. A centroid
+    index keeps these for its member images rather than the paths (8 bytes an image, not 4
+    a character); two of a million paths share a key with probability about 3e-8."""
+    digests = b"".join(
+        hashlib.blake2b(str(p).encode(), digest_size=8).digest() for p in np.asarray(paths)
+    )
+    return np.frombuffer(digests, "<u8").astype(np.uint64)
+
+
+def _duplicates(paths: np.ndarray, held_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct non-empty paths of `paths` whose key `held_keys` has, those `paths`
+    lists twice that are not held)."""
     paths = paths[paths != ""]
     distinct, counts = np.unique(paths, return_counts=True)
-    in_held = np.isin(distinct, held)
+    in_held = np.isin(path_keys(distinct), held_keys)
     return distinct[in_held], distinct[(counts > 1) & ~in_held]
 
 
@@ -110,8 +122,9 @@ class Index:
     ):
         """Wraps an `ExactIndex` or `approximate.FaissIndex`; `sums` (K, D) float64 are the
         per-identity sums of a centroid index (None: it cannot be updated by `add`);
-        `members` (paths (M,) str, labels (M,) str) the images behind a centroid index's
-        identities (None: `add` cannot tell images it already holds). Use `build` or `load`
+        `members` (keys (M,) uint64 of their paths, see `path_keys`; pids (M,) int64) the
+        images behind a centroid index's identities (None: `add` cannot tell images it
+        already holds). Use `build` or `load`
         rather than this."""
         self._searcher = searcher
         self._sums = sums
@@ -161,7 +174,9 @@ class Index:
         if kind == "centroid":
             items, sums, vectors, _ = centroid_gallery(embeddings, source)
             known = embeddings.labels != UNKNOWN
-            members = (embeddings.paths[known], embeddings.labels[known])
+            pid_of = dict(zip(items.labels.tolist(), items.pids.tolist()))
+            member_pids = [pid_of[label] for label in embeddings.labels[known].tolist()]
+            members = (path_keys(embeddings.paths[known]), np.asarray(member_pids, np.int64))
         else:
             items, vectors, _ = gallery_vectors(embeddings, False, source)
         if method == "exact":
@@ -212,19 +227,19 @@ class Index:
 
     @property
     def nbytes(self) -> int:
-        return self._searcher.nbytes + (0 if self._sums is None else self._sums.nbytes)
+        members = 0 if self._members is None else sum(a.nbytes for a in self._members)
+        return self._searcher.nbytes + (0 if self._sums is None else self._sums.nbytes) + members
 
     @property
     def labels(self) -> np.ndarray:
         """(N,) str label of each item ("" where unknown)."""
         return self.items.labels
 
-    @property
-    def image_paths(self) -> np.ndarray | None:
-        """(M,) str paths of the images the index holds (for a centroid index, those behind
-        its centroids); None for a centroid index from a file written before they were kept."""
+    def _held_keys(self) -> np.ndarray | None:
+        """(M,) uint64 `path_keys` of the images the index holds (for a centroid index, those
+        behind its centroids); None for a centroid index from a file without them."""
         if self.kind == "instance":
-            return self.items.paths
+            return path_keys(self.items.paths[self.items.paths != ""])
         return None if self._members is None else self._members[0]
 
     @property
@@ -305,7 +320,7 @@ class Index:
                 f"{name} have dimension {embeddings.dim} but the index has {self.dim}; "
                 "embed them with the model the index was built with"
             )
-        held = self.image_paths
+        held = self._held_keys()
         if held is not None:
             counted = embeddings.paths
             if self.kind == "centroid":  # images of unknown identity are not added
@@ -345,9 +360,10 @@ class Index:
                 f"holds {len(held):,} identities ({shown})"
             )
         rows = np.flatnonzero(np.isin(self.labels, wanted))
+        removed_pids = self.items.pids[rows]
         self._remove_rows(rows)
         if self._members is not None:
-            stay = ~np.isin(self._members[1], wanted)
+            stay = ~np.isin(self._members[1], removed_pids)
             self._members = (self._members[0][stay], self._members[1][stay])
 
     # --- internals ----------------------------------------------------------------------
@@ -407,10 +423,12 @@ class Index:
             sums = np.concatenate([sums, fresh_sums])
         items = _numbered(items, self.items)
         members = self._members
-        if members is not None:
+        if members is not None:  # the pids are stable (`_numbered`): they key the members
+            pid_of = dict(zip(items.labels.tolist(), items.pids.tolist()))
+            member_pids = [pid_of[label] for label in embeddings.labels.tolist()]
             members = (
-                np.concatenate([members[0], embeddings.paths]),
-                np.concatenate([members[1], embeddings.labels]),
+                np.concatenate([members[0], path_keys(embeddings.paths)]),
+                np.concatenate([members[1], np.asarray(member_pids, np.int64)]),
             )
         if self.method == "exact":
             self._replace(items, centroid_vectors(sums, items.counts), sums)
