@@ -101,7 +101,14 @@ def _duplicates(paths: np.ndarray, held_keys: np.ndarray) -> tuple[np.ndarray, n
     lists twice that are not held)."""
     paths = paths[paths != ""]
     distinct, counts = np.unique(paths, return_counts=True)
-    in_held = np.isin(path_keys(distinct), held_keys)
+    keys = path_keys(distinct)
+    # Sorted keys and a binary search: np.isin took 3-4 s for 1,000 keys against 1M uint64
+    # (numpy 2, under load), this 30-40 ms.
+    held = np.sort(np.asarray(held_keys, np.uint64))
+    in_held = np.zeros(len(keys), bool)
+    if len(held):
+        at = np.minimum(np.searchsorted(held, keys), len(held) - 1)
+        in_held = held[at] == keys
     return distinct[in_held], distinct[(counts > 1) & ~in_held]
 
 
