@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ctl_jax import configs as config_lib
-from ctl_jax import parallel
+from ctl_jax import files, parallel
 from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.checkpoints.store import warn_on_stderr
@@ -78,9 +78,8 @@ def save_config(config, workdir: pathlib.Path) -> None:
     """Writes `<workdir>/config.json` (process 0), atomically."""
     if jax.process_index() == 0:
         saved_path = workdir / "config.json"
-        tmp = saved_path.with_suffix(".json.tmp")
-        tmp.write_text(config_lib.config_to_json(config))
-        tmp.replace(saved_path)
+        with files.atomic_open(saved_path, "w") as f:
+            f.write(config_lib.config_to_json(config))
 
 
 @contextlib.contextmanager
@@ -142,7 +141,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
     warn = warn_on_stderr
     if jax.process_index() != 0:  # in a multi-process run, process 0 speaks for all
         log = warn = _silent
-    workdir.mkdir(parents=True, exist_ok=True)
+    files.make_folder(workdir)
     # Nothing is written into the work directory before the checkpoint to resume from has
     # been read: a failed resume leaves the run as it was.
     check_workdir(config, workdir)
