@@ -170,6 +170,7 @@ def read_revisited(
         protocols=("revisited",),
         ground_truth=gt,
         image_edits={"query": ImageEdits(boxes=gt.boxes)},
+        has_cameras=False,
     )
 
 
@@ -246,6 +247,7 @@ def read_holidays(root: str | os.PathLike, *, rotation_fix: str = "") -> Retriev
         gallery=gallery,
         protocols=("holidays", "recall_at_k"),
         image_edits=edits,
+        has_cameras=False,
     )
 
 
@@ -281,5 +283,10 @@ def read_gldv2(root: str | os.PathLike, *, check_files: bool = True) -> Retrieva
     pids = np.asarray(pids, np.int64)
     train = Split(np.asarray(paths, dtype=str), _relabel(pids), np.zeros(len(paths), np.int64))
     return RetrievalDataset(
-        name="gldv2", train=train, query=Split.empty(), gallery=Split.empty(), protocols=()
+        name="gldv2",
+        train=train,
+        query=Split.empty(),
+        gallery=Split.empty(),
+        protocols=(),
+        has_cameras=False,
     )

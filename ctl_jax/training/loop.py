@@ -28,7 +28,7 @@ from ctl_jax.cpu.malloc import release_free_memory
 from ctl_jax.data import pipeline
 from ctl_jax.data.source import check_trainable, load_dataset
 from ctl_jax.errors import NonFiniteLossError, WorkdirMismatchError
-from ctl_jax.evaluator import Evaluator
+from ctl_jax.evaluator import Evaluator, resolve_evaluation
 from ctl_jax.models.reid import feature_dim
 from ctl_jax.training import ahead
 from ctl_jax.training.initialisation import init_train_state, with_init_checkpoint
@@ -146,8 +146,13 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
     # been read: a failed resume leaves the run as it was.
     check_workdir(config, workdir)
     dataset, readers = load_dataset(config.data)
+    # "auto" evaluation modes and monitor follow the data (its cameras, its protocol); from
+    # here on, config.json and the checkpoints' meta hold what is used.
+    config, evaluation_line = resolve_evaluation(config, dataset)
     check_trainable(dataset, evaluates=bool(config.eval.modes))
     log(dataset.statistics_table())
+    if evaluation_line:
+        log(evaluation_line)
     num_classes = dataset.num_classes
 
     mesh = parallel.make_mesh()
