@@ -289,3 +289,26 @@ def test_folder_labels():
     labels = identity_labels(np.full(3, -1), paths, "folders")
     assert labels[0] == labels[2] != labels[1]
     assert identity_labels(np.array([4, -1, 4]), paths, "pids").tolist() == [4, -1, 4]
+
+
+def test_folder_labels_take_the_first_folder_under_the_root():
+    from ctl_jax.retrieval.whitening import identity_labels
+
+    paths = np.asarray(
+        [
+            "/d/train/alice/2019/1.jpg",
+            "/d/train/bob/2019/2.jpg",
+            "/d/train/alice/3.jpg",
+            "/d/train/bob/2020/x/4.jpg",
+        ]
+    )
+    for root in (None, "/d/train"):  # the shared folder is the root by default
+        labels = identity_labels(np.full(4, -1), paths, "folders", root)
+        assert labels[0] == labels[2] != labels[1] == labels[3]
+        assert (labels >= 0).all()
+    # With a root above the identity folders the first folder is "train" for all; an image
+    # directly in the root has no identity (-1).
+    assert len(set(identity_labels(np.full(4, -1), paths, "folders", "/d").tolist())) == 1
+    with_loose = np.append(paths, "/d/train/5.jpg")
+    labels = identity_labels(np.full(5, -1), with_loose, "folders")
+    assert labels[4] == -1 and labels[0] == labels[2] != labels[1] == labels[3] >= 0
