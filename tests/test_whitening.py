@@ -6,6 +6,8 @@ rotation by the principal directions of the whitened data)."""
 
 import json
 import pathlib
+import pickle
+import re
 
 import numpy as np
 import pytest
@@ -167,8 +169,22 @@ def test_file_round_trip_and_bad_files(tmp_path):
     with pytest.raises(FileContentError, match="is not a whitening file"):
         whitening.Whitening.load(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(FileContentError, match="not a readable .npz"):
+    with pytest.raises(FileContentError, match="junk.npz is not an .npz"):
         whitening.Whitening.load(tmp_path / "junk.npz")
+    # Never numpy's advice to load a pickle unsafely (allow_pickle), whatever the file.
+    (tmp_path / "pickled.npz").write_bytes(pickle.dumps({"mean": [1.0]}))
+    np.save(tmp_path / "single.npy", x)
+    np.savez(tmp_path / "objects.npz", mean=np.array([1.0, None], dtype=object))
+    for name, message in [
+        ("pickled.npz", "is not an .npz (not a zip archive)"),
+        ("single.npy", "holds a single array"),
+        ("objects.npz", "not a readable .npz"),
+    ]:
+        with pytest.raises(FileContentError, match=re.escape(message)) as raised:
+            whitening.Whitening.load(tmp_path / name)
+        text = str(raised.value)
+        assert name in text and "\n" not in text
+        assert "unsafe" not in text and "allow_pickle=`" not in text and "pickle.load" not in text
     with pytest.raises(MissingFileError, match="does not exist"):
         whitening.Whitening.load(tmp_path / "missing.npz")
     with pytest.raises(InvalidValueError, match="learned on 8-d embeddings but the embeddings"):

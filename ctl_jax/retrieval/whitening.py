@@ -118,10 +118,20 @@ class Whitening:
         path = pathlib.Path(path)
         if not path.is_file():
             raise MissingFileError(f"whitening file {path} does not exist")
+        # Not a zip/.npy: numpy would read it as a pickle and advise loading it unsafely.
+        files.require_numpy_file(path, "whitening file")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise FileContentError(
+                    f"whitening file {path} is not a readable .npz: it holds a single array, "
+                    "not the named arrays of python -m ctl_jax.whiten"
+                )
+            with data:
                 arrays = {k: data[k] for k in data.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError) as e:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            if isinstance(e, FileContentError):
+                raise
             raise FileContentError(f"whitening file {path} is not a readable .npz: {e}") from e
         if str(arrays.get("format", "")) != FORMAT:
             raise FileContentError(
