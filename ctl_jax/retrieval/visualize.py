@@ -17,9 +17,9 @@ import re
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
 from ctl_jax.errors import NotAFolderError, OutputExistsError
+from ctl_jax.progress import progress_bar
 from ctl_jax.retrieval.gallery import GalleryItems
 from ctl_jax.retrieval.labels import UNKNOWN, labels_from_pids
 
@@ -161,7 +161,7 @@ def write_strips(
         )
     directory.mkdir(parents=True, exist_ok=True)
     centroids = items.kind == "centroid"
-    bar = tqdm(range(len(files)), desc="drawing", unit="query", disable=not progress)
+    bar = progress_bar(range(len(files)), desc="drawing", unit="query", enabled=progress)
     if query_labels is None:
         query_labels = labels_from_pids(query_pids)
     query_labels = np.asarray(query_labels).astype(str)
