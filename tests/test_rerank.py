@@ -364,3 +364,19 @@ def test_evaluate_lowers_k1_above_the_gallery_with_a_note(capsys):
         want = reference_rerank(q_emb, gallery.embeddings, g, min(8, g), 0.3)
         labels = (q_pids, gallery.query_cams, gallery.pids, gallery.cam_masks)
         assert_metrics_close(got[mode], reference_metrics(want, *labels))
+
+
+def test_available_memory_reading(tmp_path):
+    from ctl_jax import memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 2048 kB\nMemFree: 1024 kB\nMemAvailable: 1536 kB\n")
+    assert memory.available_bytes(str(meminfo)) == 1536 * 1024
+    memory.require_memory(1536 * 1024, "x", "y", str(meminfo))  # fits exactly
+    with pytest.raises(OptionError, match=r"x needs about 0.0 GB of memory, .*: y$"):
+        memory.require_memory(1536 * 1024 + 1, "x", "y", str(meminfo))
+    # Without the field or the file (not Linux): nothing is known, nothing is refused.
+    meminfo.write_text("MemTotal: 2048 kB\n")
+    assert memory.available_bytes(str(meminfo)) is None
+    assert memory.available_bytes(str(tmp_path / "missing")) is None
+    memory.require_memory(10**18, "x", "y", str(tmp_path / "missing"))

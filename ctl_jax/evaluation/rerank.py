@@ -20,7 +20,13 @@ The reference builds the dense (N, N) distance, its argsort, V and its expansion
 N x N float matrices) and loops in Python over N. Here only each item's k1 + 1 nearest
 neighbours and its farthest similarity are computed (`neighbours.nearest_neighbours`:
 blocked, bounded memory), V is a sparse matrix of about N x |R*| entries, and every step is
-vectorised over chunks of rows. Memory is O(N k1^2 + Q G) instead of O(N^2).
+vectorised over chunks of rows. Reciprocity is a binary search among the sorted (i, j)
+neighbour keys (O(N k1) memory, where gathering every neighbour's own list took N k1^2),
+and the chunks of the expansion of R* and of V are bounded in entries, not rows, so their
+temporaries stay near a fixed size whatever k1. Memory is O(N k1 + |V| + Q G) instead of
+O(N^2); |V| is at most N x min(N, k1 (1 + k1 / 2)) and in practice far less. Before each
+step allocates, its memory is estimated (`ctl_jax.memory.require_memory`) and an estimate
+above the available memory is a one-line error.
 
 Differences from the reference, all in degenerate cases: d is clipped at 0 (rounding can
 make 2 - 2 cos slightly negative for an item and itself); a row whose items are all
@@ -266,8 +272,10 @@ def _reciprocal_weights(items, nn, k, k_half, row_max, what) -> _Sparse:
     # The candidates of row i: the members of R(c, k1/2) for each c in R(i, k1); their
     # count bounds both the work of a row and the size of R*(i).
     triples = np.bincount(r_rows, weights=h_len[r_cols], minlength=num).astype(np.int64)
+    # The loop keeps only each row's unique member keys (8 bytes, at most this bound); the
+    # rest of V is sized by the actual count once the loop is done.
     bound = np.minimum(np.diff(r_ptr) + triples, num)
-    require_memory(_V_BYTES_PER_ENTRY * int(bound.sum()), what, _ADVICE)
+    require_memory(8 * int(bound.sum()), what, _ADVICE)
     parts = []
     for s, e in _chunks(triples, _CHUNK_ENTRIES):
         p0, p1 = r_ptr[s], r_ptr[e]
@@ -286,6 +294,7 @@ def _reciprocal_weights(items, nn, k, k_half, row_max, what) -> _Sparse:
         del cand, pair_of
     keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     del parts
+    require_memory((_V_BYTES_PER_ENTRY - 8) * len(keys), what, _ADVICE)
     rows, cols = keys // num, keys % num
 
     # Most members are among the row's own neighbours, whose similarity is known: look
