@@ -328,3 +328,36 @@ def test_folder_labels_take_the_first_folder_under_the_root():
     with_loose = np.append(paths, "/d/train/5.jpg")
     labels = identity_labels(np.full(5, -1), with_loose, "folders")
     assert labels[4] == -1 and labels[0] == labels[2] != labels[1] == labels[3] >= 0
+
+
+def test_whiten_folder_labels_with_nested_folders(tmp_path):
+    # Every identity holds the same sub-folders: the old parent-folder rule merged all the
+    # identities into "sub0" and "sub1"; the first folder under the root keeps them apart.
+    x, labels = clustered(7, num_ids=20, per_id=6, dim=8)
+    root = tmp_path / "train"
+    paths = [
+        str(root / f"id{label}" / f"sub{i % 2}" / f"{i}.jpg") for i, label in enumerate(labels)
+    ]
+    unknown = np.full(len(x), -1, np.int64)
+    Embeddings(x, unknown, np.zeros(len(x), np.int64), np.asarray(paths)).save(tmp_path / "t.npz")
+    out = tmp_path / "w.npz"
+    common = [f"--embeddings={tmp_path / 't.npz'}", "--method=supervised", "--dim=6"]
+    done = run("ctl_jax.whiten", *common, f"--output={out}", "--labels=folders")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(
+        whitening.Whitening.load(out).projection,
+        whitening.learn_supervised(x, labels, dim=6).projection,
+        rtol=1e-5,
+    )
+    line = last_error_line(run("ctl_jax.whiten", *common, f"--output={out}.2", f"--images={root}"))
+    assert line == "error: --images needs --labels=folders"
+    line = last_error_line(
+        run(
+            "ctl_jax.whiten",
+            *common,
+            f"--output={out}.3",
+            "--labels=folders",
+            f"--images={root / 'id0' / 'sub0'}",
+        )
+    )
+    assert "--labels=folders: no image of" in line and "lies in a sub-folder of" in line
