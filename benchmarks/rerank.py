@@ -18,7 +18,7 @@ element-wise. Wall times (`seconds`) depend on what else runs on the machine; CP
 (`cpu_seconds`, `getrusage` user + system of the worker, all its threads) much less, and
 `speedup_cpu` compares those. Prints one JSON object.
 
-  python benchmarks/rerank.py [--sizes=2000x7000,3368x15913] [--dim=2048]
+  python -m benchmarks.rerank [--sizes=2000x7000,3368x15913] [--dim=2048]
       [--methods=ctl_jax,reference] [--k1=20] [--k2=6] [--lambda_value=0.3]
 """
 
@@ -35,6 +35,8 @@ import tempfile
 import time
 
 import numpy as np
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_reid(num_query, num_gallery, dim, seed=0, num_cams=6, latent=64):
@@ -142,7 +144,10 @@ def _rss_mb() -> float:
 def worker(method, num_query, num_gallery, dim, out_path, k1, k2, lam):
     """Runs one method on the synthetic data; writes its distances and prints JSON."""
     q, q_pids, q_cams, g, g_pids, g_cams = synthetic_reid(num_query, num_gallery, dim)
-    result = {"method": method, "baseline_rss_mb": round(_rss_mb(), 1)}
+    import ctl_jax  # which tree is measured (this repository's, see main)
+
+    result = {"method": method, "ctl_jax_tree": os.path.dirname(os.path.abspath(ctl_jax.__file__))}
+    result["baseline_rss_mb"] = round(_rss_mb(), 1)
     if method == "reference":
         from ctl_jax.evaluation.ranking import l2_normalize  # NumPy only, no JAX
 
@@ -213,10 +218,14 @@ def main():
             entry = {"num_query": num_query, "num_gallery": num_gallery}
             for method in methods:
                 out = os.path.join(tmp, f"{method}.npy")
+                # `-m` from the repository root: the worker imports this tree's ctl_jax
+                # (run as a file it would import whichever ctl_jax is installed).
                 done = subprocess.run(
-                    [sys.executable, __file__, f"--worker={method}", f"--out={out}"]
+                    [sys.executable, "-m", "benchmarks.rerank"]
+                    + [f"--worker={method}", f"--out={out}"]
                     + [f"--sizes={num_query}x{num_gallery}", f"--dim={args.dim}"]
                     + [f"--k1={args.k1}", f"--k2={args.k2}", f"--lambda_value={args.lambda_value}"],
+                    cwd=_REPO,
                     capture_output=True,
                     text=True,
                     check=False,
