@@ -310,7 +310,7 @@ class _Evil:
     "content, message",
     [
         ({**REVISITED_GND, "evil": _Evil()}, r"refused: it names (posix|os)\.system"),
-        ({**REVISITED_GND, "imlist": np.array(["a"])}, r"refused: it names numpy"),
+        ({**REVISITED_GND, "imlist": np.array(["a"])}, r"refused: it builds numpy.dtype\('U1'\)"),
         ({**REVISITED_GND, "imlist": {"all_souls_000000"}}, r"holds a set"),
         ({**REVISITED_GND, "gnd": REVISITED_GND["gnd"][:1]}, r"'gnd' is not a list of one entry"),
         (

@@ -75,6 +75,33 @@ def test_folder_per_identity_image_set(tmp_path):
     one_line_error(lambda: assign_identities(market, market_root, "names"))
 
 
+@pytest.mark.parametrize("mode", [None, "folder"])
+def test_nested_identity_folders_take_the_first_folder(tmp_path, mode):
+    # Same sub-folder names under different identities must not merge them, and one
+    # identity's images at mixed depths stay one identity.
+    root = tmp_path / "gallery"
+    names = ["alice/2019/a.jpg", "bob/2019/b.jpg", "alice/c.png", "bob/2020/deep/d.jpg"]
+    paths = write_images(root, names)
+    found = assign_identities(paths, root, mode)
+    by_name = dict(zip([pathlib.Path(p).relative_to(root).as_posix() for p in paths], found.labels))
+    assert by_name == {
+        "alice/2019/a.jpg": "alice",
+        "alice/c.png": "alice",
+        "bob/2019/b.jpg": "bob",
+        "bob/2020/deep/d.jpg": "bob",
+    }
+    # An image directly in the root is still refused by --identity=folder.
+    paths = write_images(root, names + ["e.jpg"])
+    if mode == "folder":
+        message = one_line_error(lambda: assign_identities(paths, root, mode))
+        assert "e.jpg is not in a sub-folder" in message
+    else:
+        assert (
+            sorted(assign_identities(paths, root).labels.tolist())
+            == [""] + ["alice"] * 2 + ["bob"] * 2
+        )
+
+
 def test_identities_from_a_csv_file_and_its_errors(tmp_path):
     root = tmp_path / "photos"
     paths = write_images(root, ["a.jpg", "b.jpg", "sub/c.png", "d.jpg"])

@@ -46,11 +46,11 @@ import pathlib
 import zipfile
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ctl_jax import files
 from ctl_jax.errors import FileContentError, MissingFileError
 from ctl_jax.evaluation.ranking import l2_normalize
+from ctl_jax.progress import progress_bar
 from ctl_jax.retrieval import approximate
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.gallery import GalleryItems, SearchIndex, check_queries, gallery_vectors
@@ -157,7 +157,9 @@ class ExactIndex:
 
         # XLA runs asynchronously: chunk i+1 is dispatched before chunk i is fetched.
         pending = dispatch(0)
-        bar = tqdm(starts, desc="searching", disable=not progress or len(starts) < 2, leave=False)
+        bar = progress_bar(
+            starts, desc="searching", enabled=progress and len(starts) > 1, leave=False
+        )
         for i, _ in enumerate(bar):
             current = pending
             if i + 1 < len(starts):

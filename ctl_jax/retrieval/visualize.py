@@ -17,10 +17,10 @@ import re
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
 from ctl_jax.errors import NotAFolderError, OutputExistsError
 from ctl_jax.files import atomic_open, make_folder, remove_stale_temporaries
+from ctl_jax.progress import progress_bar
 from ctl_jax.retrieval.gallery import GalleryItems
 from ctl_jax.retrieval.labels import UNKNOWN, labels_from_pids
 
@@ -163,7 +163,7 @@ def write_strips(
     make_folder(directory)
     remove_stale_temporaries(directory, [f.name for f in files])
     centroids = items.kind == "centroid"
-    bar = tqdm(range(len(files)), desc="drawing", unit="query", disable=not progress)
+    bar = progress_bar(range(len(files)), desc="drawing", unit="query", enabled=progress)
     if query_labels is None:
         query_labels = labels_from_pids(query_pids)
     query_labels = np.asarray(query_labels).astype(str)

@@ -17,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from ctl_jax import configs as config_lib
 from ctl_jax import files, parallel
@@ -30,6 +29,7 @@ from ctl_jax.data.source import check_trainable, load_dataset
 from ctl_jax.errors import NonFiniteLossError, WorkdirMismatchError
 from ctl_jax.evaluator import Evaluator, resolve_evaluation
 from ctl_jax.models.reid import feature_dim
+from ctl_jax.progress import progress_bar
 from ctl_jax.training import ahead
 from ctl_jax.training.initialisation import init_train_state, with_init_checkpoint
 from ctl_jax.training.logbook import MetricsLog, flatten_eval
@@ -335,11 +335,11 @@ def _run_epoch(
     step = int(state.step)
     pending = None  # (step, device metrics) of the previous step
     images_per_step = config.data.num_identities * config.data.num_instances
-    bar = tqdm(
+    bar = progress_bar(
         total=total,
         initial=done,
         desc=f"epoch {epoch + 1}/{config.solver.num_epochs}",
-        disable=jax.process_index() != 0,
+        enabled=jax.process_index() == 0,
         dynamic_ncols=True,
     )
     t_last, n_last = time.perf_counter(), 0
