@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ctl_jax import config_schema, parallel
 from ctl_jax import configs as config_lib
-from ctl_jax import parallel
 from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.checkpoints.store import warn_on_stderr
@@ -131,6 +131,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
       TrainingInterrupted: Ctrl-C or SIGTERM, after a checkpoint was saved.
     """
     workdir = pathlib.Path(workdir)
+    config_schema.check(config)  # a value out of range fails before anything is read
     check_head_config(config)  # a bad head setting fails before anything is written
     # One training per work directory; in a multi-process run process 0 holds the lock for
     # all (see ctl_jax/training/workdir_lock.py).
