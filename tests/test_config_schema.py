@@ -183,3 +183,15 @@ def test_config_help_lists_the_keys_of_the_chosen_config():
 def test_schema_lists_no_key_that_no_config_has():
     keys = {key for _, config in SHIPPED for key, _ in _leaves(config)}
     assert set(config_schema.SCHEMA) - keys == set()
+
+
+def test_the_documented_ranges_are_the_schema():
+    text = (REPO / "docs" / "method.md").read_text()
+    section = text.split("## Config ranges", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    expected = [
+        f"| `{key}` | {field.range_text()} | {field.meaning} |"
+        for key, field in config_schema.SCHEMA.items()
+        if field.numeric
+    ]
+    assert rows == expected
