@@ -126,6 +126,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
       The final evaluation results {mode: metrics} (empty if no evaluation mode is set).
 
     Raises:
+      ConfigError: a numeric config value out of its range (`ctl_jax.config_schema`), or a
+        head setting that cannot work; raised before anything is read or written.
       WorkdirInUseError: another training holds `workdir` (see `workdir_lock`).
       CheckpointError: `workdir` holds checkpoints of which none can be read.
       TrainingInterrupted: Ctrl-C or SIGTERM, after a checkpoint was saved.
