@@ -88,9 +88,10 @@ def _quiet_failed_reads(directory: pathlib.Path) -> None:
     gather's callback, which would have retrieved their exception, so when collected they
     make asyncio log "Future (or Task) exception was never retrieved" with the whole error,
     possibly after our error line (2 of 60 runs of `evaluate --step` on a truncated
-    checkpoint, on a loaded 2-core machine; 8 of 200 failed restores in one process). That happens inside orbax's `asyncio_utils.run_sync`, out of our reach; so
-    these reports, and only those naming a directory a store opened, are dropped here. The
-    read coroutines closed by the garbage collector print the same errors again through
+    checkpoint, on a loaded 2-core machine; 8 of 200 failed restores in one process). That
+    happens inside orbax's `asyncio_utils.run_sync`, out of our reach; so these reports,
+    and only those naming a directory a store opened, are dropped here. The read
+    coroutines closed by the garbage collector print the same errors again through
     `sys.unraisablehook`: dropped too. Anything else is passed on."""
     _OPENED_DIRECTORIES.add(str(directory))
     previous = sys.unraisablehook
