@@ -6,12 +6,13 @@ input size.
 """
 
 from ctl_jax.configs import base_config
+from ctl_jax.errors import ConfigError
 
 
 def fashion_config(config, dataset: str, variant: str):
     """The fashion recipe shared by Street2Shop and DeepFashion."""
     if variant not in ("small", "large"):
-        raise ValueError(f"config variant must be 'small' or 'large', got {variant!r}")
+        raise ConfigError(f"config variant must be 'small' or 'large', got {variant!r}")
     config.name = f"{dataset}_{variant}"
     config.data.name = dataset
     config.data.root = f"data/{dataset}"
@@ -27,6 +28,10 @@ def fashion_config(config, dataset: str, variant: str):
         config.data.height, config.data.width = 320, 320
         config.data.num_identities = 12
     return config
+
+
+# The `:variant` forms (`--config=configs/street2shop.py:<variant>`).
+VARIANTS = ("large", "small")
 
 
 def get_config(variant: str = "large"):

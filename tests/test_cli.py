@@ -70,7 +70,7 @@ def test_config_key_typo_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("--config.model.gem_p=0", "model.gem_p must be > 0"),
+        ("--config.model.gem_p=0", "config model.gem_p=0.0: expected > 0"),
         ("--config.loss.classifier_margin=2.0", "classifier_margin must be in [0, pi/2)"),
     ],
 )

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctl_jax import config_schema, files, parallel
 from ctl_jax import configs as config_lib
-from ctl_jax import files, parallel
 from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.checkpoints.store import warn_on_stderr
@@ -125,11 +125,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
       The final evaluation results {mode: metrics} (empty if no evaluation mode is set).
 
     Raises:
+      ConfigError: a numeric config value out of its range (`ctl_jax.config_schema`), or a
+        head setting that cannot work; raised before anything is read or written.
       WorkdirInUseError: another training holds `workdir` (see `workdir_lock`).
       CheckpointError: `workdir` holds checkpoints of which none can be read.
       TrainingInterrupted: Ctrl-C or SIGTERM, after a checkpoint was saved.
     """
     workdir = pathlib.Path(workdir)
+    config_schema.check(config)  # a value out of range fails before anything is read
     check_head_config(config)  # a bad head setting fails before anything is written
     # One training per work directory; in a multi-process run process 0 holds the lock for
     # all (see ctl_jax/training/workdir_lock.py).
