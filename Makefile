@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet -c constraints.txt
 # Compiled XLA programs are cached here so repeated runs skip compilation.
 export CTL_JAX_COMPILATION_CACHE ?= $(CURDIR)/.cache/jax
 
-.PHONY: install test lint browser demo benchmarks clean
+.PHONY: install test lint docs browser demo benchmarks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PIP) -e '.[docs]'
+	touch $@
+
 install: $(VENV)/.installed
 
 lint: $(VENV)/.installed-test
@@ -31,8 +35,14 @@ lint: $(VENV)/.installed-test
 # 11m50). More workers: make test TEST_WORKERS=4.
 TEST_WORKERS ?= 2
 
-test: lint browser
+test: lint docs browser
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) tests
+
+# The documentation site (mkdocs.yml): docs/ -> site/ (open site/index.html). --strict makes
+# a broken link or anchor, or a page missing from the nav, an error, so `make test` fails on
+# them. The API page is read from the source (griffe): no jax import, about 3 s.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Headless Chromium for the search page's test (tests/test_serve.py): Debian's chromium,
 # installed when missing if we are root with apt-get (as CI is); else that test is skipped
@@ -54,4 +64,4 @@ demo: $(VENV)/.installed data/synthetic_reid
 		--output=runs/default/metrics.json --overwrite
 
 clean:
-	rm -rf .cache .pytest_cache .ruff_cache
+	rm -rf .cache .pytest_cache .ruff_cache site

@@ -22,8 +22,8 @@ import jax
 
 from ctl_jax import cli, evaluation, parallel
 from ctl_jax.checkpoints import restore_model
-from ctl_jax.data.source import load_dataset
-from ctl_jax.evaluator import Evaluator
+from ctl_jax.data.source import EVALUATION_SPLITS, load_dataset
+from ctl_jax.evaluator import Evaluator, resolve_evaluation
 
 OPTIONS = {
     "plain": {},
@@ -59,8 +59,8 @@ def main():
     cli.enable_compilation_cache()
 
     restored = restore_model(args.workdir)
-    config = restored.config
-    dataset, readers = load_dataset(config.data)
+    dataset, readers = load_dataset(restored.config.data, EVALUATION_SPLITS)
+    config, _ = resolve_evaluation(restored.config, dataset)  # "auto" modes follow the data
     mesh = parallel.make_mesh()
     q, g = dataset.query, dataset.gallery
     modes = tuple(config.eval.modes)

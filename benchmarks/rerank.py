@@ -18,8 +18,8 @@ element-wise. Wall times (`seconds`) depend on what else runs on the machine; CP
 (`cpu_seconds`, `getrusage` user + system of the worker, all its threads) much less, and
 `speedup_cpu` compares those. Prints one JSON object.
 
-  python benchmarks/rerank.py [--sizes=2000x7000,3368x15913] [--dim=2048]
-      [--methods=ctl_jax,reference]
+  python -m benchmarks.rerank [--sizes=2000x7000,3368x15913] [--dim=2048]
+      [--methods=ctl_jax,reference] [--k1=20] [--k2=6] [--lambda_value=0.3]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-K1, K2, LAMBDA = 20, 6, 0.3
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_reid(num_query, num_gallery, dim, seed=0, num_cams=6, latent=64):
@@ -141,10 +141,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(method, num_query, num_gallery, dim, out_path):
+def worker(method, num_query, num_gallery, dim, out_path, k1, k2, lam):
     """Runs one method on the synthetic data; writes its distances and prints JSON."""
     q, q_pids, q_cams, g, g_pids, g_cams = synthetic_reid(num_query, num_gallery, dim)
-    result = {"method": method, "baseline_rss_mb": round(_rss_mb(), 1)}
+    import ctl_jax  # which tree is measured (this repository's, see main)
+
+    result = {"method": method, "ctl_jax_tree": os.path.dirname(os.path.abspath(ctl_jax.__file__))}
+    result["baseline_rss_mb"] = round(_rss_mb(), 1)
     if method == "reference":
         from ctl_jax.evaluation.ranking import l2_normalize  # NumPy only, no JAX
 
@@ -155,13 +158,13 @@ def worker(method, num_query, num_gallery, dim, out_path):
         g_g = 2 - 2 * (gn @ gn.T)
         result["seconds_distances"] = round(time.perf_counter() - start, 2)
         result["cpu_seconds_distances"] = round(_cpu_seconds() - cpu, 2)
-        dist = reference_re_ranking(q_g, q_q, g_g, K1, K2, LAMBDA)
+        dist = reference_re_ranking(q_g, q_q, g_g, k1, k2, lam)
         result["seconds"] = round(time.perf_counter() - start, 2)
         result["cpu_seconds"] = round(_cpu_seconds() - cpu, 2)
     else:
         from ctl_jax.evaluation.rerank import RerankParams, rerank_distances
 
-        params = RerankParams(K1, K2, LAMBDA)
+        params = RerankParams(k1, k2, lam)
         for suffix in ("", "_warm"):  # a first and a second call
             dist = None
             start, cpu = time.perf_counter(), _cpu_seconds()
@@ -183,17 +186,26 @@ def main():
     parser.add_argument("--sizes", default="2000x7000,3368x15913", help="QxG,QxG,...")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--methods", default="ctl_jax,reference")
+    parser.add_argument("--k1", type=int, default=20)
+    parser.add_argument("--k2", type=int, default=6)
+    parser.add_argument("--lambda_value", type=float, default=0.3)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [tuple(int(n) for n in s.lower().split("x")) for s in args.sizes.split(",")]
     if args.worker:
         ((num_query, num_gallery),) = sizes
-        worker(args.worker, num_query, num_gallery, args.dim, args.out)
+        worker(
+            args.worker, num_query, num_gallery, args.dim, args.out,
+            args.k1, args.k2, args.lambda_value,
+        )  # fmt: skip
         return
 
     report = {
-        "what": "k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3) from embeddings",
+        "what": "k-reciprocal re-ranking from embeddings",
+        "k1": args.k1,
+        "k2": args.k2,
+        "lambda": args.lambda_value,
         "dim": args.dim,
         "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
@@ -206,9 +218,14 @@ def main():
             entry = {"num_query": num_query, "num_gallery": num_gallery}
             for method in methods:
                 out = os.path.join(tmp, f"{method}.npy")
+                # `-m` from the repository root: the worker imports this tree's ctl_jax
+                # (run as a file it would import whichever ctl_jax is installed).
                 done = subprocess.run(
-                    [sys.executable, __file__, f"--worker={method}", f"--out={out}"]
-                    + [f"--sizes={num_query}x{num_gallery}", f"--dim={args.dim}"],
+                    [sys.executable, "-m", "benchmarks.rerank"]
+                    + [f"--worker={method}", f"--out={out}"]
+                    + [f"--sizes={num_query}x{num_gallery}", f"--dim={args.dim}"]
+                    + [f"--k1={args.k1}", f"--k2={args.k2}", f"--lambda_value={args.lambda_value}"],
+                    cwd=_REPO,
                     capture_output=True,
                     text=True,
                     check=False,
@@ -224,7 +241,7 @@ def main():
                 difference = np.abs(ours - theirs)
                 entry["max_abs_distance_difference"] = float(difference.max())
                 # Entries apart by more than float rounding: where the two orders of a
-                # near-tied pair of neighbours differ (see the README).
+                # near-tied pair of neighbours differ (docs/evaluation.md, 'Re-ranking at scale').
                 entry["distances_differing_over_1e-4"] = int((difference > 1e-4).sum())
                 entry["distances"] = int(difference.size)
                 del difference

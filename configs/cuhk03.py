@@ -3,11 +3,15 @@
 `cuhk03-np/` (holding `detected/` and `labeled/`)."""
 
 from ctl_jax.configs import base_config
+from ctl_jax.errors import ConfigError
+
+# The `:variant` forms (`--config=configs/cuhk03.py:<variant>`).
+VARIANTS = ("detected", "labeled")
 
 
 def get_config(variant: str = "detected"):
     if variant not in ("detected", "labeled"):
-        raise ValueError(f"config variant must be 'detected' or 'labeled', got {variant!r}")
+        raise ConfigError(f"config variant must be 'detected' or 'labeled', got {variant!r}")
     config = base_config(__file__, "market1501")
     config.name = f"cuhk03_{variant}"
     config.data.name = f"cuhk03_{variant}"

@@ -3,6 +3,9 @@
 
 from ctl_jax.configs import base_config, load_module
 
+# The `:variant` forms (`--config=configs/deepfashion.py:<variant>`).
+VARIANTS = ("small", "large")
+
 
 def get_config(variant: str = "small"):
     street2shop = load_module(__file__.replace("deepfashion.py", "street2shop.py"))

@@ -38,10 +38,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.data = data = ml_collections.ConfigDict()
     # One of: synthetic, market1501, dukemtmc, street2shop, deepfashion, folder, msmt17,
     # cuhk03_detected, cuhk03_labeled, veri776, roxford5k, rparis6k, holidays, gldv2, sop,
-    # inshop (the last ten read `root` as their unpacked download; see data/README.md).
+    # inshop (the last ten read `root` as their unpacked download; see docs/datasets.md).
     data.name = "synthetic"
-    # Folder holding the dataset (for market1501/dukemtmc: the folder *containing*
-    # market1501/ or DukeMTMC-reID/; for synthetic: the dataset folder itself).
+    # Folder holding the dataset, relative to the folder the command runs from (for
+    # market1501/dukemtmc: the folder *containing* market1501/ or DukeMTMC-reID/; for
+    # synthetic: the dataset folder itself).
     data.root = "data/synthetic_reid"
     # "folder": read images straight from the dataset folders; "tfds": read a prepared
     # TensorFlow Datasets build from `tfds_data_dir`.
@@ -136,12 +137,20 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     train.checkpoint_every_steps = 200  # plus one at the end of every epoch
     train.keep_checkpoints = 2  # the latest N; the best by `monitor` is kept as well
     train.eval_every_epochs = 5
-    train.monitor = "centroid_camera/mAP"
+    # The metric whose best value marks the kept best checkpoint. "auto": the mAP of
+    # `centroid_camera` when the data has camera ids, else of `centroid` (Recall@1, medium
+    # mAP ... under other protocols; ctl_jax.evaluator.resolve_evaluation).
+    train.monitor = "auto"
 
     config.eval = evaluation = ml_collections.ConfigDict()
     # "" = the dataset's published protocol; else market, recall_at_k, revisited, holidays.
     evaluation.protocol = ""
-    evaluation.modes = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
+    # ("auto",): every mode (instance, centroid, centroid_camera, centroid_camera_reference)
+    # when the data has camera ids (Market-style names, MSMT17 lists), else instance and
+    # centroid (folder, COCO-style data: the camera modes would compare made-up cameras);
+    # the protocol's modes under another protocol. Name modes to use exactly those, e.g.
+    # --config.eval.modes="('instance','centroid_camera')"; () evaluates nothing.
+    evaluation.modes = ("auto",)
     # Flip test: embed each image and its horizontal mirror and average (twice the cost).
     evaluation.flip = False
     return apply_variant(config, variant)

@@ -52,6 +52,11 @@ class OutputExistsError(UserError, FileExistsError):
     """Writing would replace an existing file or folder and `--overwrite` was not given."""
 
 
+class UnwritableOutputError(UserError, OSError):
+    """An output file or folder cannot be written (no permission, a parent that is a file, a
+    full disk); raised by `ctl_jax.files.writing` as `cannot write <path>: <reason>`."""
+
+
 class NotAFolderError(UserError, NotADirectoryError):
     """A path that must be a folder (or a new one) is an existing file."""
 
@@ -78,6 +83,11 @@ class WorkdirMismatchError(ConfigError):
 
 class WorkdirInUseError(UserError, RuntimeError):
     """Another training holds the work directory (its lock file, see docs/formats.md)."""
+
+
+class IndexInUseError(UserError, RuntimeError):
+    """Another process is updating the index file (its `<index>.lock`, see
+    ctl_jax/retrieval/index_lock.py) and did not finish in the time allowed."""
 
 
 class NonFiniteLossError(UserError, FloatingPointError):

@@ -217,9 +217,9 @@ def evaluate_checkpoint(
     applied to the embeddings before any metric (see `Evaluator`)."""
     from ctl_jax import parallel
     from ctl_jax.checkpoints import restore_model
-    from ctl_jax.data.source import load_dataset
+    from ctl_jax.data.source import EVALUATION_SPLITS, load_dataset
     from ctl_jax.evaluation.protocols import choose_protocol
-    from ctl_jax.evaluator import Evaluator
+    from ctl_jax.evaluator import Evaluator, resolve_evaluation
     from ctl_jax.models import feature_dim
 
     restored = restore_model(workdir, step=step, config=config)
@@ -231,11 +231,15 @@ def evaluate_checkpoint(
             config.eval.protocol = protocol
         if modes:
             config.eval.modes = tuple(modes)
-    dataset, readers = load_dataset(config.data)
+    # Only query and gallery: the training images need not be on disk.
+    dataset, readers = load_dataset(config.data, EVALUATION_SPLITS)
     protocol = choose_protocol(dataset.protocols, config.eval.get("protocol", ""))
     _check_market_options(protocol, options or {})
+    config, evaluation_line = resolve_evaluation(config, dataset, describe_monitor=False)
     if distributed.is_primary():
         print(dataset.statistics_table())
+        if evaluation_line:
+            print(evaluation_line)
     mesh = parallel.make_mesh()
     evaluator = Evaluator(
         restored.model, dataset, readers, config, mesh, flip=flip, whitening=whitening

@@ -26,6 +26,8 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+from ctl_jax.files import make_folder, writing
+
 # How often a waiting taker tries again.
 _POLL_SECONDS = 0.05
 
@@ -65,11 +67,12 @@ def exclusive_lock(
       LockHeld: the lock is still held by another process after `wait_seconds`.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     deadline = time.monotonic() + max(wait_seconds, 0.0)
     told = False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with writing(path):  # an unwritable place is a one-line error
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from ctl_jax import parallel
 from ctl_jax.data.pipeline import eval_num_batches, make_eval_iterator
 from ctl_jax.data.records import Split
+from ctl_jax.progress import progress_bar
 
 
 def make_embed_fn(model, mesh: Mesh, flip: bool = False) -> Callable:
@@ -140,12 +140,12 @@ def embed_split(
         skip_unreadable=skip_unreadable,
     )
     show = progress and jax.process_index() == 0
-    bar = tqdm(
+    bar = progress_bar(
         iterator,
         total=eval_num_batches(len(split), batch_size),
         desc=description,
         unit="batch",
-        disable=not show,
+        enabled=show,
         leave=leave,
     )
     return embed_batches(embed_fn, variables, bar, len(split), mesh)

@@ -1,24 +1,30 @@
 """Search a gallery: `python -m ctl_jax.search (--gallery=G.npz [--centroids] | --index=I.npz)
 [--add=NEW.npz] [--remove=label1,label2] (--query=Q.npz | --images=PATH (--workdir=DIR |
---checkpoint=DIR)) [--query_centroids] [--top_k=10] --output=FILE.json [--visualize=DIR]
-[--save_index=I.npz] [--method=exact|flat|ivf_flat|ivf_pq|hnsw] [--overwrite]`.
+--checkpoint=DIR)) [--query_centroids] [--top_k=10] [--output=FILE.json] [--visualize=DIR]
+[--save_index=I.npz [--lock_wait=30]] [--method=exact|flat|ivf_flat|ivf_pq|hnsw]
+[--overwrite]`.
 
 The index is a `ctl_jax.Index` (`ctl_jax.retrieval.updatable_index`), the one the Python API
-gives: `--add` adds the images of embeddings files to it, `--remove` drops identities by
-label, and `--save_index` writes the result (`--index=I.npz --add=NEW.npz
---save_index=I2.npz` updates an index; a centroid index updated so equals the one rebuilt
-from all images). `--query_centroids` searches once per query identity with the centroid
-of its images (a tracklet, several photos of one product).
+gives: `--add` adds the images of embeddings files to it (images it already holds, by path, are
+refused), `--remove` drops identities by label, and `--save_index` writes the result
+(`--index=I.npz --add=NEW.npz --save_index=I.npz --overwrite` updates an index in place; a
+centroid index updated so searches like the one rebuilt from all images). An index keeps the
+pid of each identity across updates; the label is the key across indexes. Writing
+`--save_index` holds the file's lock (`<file>.lock`, ctl_jax/retrieval/index_lock.py) from
+before the index is loaded until it is written: a second update of the same file waits up to
+`--lock_wait` seconds, then stops with an error naming the holder. `--query_centroids` searches
+once per query identity with the centroid of its images (a tracklet, several photos of one
+product).
 
 The gallery holds the images of an embeddings file, or with --centroids one centroid per
 identity (mean of its un-normalised embeddings, then normalised; docs/method.md, 'Evaluation
-modes'). Queries come from an embeddings file or are embedded on the fly from images. Each query
-gets its top-k gallery items by cosine similarity, written as the search-results JSON
-(docs/formats.md, 'Search results JSON'). `--save_index` stores the built index (exact vectors
-or a faiss index) so later searches can start from it with `--index`; with only `--gallery` and
-`--save_index` the command just builds and saves. The faiss methods need
-`pip install -e '.[faiss]'`; `--check_recall` also runs the exact search and reports the
-approximate recall@k.
+modes'). Queries come from an embeddings file or are embedded on the fly from images. Each
+query gets its top-k gallery items by cosine similarity, written as the search-results JSON
+(docs/formats.md, 'Search results JSON') with `--output`, else printed as a table.
+`--save_index` stores the built index (exact vectors or a faiss index) so later searches can
+start from it with `--index`; with only `--gallery` and `--save_index` the command just builds
+and saves. The faiss methods need `pip install -e '.[faiss]'`; `--check_recall` also runs the
+exact search and reports the approximate recall@k.
 
 Open-set search: `--min_score=S` drops matches scoring below S (a cosine in [-1, 1]); a
 query with no match left is "known": false in the results. `--min_score=auto:F` with
@@ -28,7 +34,9 @@ verification block of an evaluation (`ctl_jax.retrieval.open_set`).
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+import sys
 import time
 
 from absl import flags
@@ -89,6 +97,11 @@ _CALIBRATION = flags.DEFINE_string(
     "calibration", None, "Metrics JSON of python -m ctl_jax.evaluate, for --min_score=auto:F."
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Allow replacing existing output files.")
+_LOCK_WAIT = flags.DEFINE_float(
+    "lock_wait",
+    30.0,
+    "Seconds to wait while another process updates the --save_index file (0: refuse at once).",
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 
 
@@ -116,8 +129,6 @@ def _check_flags() -> None:
             "give queries (--query=Q.npz or --images=PATH), or --save_index to only build or "
             "update an index"
         )
-    if has_queries and not (_OUTPUT.value or _VISUALIZE.value):
-        cli.fail("give --output=FILE.json (and/or --visualize=DIR) for the results")
     if not has_queries and (_OUTPUT.value or _VISUALIZE.value):
         cli.fail("--output/--visualize need queries: --query=Q.npz or --images=PATH")
     if _IMAGES.value and not (_WORKDIR.value or _CHECKPOINT.value):
@@ -140,6 +151,8 @@ def _check_flags() -> None:
         cli.fail("--check_recall compares a freshly built index; drop --add/--remove")
     if _INDEX.value and _METHOD.present:
         cli.fail("--method applies when building from --gallery; an --index keeps its method")
+    if _LOCK_WAIT.value < 0:
+        cli.fail(f"--lock_wait must be >= 0 seconds, got {_LOCK_WAIT.value:g}")
     if _CHECK_RECALL.value and (_METHOD.value == "exact" or _INDEX.value):
         cli.fail("--check_recall compares a faiss --method built from --gallery with exact search")
     if _MIN_SCORE.value is not None:
@@ -147,7 +160,10 @@ def _check_flags() -> None:
 
         if not has_queries:
             cli.fail("--min_score needs queries: --query=Q.npz or --images=PATH")
-        auto = parse_min_score(_MIN_SCORE.value).fpr is not None  # one-line ValueError
+        try:
+            auto = parse_min_score(_MIN_SCORE.value).fpr is not None
+        except ValueError as e:  # a bad command line: exit 2
+            cli.fail(str(e))
         if auto and not _CALIBRATION.value:
             cli.fail(f"--min_score={_MIN_SCORE.value} needs --calibration=metrics.json")
         if not auto and _CALIBRATION.value:
@@ -195,13 +211,43 @@ def _load_or_build_index():
     for path in _ADD.value:
         before = len(index)
         added = Embeddings.load(path)
-        index.add(added)
+        index.add(added, name=str(path))
         described += f"; added {len(added):,} image(s) from {path} ({len(index) - before:+,} items)"
     if _REMOVE.value:
         before = len(index)
         index.remove(_REMOVE.value)
         described += f"; removed {len(_REMOVE.value)} identities ({len(index) - before:+,} items)"
     return index, exact, described
+
+
+def _update_index_file():
+    """Builds or updates the index and writes it to --save_index, all under the lock of
+    that file (ctl_jax/retrieval/index_lock.py): a concurrent update of the same file waits
+    for this one and then loads its result, so no update that reports success is lost.
+
+    Returns (index, exact index or None, min_score, min_score meta), as `main` uses them."""
+    from ctl_jax.retrieval.index_lock import index_lock
+
+    target = _SAVE_INDEX.value
+    changes = [f"--add={','.join(_ADD.value)}"] if _ADD.value else []
+    changes += [f"--remove={','.join(_REMOVE.value)}"] if _REMOVE.value else []
+    command = " ".join(["search", *changes, f"--save_index={target}"])
+
+    def on_wait(holder: str) -> None:
+        print(
+            f"waiting up to {_LOCK_WAIT.value:g} s (--lock_wait) for {holder} to finish "
+            f"updating {target}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with index_lock(target, command=command, wait_seconds=_LOCK_WAIT.value, on_wait=on_wait):
+        index, exact, described = _load_or_build_index()
+        print(f"gallery: {described}, {index.dim}-d")
+        min_score, min_score_meta = _min_score(index.items.kind)  # fails before the write
+        index.save(target, overwrite=_OVERWRITE.value)
+    print(f"index written to {target}")
+    return index, exact, min_score, min_score_meta
 
 
 def _queries():
@@ -225,6 +271,8 @@ def _queries():
     queries, report = embed_images(
         embedder, _IMAGES.value, progress=_PROGRESS.value, identity=identity
     )
+    if not (queries.labels != "").any():  # say nothing about identities the queries lack
+        report = dataclasses.replace(report, identities="")
     flipped = " (flip test)" if _FLIP.value else ""
     print(f"queries: {report.summary()}{flipped} with {directory} (step {embedder.step})")
     return queries, f"{_IMAGES.value}"
@@ -256,13 +304,13 @@ def main(argv):
     from ctl_jax.retrieval.gallery import check_queries
 
     start = time.time()
-    index, exact, described = _load_or_build_index()
-    print(f"gallery: {described}, {index.dim}-d")
-    # Before any embedding or search: a bad --calibration fails fast.
-    min_score, min_score_meta = _min_score(index.items.kind)
     if _SAVE_INDEX.value:
-        index.save(_SAVE_INDEX.value, overwrite=_OVERWRITE.value)
-        print(f"index written to {_SAVE_INDEX.value}")
+        index, exact, min_score, min_score_meta = _update_index_file()
+    else:
+        index, exact, described = _load_or_build_index()
+        print(f"gallery: {described}, {index.dim}-d")
+        # Before any embedding or search: a bad --calibration fails fast.
+        min_score, min_score_meta = _min_score(index.items.kind)
     if not (_QUERY.value or _IMAGES.value):
         return
 
@@ -329,20 +377,22 @@ def main(argv):
             f"top-1 match has the query's identity for {int(top1.sum()):,} of "
             f"{int(labelled.sum()):,} queries with known identity (no camera filtering)"
         )
+    document = results.results_document(
+        queries.paths,
+        queries.pids,
+        scores,
+        indices,
+        index.items,
+        meta,
+        known=known,
+        query_labels=queries.labels,
+        query_members=members,
+    )
     if _OUTPUT.value:
-        document = results.results_document(
-            queries.paths,
-            queries.pids,
-            scores,
-            indices,
-            index.items,
-            meta,
-            known=known,
-            query_labels=queries.labels,
-            query_members=members,
-        )
         results.write_json(_OUTPUT.value, document, overwrite=_OVERWRITE.value)
         lines.append(f"results written to {_OUTPUT.value}")
+    else:  # on the terminal, before the summary lines
+        print(results.format_table(document))
     if _VISUALIZE.value:
         from ctl_jax.retrieval.visualize import write_strips
 

@@ -1,11 +1,12 @@
 """Learn a whitening of embeddings: `python -m ctl_jax.whiten --embeddings=train.npz
 --output=whitening.npz [--method=pca|supervised] [--dim=D] [--labels=pids|folders]
-[--shrinkage=A] [--overwrite]`.
+[--images=DIR] [--shrinkage=A] [--overwrite]`.
 
 The embeddings are an embeddings .npz (`ctl_jax.embed`), usually of the training images.
 `--method=pca` (default) needs nothing else; `--method=supervised` learns from the pairs of
 embeddings with the same identity: the Market-style `pids` of the file (`--labels=pids`), or
-the name of each image's folder (`--labels=folders`, for folder-per-identity datasets).
+the first folder under the image root of each image (`--labels=folders [--images=DIR]`,
+for folder-per-identity datasets: the rule of `embed --identity=folder`).
 Apply the result with `ctl_jax.embed --whitening=FILE` or `ctl_jax.evaluate --whitening=FILE`
 (see ctl_jax/retrieval/whitening.py for the definitions).
 """
@@ -36,7 +37,14 @@ _LABELS = flags.DEFINE_enum(
     "labels",
     "pids",
     ["pids", "folders"],
-    "Identities for --method=supervised: the file's pids, or each path's parent folder name.",
+    "Identities for --method=supervised: the file's pids, or each image's first folder under "
+    "--images.",
+)
+_IMAGES = flags.DEFINE_string(
+    "images",
+    None,
+    "With --labels=folders: the folder the images were embedded from (an image's identity is "
+    "the first folder under it); default: the deepest folder all the images share.",
 )
 _SHRINKAGE = flags.DEFINE_float(
     "shrinkage",
@@ -59,6 +67,9 @@ def main(argv):
     if _DIM.value is not None and _DIM.value < 1:
         cli.fail(f"--dim must be >= 1, got {_DIM.value}")
 
+    if _IMAGES.value and _LABELS.value != "folders":
+        cli.fail("--images needs --labels=folders")
+
     from ctl_jax.retrieval import whitening
     from ctl_jax.retrieval.embedding_file import Embeddings
     from ctl_jax.retrieval.whitening import identity_labels
@@ -67,11 +78,17 @@ def main(argv):
     data = Embeddings.load(_EMBEDDINGS.value)
     labels = None
     if _METHOD.value == "supervised":
-        labels = identity_labels(data.pids, data.paths, _LABELS.value)
+        labels = identity_labels(data.pids, data.paths, _LABELS.value, _IMAGES.value)
         if _LABELS.value == "pids" and not (labels >= 0).any():
             cli.fail(
                 f"--method=supervised needs identities: {_EMBEDDINGS.value} has no "
                 f"Market-style pids (all -1); try --labels=folders"
+            )
+        if _LABELS.value == "folders" and not (labels >= 0).any():
+            cli.fail(
+                f"--labels=folders: no image of {_EMBEDDINGS.value} lies in a sub-folder of "
+                f"{_IMAGES.value or 'the folder its images share'} (expected "
+                "<images>/<identity>/.../x.jpg)"
             )
     result = whitening.learn(
         data.embeddings, _METHOD.value, labels=labels, dim=_DIM.value, shrinkage=_SHRINKAGE.value

@@ -483,8 +483,8 @@ if IN_COLAB and pathlib.Path("/content/drive/MyDrive").is_dir():
 
 - The same training from a terminal: `python -m ctl_jax.train --config=configs/market1501.py
   --config.model.dtype=bfloat16 --workdir=runs/market`.
-- Bigger than one TPU host (a TPU pod slice, several GPU nodes): the README's *Multi-host
-  training* section; each host runs the same command with `CTL_JAX_DISTRIBUTED=auto`.""",
+- Bigger than one TPU host (a TPU pod slice, several GPU nodes): docs/training.md,
+  *Multi-host training*; each host runs the same command with `CTL_JAX_DISTRIBUTED=auto`.""",
     ),
 ]
 

@@ -70,7 +70,7 @@ def test_config_key_typo_is_one_line(tmp_path):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ("--config.model.gem_p=0", "model.gem_p must be > 0"),
+        ("--config.model.gem_p=0", "config model.gem_p=0.0: expected > 0"),
         ("--config.loss.classifier_margin=2.0", "classifier_margin must be in [0, pi/2)"),
     ],
 )
@@ -418,3 +418,38 @@ def test_user_errors_keep_their_builtin_types_and_module_names():
     assert errors.message(errors.MissingFileError("index file x.npz does not exist")) == (
         "index file x.npz does not exist"
     )
+
+
+def test_evaluate_with_a_dataset_config_needs_no_training_images(checkpoint_dir, tmp_path):
+    """`evaluate --workdir --config` reads query and gallery only: a Market-1501 folder
+    without bounding_box_train/ evaluates, with the metrics of the complete folder."""
+    import shutil
+
+    root = pathlib.Path(
+        CheckpointStore(checkpoint_dir, read_only=True).read_meta()["config"]["data"]["root"]
+    )
+    shutil.copytree(
+        root, tmp_path / "market1501", ignore=shutil.ignore_patterns("bounding_box_train")
+    )
+    assert not (tmp_path / "market1501" / "bounding_box_train").exists()
+    args = [f"--workdir={checkpoint_dir}", "--modes=instance,centroid_camera", "--noverification"]
+    partial, full = tmp_path / "partial.json", tmp_path / "full.json"
+    result = run(
+        "ctl_jax.evaluate",
+        *args,
+        "--config=configs/default.py",
+        "--config.data.name=market1501",
+        f"--config.data.root={tmp_path}",
+        "--config.data.height=32",
+        "--config.data.width=16",
+        f"--output={partial}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "  train    |     0 |        0 |" in result.stdout
+    result = run("ctl_jax.evaluate", *args, f"--output={full}")
+    assert result.returncode == 0, result.stderr
+    partial, full = json.loads(partial.read_text()), json.loads(full.read_text())
+    assert partial["meta"]["dataset"] == "market1501"
+    for mode in ("instance", "centroid_camera"):
+        assert partial[mode]["num_query"] == full[mode]["num_query"] > 0
+        assert partial[mode]["mAP"] == pytest.approx(full[mode]["mAP"], abs=1e-6)

@@ -376,6 +376,41 @@ def test_training_initialises_from_converted_imagenet_weights(converted, base_co
     assert "params/pooling/p" in logs[-1]
 
 
+def _initial_centers(config, num_classes, logs):
+    """The center-loss centers of a new training run's initial state."""
+    from ctl_jax.build import build_model
+    from ctl_jax.models.reid import feature_dim
+    from ctl_jax.training.optimizer import make_optimizer
+
+    model = build_model(config, num_classes)
+    tx = make_optimizer(config.solver)
+    shape = (HEIGHT, WIDTH, 3)
+    state = initialisation.init_train_state(
+        model, tx, num_classes, feature_dim(config.model.arch), shape, 0
+    )
+    fresh = np.asarray(state.centers)
+    state = initialisation.with_init_checkpoint(state, config.model, log=logs.append)
+    return fresh, np.asarray(state.centers)
+
+
+def test_training_from_a_converted_ctl_checkpoint_starts_from_its_centers(converted, base_config):
+    _, output, model, _ = converted("resnet18-ctl-ckpt")
+    original = model.center_loss.centers.detach().numpy()  # the PyTorch run's centers
+    config = ml_collections.ConfigDict(base_config.to_dict())
+    config.model.init_checkpoint = str(output)
+    logs = []
+    fresh, centers = _initial_centers(config, NUM_CLASSES, logs)
+    np.testing.assert_array_equal(centers, original)
+    assert not np.allclose(fresh, original)
+    assert logs[-1] == f"centers taken from {output} ({NUM_CLASSES} classes)"
+
+    # Another number of classes (a new dataset): the classifier and the centers start fresh.
+    fresh, centers = _initial_centers(config, NUM_CLASSES + 2, logs)
+    np.testing.assert_array_equal(centers, fresh)
+    assert logs[-1].startswith(f"note: the centers of {output} ({NUM_CLASSES} classes x 512)")
+    assert logs[-1].endswith(f"({NUM_CLASSES + 2} classes x 512); they start fresh")
+
+
 def test_output_directory_is_not_overwritten_silently(converted, base_config, tmp_path):
     _, output, _, _ = converted("resnet18-torchvision-zip")
     first, second = tmp_path / "first.pth", tmp_path / "second.pth"

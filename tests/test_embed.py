@@ -128,8 +128,9 @@ def test_embed_folder_matches_model_applied_directly(checkpoint, image_folder):
     assert report.num_embedded == 5 and report.listing.num_skipped == 2
     assert report.unreadable == [str((root / "broken.jpg").resolve())]
     assert "skipped 1 unreadable image(s)" in report.summary()
-    # Identities from the folders (not every name is Market-style), cameras from the names.
-    assert embeddings.labels.tolist() == ["a", "a", "c", "c", ""]
+    # Identities from the folders (not every name is Market-style): the first folder under
+    # the root, so b/c/... is "b"; cameras from the names.
+    assert embeddings.labels.tolist() == ["a", "a", "b", "b", ""]
     assert embeddings.pids.tolist() == [0, 0, 1, 1, -1]
     assert embeddings.camids.tolist() == [0, 1, 2, -1, -1]
     market, _ = embed_images(embedder, root / "a", progress=False)  # only Market names
@@ -198,9 +199,10 @@ def test_embed_and_search_images_commands(checkpoint, image_folder, tmp_path):
     assert "embedded 5 image(s)" in done.stdout and "skipped 2 non-image" in done.stdout
     embeddings = Embeddings.load(out)
     assert embeddings.paths.tolist() == images
-    # Not every name is Market-style, so the identity is the folder holding the image (none
-    # for z.JPEG, directly in --images); the camera still comes from Market-style names.
-    assert embeddings.labels.tolist() == ["a", "a", "c", "c", ""]
+    # Not every name is Market-style, so the identity is the first folder under --images
+    # (b/c/... is "b"; none for z.JPEG, directly in --images); the camera still comes from
+    # Market-style names.
+    assert embeddings.labels.tolist() == ["a", "a", "b", "b", ""]
     assert embeddings.pids.tolist() == [0, 0, 1, 1, -1]
     assert embeddings.camids.tolist() == [0, 1, 2, -1, -1]
     assert "identities from folder names: 4 of 5 image(s) in 2 identities" in done.stdout

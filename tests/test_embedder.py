@@ -82,3 +82,35 @@ def test_bad_input_is_a_one_line_error(model_dir, embedder, tmp_path):
         ctl_jax.Embedder.load(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no checkpoints"):
         ctl_jax.Embedder.load(tmp_path)
+
+
+def test_load_prints_nothing_and_writes_nothing(model_dir, tmp_path):
+    """A library user's load is silent: orbax's read-only mode used to log absl warnings
+    ("Given directory is read only", one per option it overrides) on every load. The folder
+    is made read-only as a user's shared model folder would be; running as root that does
+    not stop writes, so the test also checks that nothing in the folder changed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tiny_model import REPO
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir[0], folder)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", f"import ctl_jax; ctl_jax.Embedder.load({str(folder)!r})"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout == ""
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before

@@ -3,6 +3,8 @@ one-line errors that leave the index and its file untouched; old index files sti
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -30,11 +32,18 @@ NEW = named_embeddings(["dog", "fox", "fox", "ant", "", "cat"], seed=2)
 
 
 def assert_same_index(updated, rebuilt, queries):
+    """The same items (compared in label, path order: an update keeps the pids it gave and
+    lists new identities last), vectors and search results; one pid per label."""
     assert len(updated) == len(rebuilt)
-    for key in ("labels", "pids", "counts", "camids"):
-        np.testing.assert_array_equal(getattr(updated.items, key), getattr(rebuilt.items, key))
+    first, second = (np.lexsort((i.items.paths, i.labels)) for i in (updated, rebuilt))
+    for key in ("labels", "counts", "camids"):
+        np.testing.assert_array_equal(
+            getattr(updated.items, key)[first], getattr(rebuilt.items, key)[second]
+        )
+    pairs = set(zip(updated.labels.tolist(), updated.items.pids.tolist()))
+    assert len(pairs) == len({label for label, _ in pairs}) == len({p for _, p in pairs})
     if updated.method == "exact":
-        np.testing.assert_allclose(updated.vectors, rebuilt.vectors, atol=1e-6)
+        np.testing.assert_allclose(updated.vectors[first], rebuilt.vectors[second], atol=1e-6)
     k = min(5, len(rebuilt))
     got, want = updated.search(queries, k), rebuilt.search(queries, k)
     assert [[h["label"] for h in q] for q in got] == [[h["label"] for h in q] for q in want]
@@ -65,17 +74,32 @@ def test_updated_exact_index_equals_the_rebuilt_one(kind, tmp_path):
     assert_same_index(loaded, rebuilt, queries)
 
 
-def test_centroid_index_numbers_identities_from_labels_as_a_rebuild():
-    """Integer labels keep their numbers; removing the only other label switches back."""
+@pytest.mark.parametrize("kind", ["centroid", "instance"])
+def test_an_index_keeps_the_pids_it_gave_across_updates(kind, tmp_path):
+    """Integer labels are their pids, as a build numbers them; a named identity added later
+    gets the next free number instead of renumbering the others, and removals renumber
+    nothing; so a pid of earlier results keeps naming the same identity."""
     numbered = named_embeddings(["2", "10", "10", "7"], seed=5)
-    index = ctl_jax.Index.build(numbered, kind="centroid")
-    np.testing.assert_array_equal(index.items.pids, [2, 7, 10])
-    index.add(named_embeddings(["abc"], seed=6))
-    np.testing.assert_array_equal(index.labels, ["10", "2", "7", "abc"])
-    np.testing.assert_array_equal(index.items.pids, [0, 1, 2, 3])
-    index.remove(["abc"])
-    np.testing.assert_array_equal(index.labels, ["2", "7", "10"])
-    np.testing.assert_array_equal(index.items.pids, [2, 7, 10])
+    index = ctl_jax.Index.build(numbered, kind=kind)
+    assert dict(zip(index.labels, index.items.pids.tolist())) == {"2": 2, "7": 7, "10": 10}
+    index.add(named_embeddings(["5"], seed=9))  # still integer labels: its own number
+    index.add(named_embeddings(["abc", "", "abc"], seed=6))
+    index.add(named_embeddings(["3", "abc"], seed=10))
+    want = {"2": 2, "7": 7, "10": 10, "5": 5, "abc": 11, "3": 12}
+    index.remove(["7"])
+    del want["7"]
+    index.save(tmp_path / "index.npz")
+    index = ctl_jax.Index.load(tmp_path / "index.npz")
+    index.add(named_embeddings(["zz"], seed=11))
+    want["zz"] = 13
+    known = index.labels != ""
+    assert dict(zip(index.labels[known], index.items.pids[known].tolist())) == want
+    assert (index.items.pids[~known] == -1).all()
+    # Named identities from the start: positions, then new ones after the largest.
+    index = ctl_jax.Index.build(named_embeddings(["eel", "cat"], seed=12), kind=kind)
+    index.remove(["cat"])
+    index.add(named_embeddings(["ant"], seed=13))
+    assert dict(zip(index.labels, index.items.pids.tolist())) == {"eel": 1, "ant": 2}
 
 
 def test_search_hits_follow_the_results_json():
@@ -197,3 +221,38 @@ def test_faiss_indexes_update_with_their_own_add_and_remove(method, kind, tmp_pa
         dog = named_embeddings(["dog"], seed=13)
         loaded.add(dog)
         assert loaded.search(dog.embeddings, 1)[0][0]["label"] == "dog"
+
+
+@pytest.mark.parametrize("kind", ["centroid", "instance"])
+def test_adding_images_the_index_holds_is_refused_and_changes_nothing(kind, tmp_path):
+    """A retried update: every image of OLD is held already (centroid: also after a save and
+    load); an image listed twice is refused too; removing the identity first allows it."""
+    index = ctl_jax.Index.build(OLD, kind=kind)
+    path = index.save(tmp_path / "index.npz")
+    if kind == "centroid":  # the member keys of docs/formats.md, computed independently
+        with np.load(path) as data:
+            got = sorted(zip(data["member_keys"].tolist(), data["member_pids"].tolist()))
+        pid_of = dict(zip(index.labels.tolist(), index.items.pids.tolist()))
+        digest = lambda p: hashlib.blake2b(p.encode(), digest_size=8).digest()  # noqa: E731
+        want = [
+            (int.from_bytes(digest(p), "little"), pid_of[label])
+            for p, label in zip(OLD.paths.tolist(), OLD.labels.tolist())
+            if label
+        ]
+        assert got == sorted(want)
+    index = ctl_jax.Index.load(path)
+    labels, counts = index.labels.copy(), index.items.counts.copy()
+    known = OLD.labels != ""
+    held = OLD.select(known) if kind == "centroid" else OLD
+    with pytest.raises(InvalidValueError, match=rf"{len(held)} image\(s\) already in the index"):
+        index.add(held)
+    retried = Embeddings.concatenate([NEW, OLD.select(np.arange(len(OLD)) == 2)])
+    with pytest.raises(InvalidValueError, match=rf"1 image\(s\) .*\({OLD.paths[2]}\)"):
+        index.add(retried)
+    with pytest.raises(InvalidValueError, match=r"listed twice"):
+        index.add(Embeddings.concatenate([NEW, NEW.select(np.arange(len(NEW)) == 0)]))
+    np.testing.assert_array_equal(index.labels, labels)
+    np.testing.assert_array_equal(index.items.counts, counts)
+    index.remove(["cat"])  # its images may come again now
+    index.add(OLD.select(OLD.labels == "cat"))
+    assert int(index.items.counts[index.labels == "cat"].sum()) == 2

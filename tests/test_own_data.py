@@ -75,6 +75,33 @@ def test_folder_per_identity_image_set(tmp_path):
     one_line_error(lambda: assign_identities(market, market_root, "names"))
 
 
+@pytest.mark.parametrize("mode", [None, "folder"])
+def test_nested_identity_folders_take_the_first_folder(tmp_path, mode):
+    # Same sub-folder names under different identities must not merge them, and one
+    # identity's images at mixed depths stay one identity.
+    root = tmp_path / "gallery"
+    names = ["alice/2019/a.jpg", "bob/2019/b.jpg", "alice/c.png", "bob/2020/deep/d.jpg"]
+    paths = write_images(root, names)
+    found = assign_identities(paths, root, mode)
+    by_name = dict(zip([pathlib.Path(p).relative_to(root).as_posix() for p in paths], found.labels))
+    assert by_name == {
+        "alice/2019/a.jpg": "alice",
+        "alice/c.png": "alice",
+        "bob/2019/b.jpg": "bob",
+        "bob/2020/deep/d.jpg": "bob",
+    }
+    # An image directly in the root is still refused by --identity=folder.
+    paths = write_images(root, names + ["e.jpg"])
+    if mode == "folder":
+        message = one_line_error(lambda: assign_identities(paths, root, mode))
+        assert "e.jpg is not in a sub-folder" in message
+    else:
+        assert (
+            sorted(assign_identities(paths, root).labels.tolist())
+            == [""] + ["alice"] * 2 + ["bob"] * 2
+        )
+
+
 def test_identities_from_a_csv_file_and_its_errors(tmp_path):
     root = tmp_path / "photos"
     paths = write_images(root, ["a.jpg", "b.jpg", "sub/c.png", "d.jpg"])
@@ -280,3 +307,119 @@ def test_search_command_updates_an_index(tmp_path):
         last = bad.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and expected in last
         assert not target.exists() and not list(tmp_path.glob(".never.npz*"))
+
+
+def folder_per_identity_from_synthetic(synthetic_root, root):
+    """The tiny synthetic set as one folder per identity with plain file names (no camera
+    ids): `root/{train,query,gallery}/person_<pid>/<n>.jpg`; junk and background left out."""
+    from ctl_jax.data.readers import read_market_style
+
+    dataset = read_market_style(synthetic_root, "synthetic")
+    raw_train = sorted({int(p.rsplit("/", 1)[1].split("_")[0]) for p in dataset.train.paths})
+    for split in ("train", "query", "gallery"):
+        records = getattr(dataset, split)
+        for n, (path, pid) in enumerate(zip(records.paths, records.pids)):
+            pid = raw_train[pid] if split == "train" else int(pid)
+            if pid <= 0:
+                continue
+            target = root / split / f"person_{pid:04d}" / f"{n}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(pathlib.Path(path).read_bytes())
+    return root
+
+
+def test_own_folder_workflow_train_evaluate_embed_index_search(tmp_path):
+    """The quick start for one's own folder of images, command by command, on the tiny
+    synthetic set laid out as train/ query/ gallery/ identity folders (tiny sizes; the
+    quick start itself uses the default ones)."""
+    from tiny_data import make_tiny_reid
+
+    root = folder_per_identity_from_synthetic(
+        make_tiny_reid(tmp_path / "synthetic", seed=4, num_train_ids=6), tmp_path / "my_images"
+    )
+    workdir = tmp_path / "runs" / "my_images"
+    tiny = [
+        "--config.data.height=32",
+        "--config.data.width=16",
+        "--config.data.num_identities=4",
+        "--config.data.num_instances=4",
+        "--config.data.pad=2",
+        "--config.solver.warmup_epochs=1",
+        "--config.solver.num_epochs=1",
+    ]
+    # 1. Train (a left-out data.name is the synthetic demo's Market layout: a hint).
+    wrong = run("ctl_jax.train", f"--config.data.root={root}", f"--workdir={workdir}", *tiny)
+    assert wrong.returncode == 1 and "--config.data.name=folder" in wrong.stderr
+    done = run(
+        "ctl_jax.train",
+        "--config.data.name=folder",
+        f"--config.data.root={root}",
+        f"--workdir={workdir}",
+        *tiny,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(no camera ids in the data)" in done.stdout
+    line = (
+        "evaluation modes: instance, centroid (auto: the data has no camera ids); "
+        "monitor: centroid/mAP (auto)"
+    )
+    assert done.stdout.count(line) == 1
+    evaluations = [
+        json.loads(x)
+        for x in (workdir / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "eval"' in x
+    ]
+    assert evaluations and "centroid/mAP" in evaluations[-1]
+    assert not any("camera" in key for e in evaluations for key in e)
+    # 2. Evaluate: the same two modes, every query counted.
+    done = run("ctl_jax.evaluate", f"--workdir={workdir}", f"--output={tmp_path / 'm.json'}")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert {"instance", "centroid"} <= set(metrics) and "centroid_camera" not in metrics
+    num_queries = len(list((root / "query").rglob("*.jpg")))
+    assert metrics["centroid"]["num_query"] == metrics["instance"]["num_query"] == num_queries
+    # 3. Embed the gallery (identities from the folder names), 4. build an index of
+    # identity centroids, 5. search it with the query images.
+    npz, index, results = tmp_path / "gallery.npz", tmp_path / "index.npz", tmp_path / "r.json"
+    done = run_cli(
+        "ctl_jax.embed", f"--workdir={workdir}", f"--images={root / 'gallery'}", f"--output={npz}"
+    )
+    assert done.returncode == 0, done.stderr
+    done = run_cli("ctl_jax.search", f"--gallery={npz}", "--centroids", f"--save_index={index}")
+    assert done.returncode == 0, done.stderr
+    done = run_cli(
+        "ctl_jax.search",
+        f"--index={index}",
+        f"--workdir={workdir}",
+        f"--images={root / 'query'}",
+        "--top_k=3",
+        f"--output={results}",
+    )
+    assert done.returncode == 0, done.stderr
+    queries = json.loads(results.read_text())["queries"]
+    gallery = Embeddings.load(npz)
+    identities = sorted(p.name for p in (root / "gallery").iterdir())
+    assert sorted(set(gallery.labels.tolist())) == identities
+    assert len(queries) == num_queries
+    # Against a NumPy reference: the centroids of the gallery embeddings per label, ranked
+    # by cosine with the query embeddings embed gives.
+    query_npz = tmp_path / "query.npz"
+    done = run_cli(
+        "ctl_jax.embed",
+        f"--workdir={workdir}",
+        f"--images={root / 'query'}",
+        f"--output={query_npz}",
+    )
+    assert done.returncode == 0, done.stderr
+    embedded = Embeddings.load(query_npz)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    centroids = unit(
+        np.stack([gallery.embeddings[gallery.labels == name].mean(0) for name in identities])
+    )
+    scores = unit(embedded.embeddings) @ centroids.T
+    by_path = {q["path"]: q for q in queries}
+    for path, row in zip(embedded.paths, scores):
+        want = [identities[i] for i in np.argsort(-row, kind="stable")[:3]]
+        got = by_path[path]["matches"]
+        assert [m["label"] for m in got] == want
+        np.testing.assert_allclose([m["score"] for m in got], np.sort(row)[::-1][:3], atol=1e-4)

@@ -186,3 +186,101 @@ def test_folder_per_identity(tmp_path):
     with pytest.raises(DatasetError, match="gallery"):
         read_folder_per_identity(tmp_path / "train")
     np.testing.assert_array_equal(open_dataset("folder", tmp_path).gallery.pids, [0, 1, 2])
+
+
+def _folder_tree(root, query_gallery_names):
+    """train/<id>/ with plain names; query/ and gallery/ with `query_gallery_names`."""
+    for ident, name in [("bob", "a.jpg"), ("bob", "b.jpg"), ("alice", "c.jpg")]:
+        _touch(root / "train" / ident / name)
+    for split, ident, name in query_gallery_names:
+        _touch(root / split / ident / name)
+
+
+def test_folder_cameras_are_real_only_when_every_test_image_names_one(tmp_path):
+    plain = [("query", "bob", "q.jpg"), ("gallery", "bob", "g.jpg"), ("gallery", "eve", "h.jpg")]
+    _folder_tree(tmp_path / "plain", plain)
+    ds = read_folder_per_identity(tmp_path / "plain")
+    assert not ds.has_cameras
+    table = ds.statistics_table()
+    assert "  query    |     1 |        1 |         -" in table
+    assert "  gallery  |     2 |        2 |         -" in table
+    assert table.endswith("(no camera ids in the data)")
+    named = [
+        ("query", "bob", "0001_c1s1_0_00.jpg"),
+        ("gallery", "bob", "0001_c2s1_0_00.jpg"),
+        ("gallery", "eve", "0002_c3s1_0_00.jpg"),
+    ]
+    _folder_tree(tmp_path / "named", named)
+    ds = read_folder_per_identity(tmp_path / "named")
+    assert ds.has_cameras and ds.gallery.camids.tolist() == [1, 2]
+    assert "  gallery  |     2 |        2 |         2" in ds.statistics_table()
+    assert "no camera ids" not in ds.statistics_table()
+    # One test image without a camera in its name: the cameras are not all real.
+    _folder_tree(tmp_path / "mixed", [*named, ("gallery", "eve", "x.jpg")])
+    assert not read_folder_per_identity(tmp_path / "mixed").has_cameras
+
+
+def test_camera_ids_real_for_market_not_for_coco(tmp_path):
+    _market_tree(tmp_path / "market1501")
+    assert read_market_style(tmp_path, "market1501").has_cameras
+    for split, pids in (("train", [4, 4]), ("query", [3]), ("gallery", [3])):
+        _coco(tmp_path / "fashion", split, pids)
+    assert not read_coco_fashion(tmp_path / "fashion").has_cameras
+
+
+def _assert_same_test_splits(got, want):
+    assert len(got.train) == 0 and got.has_cameras == want.has_cameras
+    for split in ("query", "gallery"):
+        for field in ("paths", "pids", "camids"):
+            np.testing.assert_array_equal(
+                getattr(getattr(got, split), field), getattr(getattr(want, split), field)
+            )
+
+
+def test_market_folder_and_coco_evaluation_reads_no_training_folder(tmp_path):
+    import shutil
+
+    _market_tree(tmp_path / "market1501")
+    _folder_tree(tmp_path / "folder", [("query", "x", "q.jpg"), ("gallery", "x", "g.jpg")])
+    for split, pids in (("train", [4, 4]), ("query", [3]), ("gallery", [3, 5])):
+        _coco(tmp_path / "fashion", split, pids)
+    cases = [
+        ("market1501", tmp_path, tmp_path / "market1501" / "bounding_box_train"),
+        ("folder", tmp_path / "folder", tmp_path / "folder" / "train"),
+        ("street2shop", tmp_path / "fashion", tmp_path / "fashion" / "train"),
+    ]
+    for name, root, train_folder in cases:
+        full = open_dataset(name, root)
+        shutil.rmtree(train_folder)
+        if name == "street2shop":
+            (root / "train.json").unlink()
+        with pytest.raises(DatasetError, match="train"):
+            open_dataset(name, root)
+        partial = open_dataset(name, root, splits=("query", "gallery"))
+        _assert_same_test_splits(partial, full)
+    with pytest.raises(ValueError, match="unknown split"):
+        open_dataset("folder", tmp_path / "folder", splits=("test",))
+
+
+def test_folder_layout_under_the_market_default_suggests_data_name_folder(tmp_path):
+    from ctl_jax.configs import load_config
+    from ctl_jax.data.source import load_dataset
+
+    _folder_tree(tmp_path, [("query", "x", "q.jpg"), ("gallery", "x", "g.jpg")])
+    for config_file in ("configs/default.py", "configs/market1501.py"):
+        config = load_config(config_file)
+        config.data.root = str(tmp_path)
+        with pytest.raises(DatasetError) as info:
+            load_dataset(config.data)
+        message = str(info.value)
+        assert "\n" not in message and "--config.data.name=folder" in message
+        assert "bounding_box_train" in message or "market1501" in message
+        config.data.name = "folder"
+        assert len(load_dataset(config.data)[0].train) == 3
+    # No folder layout next to it: no hint.
+    (tmp_path / "train").rename(tmp_path / "elsewhere")
+    config = load_config("configs/default.py")
+    config.data.root = str(tmp_path)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(config.data)
+    assert "data.name=folder" not in str(info.value)

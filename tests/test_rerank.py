@@ -10,6 +10,7 @@ database-side augmentation) and Ye et al., TPAMI 2021 (mINP).
 import numpy as np
 import pytest
 
+from ctl_jax.errors import OptionError
 from ctl_jax.evaluation import (
     MODES,
     QueryExpansionParams,
@@ -164,12 +165,49 @@ def test_rerank_with_exact_ties_follows_the_index_order():
         np.testing.assert_allclose(got, reference_rerank(q_emb, g_emb, k1, k2, 0.3), atol=2e-6)
 
 
-@pytest.mark.parametrize("num_q,num_g", [(3, 2), (1, 1), (2, 15)])
-def test_rerank_gallery_smaller_than_k1(num_q, num_g):
-    q_emb, _, _, g_emb, _, _ = clustered(2)
+@pytest.mark.parametrize("num_q,num_g", [(3, 2), (1, 1), (2, 15), (30, 12)])
+def test_rerank_k1_as_large_as_the_gallery(num_q, num_g):
+    # k1 = G: the neighbourhoods of size k1 + 1 hold every item when Q is small.
+    q_emb, _, _, g_emb, _, _ = clustered(2, num_q=max(num_q, 24))
     q_emb, g_emb = q_emb[:num_q], g_emb[:num_g]
-    got = rerank_distances(q_emb, g_emb, RerankParams(20, 6, 0.3))
-    np.testing.assert_allclose(got, reference_rerank(q_emb, g_emb, 20, 6, 0.3), atol=2e-6)
+    k2 = min(6, num_g)
+    got = rerank_distances(q_emb, g_emb, RerankParams(num_g, k2, 0.3))
+    want = reference_rerank(q_emb, g_emb, num_g, k2, 0.3)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_rerank_k1_above_the_gallery_is_refused():
+    q_emb, _, _, g_emb, _, _ = clustered(2)
+    with pytest.raises(OptionError, match=r"--rerank_k1=71 exceeds the 70 items of the gallery"):
+        rerank_distances(q_emb, g_emb, RerankParams(71, 6, 0.3))
+
+
+@pytest.mark.parametrize("k1,k2", [(20, 6), (60, 30), (70, 1)])
+def test_rerank_in_small_chunks_matches_the_reference(monkeypatch, k1, k2):
+    # Chunks of a few rows (some rows alone above the budget) give the same V.
+    from ctl_jax.evaluation import rerank
+
+    monkeypatch.setattr(rerank, "_CHUNK_ENTRIES", 50)
+    q_emb, _, _, g_emb, _, _ = clustered(4)
+    got = rerank_distances(q_emb, g_emb, RerankParams(k1, k2, 0.3))
+    np.testing.assert_allclose(got, reference_rerank(q_emb, g_emb, k1, k2, 0.3), atol=2e-6)
+
+
+def test_rerank_refuses_an_estimate_above_the_available_memory(tmp_path, monkeypatch):
+    from ctl_jax import memory
+    from ctl_jax.evaluation import rerank
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemAvailable:     100 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    q_emb, _, _, g_emb, _, _ = clustered(5)
+    with pytest.raises(OptionError) as raised:
+        rerank_distances(q_emb, g_emb, RerankParams(20, 6, 0.3))
+    message = str(raised.value)
+    assert "\n" not in message and "needs about" in message and "0.0 GB available" in message
+    assert "--rerank_k1" in message
+    # The estimate at k1 = 20 of ~100 items is well below a GB: fits a normal machine.
+    assert rerank._fixed_bytes(24, 70, 12, 21) < 2**30
 
 
 def test_rerank_and_expansion_over_several_neighbour_blocks(monkeypatch):
@@ -307,3 +345,38 @@ def test_bad_rerank_parameters(kwargs, message):
 def test_bad_query_expansion_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QueryExpansionParams(**kwargs)
+
+
+def test_evaluate_lowers_k1_above_the_gallery_with_a_note(capsys):
+    q_emb, q_pids, q_cams, g_emb, g_pids, g_cams = clustered(6)
+    modes = ["instance", "centroid"]
+    got = evaluate(
+        q_emb, q_pids, q_cams, g_emb, g_pids, g_cams, modes, RANKS,
+        rerank=RerankParams(100000, 8, 0.3),
+    )  # fmt: skip
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 2 and all(n.startswith("note: --rerank_k1=100000") for n in notes)
+    for mode, note in zip(modes, notes):
+        gallery = build_search_gallery(mode, g_emb, g_pids, g_cams, q_pids, q_cams)
+        g = len(gallery)
+        assert f"the {g} items of the {mode} gallery" in note
+        assert f"k1={g}, k2={min(8, g)}" in note
+        want = reference_rerank(q_emb, gallery.embeddings, g, min(8, g), 0.3)
+        labels = (q_pids, gallery.query_cams, gallery.pids, gallery.cam_masks)
+        assert_metrics_close(got[mode], reference_metrics(want, *labels))
+
+
+def test_available_memory_reading(tmp_path):
+    from ctl_jax import memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 2048 kB\nMemFree: 1024 kB\nMemAvailable: 1536 kB\n")
+    assert memory.available_bytes(str(meminfo)) == 1536 * 1024
+    memory.require_memory(1536 * 1024, "x", "y", str(meminfo))  # fits exactly
+    with pytest.raises(OptionError, match=r"x needs about 0.0 GB of memory, .*: y$"):
+        memory.require_memory(1536 * 1024 + 1, "x", "y", str(meminfo))
+    # Without the field or the file (not Linux): nothing is known, nothing is refused.
+    meminfo.write_text("MemTotal: 2048 kB\n")
+    assert memory.available_bytes(str(meminfo)) is None
+    assert memory.available_bytes(str(tmp_path / "missing")) is None
+    memory.require_memory(10**18, "x", "y", str(tmp_path / "missing"))

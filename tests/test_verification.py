@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctl_jax.errors import FileContentError
 from ctl_jax.evaluation import (
     MODES,
     build_search_gallery,
@@ -231,3 +232,40 @@ def test_calibration_reads_the_matching_mode(tmp_path):
         calibrated_min_score(tmp_path / "bad.json", 0.001, "instance")
     with pytest.raises(FileNotFoundError, match="--calibration"):
         calibrated_min_score(tmp_path / "missing.json", 0.001, "instance")
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        (7.5, "must be a cosine score, a number in [-1, 1], got 7.5"),
+        (-1.5, "got -1.5"),
+        (True, "got True"),
+        ("0.3", "got '0.3'"),
+        ([0.3], "got [0.3]"),
+        (float("nan"), "has no instance threshold at FPR 0.001 (it is nan; available: auto:0.01)"),
+        (float("inf"), "has no instance threshold at FPR 0.001 (it is inf; available: auto:0.01)"),
+        (None, "has no instance threshold at FPR 0.001 (available: auto:0.01)"),
+    ],
+)
+def test_calibration_threshold_values_are_checked(tmp_path, value, message):
+    path = tmp_path / "m.json"
+    block = {"threshold_at_fpr": {"0.001": value, "0.01": 0.25, "0.1": "x"}}
+    path.write_text(json.dumps({"verification": {"instance": block}}))
+    with pytest.raises(FileContentError) as raised:
+        calibrated_min_score(path, 0.001, "instance")
+    text = str(raised.value)
+    assert "\n" not in text and str(path) in text and message in text, text
+    if "must be" in text:
+        assert "verification.instance.threshold_at_fpr['0.001']" in text
+    assert calibrated_min_score(path, 0.01, "instance") == (0.25, "instance")
+    for edge in (-1, 1, 0):  # the ends of the range and an integer are thresholds
+        block["threshold_at_fpr"]["0.001"] = edge
+        path.write_text(json.dumps({"verification": {"instance": block}}))
+        assert calibrated_min_score(path, 0.001, "instance") == (float(edge), "instance")
+
+
+def test_calibration_thresholds_not_a_mapping(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"verification": {"instance": {"threshold_at_fpr": [0.2]}}}))
+    with pytest.raises(FileContentError, match="threshold_at_fpr must map FPR to threshold"):
+        calibrated_min_score(path, 0.001, "instance")

@@ -6,6 +6,8 @@ rotation by the principal directions of the whitened data)."""
 
 import json
 import pathlib
+import pickle
+import re
 
 import numpy as np
 import pytest
@@ -167,8 +169,22 @@ def test_file_round_trip_and_bad_files(tmp_path):
     with pytest.raises(FileContentError, match="is not a whitening file"):
         whitening.Whitening.load(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(FileContentError, match="not a readable .npz"):
+    with pytest.raises(FileContentError, match="junk.npz is not an .npz"):
         whitening.Whitening.load(tmp_path / "junk.npz")
+    # Never numpy's advice to load a pickle unsafely (allow_pickle), whatever the file.
+    (tmp_path / "pickled.npz").write_bytes(pickle.dumps({"mean": [1.0]}))
+    np.save(tmp_path / "single.npy", x)
+    np.savez(tmp_path / "objects.npz", mean=np.array([1.0, None], dtype=object))
+    for name, message in [
+        ("pickled.npz", "is not an .npz (not a zip archive)"),
+        ("single.npy", "holds a single array"),
+        ("objects.npz", "not a readable .npz"),
+    ]:
+        with pytest.raises(FileContentError, match=re.escape(message)) as raised:
+            whitening.Whitening.load(tmp_path / name)
+        text = str(raised.value)
+        assert name in text and "\n" not in text
+        assert "unsafe" not in text and "allow_pickle=`" not in text and "pickle.load" not in text
     with pytest.raises(MissingFileError, match="does not exist"):
         whitening.Whitening.load(tmp_path / "missing.npz")
     with pytest.raises(InvalidValueError, match="learned on 8-d embeddings but the embeddings"):
@@ -289,3 +305,59 @@ def test_folder_labels():
     labels = identity_labels(np.full(3, -1), paths, "folders")
     assert labels[0] == labels[2] != labels[1]
     assert identity_labels(np.array([4, -1, 4]), paths, "pids").tolist() == [4, -1, 4]
+
+
+def test_folder_labels_take_the_first_folder_under_the_root():
+    from ctl_jax.retrieval.whitening import identity_labels
+
+    paths = np.asarray(
+        [
+            "/d/train/alice/2019/1.jpg",
+            "/d/train/bob/2019/2.jpg",
+            "/d/train/alice/3.jpg",
+            "/d/train/bob/2020/x/4.jpg",
+        ]
+    )
+    for root in (None, "/d/train"):  # the shared folder is the root by default
+        labels = identity_labels(np.full(4, -1), paths, "folders", root)
+        assert labels[0] == labels[2] != labels[1] == labels[3]
+        assert (labels >= 0).all()
+    # With a root above the identity folders the first folder is "train" for all; an image
+    # directly in the root has no identity (-1).
+    assert len(set(identity_labels(np.full(4, -1), paths, "folders", "/d").tolist())) == 1
+    with_loose = np.append(paths, "/d/train/5.jpg")
+    labels = identity_labels(np.full(5, -1), with_loose, "folders")
+    assert labels[4] == -1 and labels[0] == labels[2] != labels[1] == labels[3] >= 0
+
+
+def test_whiten_folder_labels_with_nested_folders(tmp_path):
+    # Every identity holds the same sub-folders: the old parent-folder rule merged all the
+    # identities into "sub0" and "sub1"; the first folder under the root keeps them apart.
+    x, labels = clustered(7, num_ids=20, per_id=6, dim=8)
+    root = tmp_path / "train"
+    paths = [
+        str(root / f"id{label}" / f"sub{i % 2}" / f"{i}.jpg") for i, label in enumerate(labels)
+    ]
+    unknown = np.full(len(x), -1, np.int64)
+    Embeddings(x, unknown, np.zeros(len(x), np.int64), np.asarray(paths)).save(tmp_path / "t.npz")
+    out = tmp_path / "w.npz"
+    common = [f"--embeddings={tmp_path / 't.npz'}", "--method=supervised", "--dim=6"]
+    done = run("ctl_jax.whiten", *common, f"--output={out}", "--labels=folders")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(
+        whitening.Whitening.load(out).projection,
+        whitening.learn_supervised(x, labels, dim=6).projection,
+        rtol=1e-5,
+    )
+    line = last_error_line(run("ctl_jax.whiten", *common, f"--output={out}.2", f"--images={root}"))
+    assert line == "error: --images needs --labels=folders"
+    line = last_error_line(
+        run(
+            "ctl_jax.whiten",
+            *common,
+            f"--output={out}.3",
+            "--labels=folders",
+            f"--images={root / 'id0' / 'sub0'}",
+        )
+    )
+    assert "--labels=folders: no image of" in line and "lies in a sub-folder of" in line

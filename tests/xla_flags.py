@@ -3,5 +3,6 @@
 
 def xla_flags(devices: int) -> str:
     """`devices` virtual CPU devices, LLVM optimisation level 0: the tests' tiny models
-    compile about twice as fast and run fast enough unoptimised (see README, "Two commands")."""
+    compile about twice as fast and run fast enough unoptimised (docs/getting-started.md,
+    "Two commands")."""
     return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"

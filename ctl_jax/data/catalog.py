@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ctl_jax.data import benchmarks, readers
-from ctl_jax.data.records import RetrievalDataset
+from ctl_jax.data.records import SPLITS, RetrievalDataset, check_splits
 from ctl_jax.errors import DatasetError
 
 DATASET_NAMES = (
@@ -32,9 +32,14 @@ DATASET_NAMES = (
     "sop",
     "inshop",
 )
+# Datasets whose reader has no choice of splits: evaluation-only benchmarks (no training
+# split) and a training-only source. They are read whole whatever `splits` asks.
+_WHOLE = ("roxford5k", "rparis6k", "holidays", "gldv2")
 
 
-def open_dataset(name: str, root: str | os.PathLike, **kwargs) -> RetrievalDataset:
+def open_dataset(
+    name: str, root: str | os.PathLike, *, splits=SPLITS, **kwargs
+) -> RetrievalDataset:
     """Reads dataset `name` from `root`.
 
     Names: "market1501" (`<root>/market1501/`), "dukemtmc" (`<root>/DukeMTMC-reID/`),
@@ -43,7 +48,12 @@ def open_dataset(name: str, root: str | os.PathLike, **kwargs) -> RetrievalDatas
     the benchmarks of `ctl_jax.data.benchmarks` (MSMT17, CUHK03-NP, VeRi-776, Revisited
     Oxford/Paris, Holidays, Google Landmarks v2, Stanford Online Products, In-Shop), which
     read `root` as their unpacked download. Extra keyword arguments go to the reader.
+
+    `splits`: the splits to read; the others are empty and their files are not needed
+    (an evaluation reads ("query", "gallery")). The landmark benchmarks are read whole.
     """
+    if check_splits(splits) != set(SPLITS) and name not in _WHOLE:
+        kwargs["splits"] = tuple(splits)
     if name in readers.MARKET_STYLE_DIRS:
         return readers.read_market_style(root, name, **kwargs)
     if name in ("street2shop", "deepfashion"):

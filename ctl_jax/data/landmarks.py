@@ -101,19 +101,18 @@ def load_revisited_ground_truth(path: str | os.PathLike) -> RevisitedGroundTruth
         if not isinstance(entry, dict):
             raise bad(f"gnd[{i}] is not a dict")
         for key, out in lists.items():
-            values = entry.get(key)
-            if not isinstance(values, (list, tuple)) or not all(
-                type(v) is int and 0 <= v < len(imlist) for v in values
+            values = _numbers(entry.get(key), "iu")
+            if (
+                values is None
+                or values.ndim != 1
+                or not np.all((values >= 0) & (values < len(imlist)))
             ):
                 raise bad(f"gnd[{i}]['{key}'] is not a list of indices into imlist")
-            out.append(np.asarray(values, dtype=np.int64))
+            out.append(values.astype(np.int64))
         box = entry.get("bbx")
         if box is not None:
-            if (
-                not isinstance(box, (list, tuple))
-                or len(box) != 4
-                or not all(type(v) in (int, float) for v in box)
-            ):
+            box = _numbers(box, "iuf")
+            if box is None or box.shape != (4,):
                 raise bad(f"gnd[{i}]['bbx'] is not 4 numbers [x0, y0, x1, y1]")
             boxes[i] = box
     return RevisitedGroundTruth(
@@ -125,6 +124,25 @@ def load_revisited_ground_truth(path: str | os.PathLike) -> RevisitedGroundTruth
         junk=tuple(lists["junk"]),
         boxes=boxes,
     )
+
+
+def _numbers(values, kinds: str) -> np.ndarray | None:
+    """`values` (a list or tuple of numbers, numpy scalars included, or a numpy array, as
+    revisitop files and their NumPy re-saves hold them) as a plain array whose dtype kind is
+    in `kinds` ("i"/"u" integers, "f" floats); None for anything else (bools included)."""
+    if isinstance(values, np.ndarray):
+        array = np.array(values)  # a plain ndarray copy
+    elif isinstance(values, (list, tuple)):
+        allowed = (int,) + ((float,) if "f" in kinds else ())
+        numpy_types = (np.integer,) + ((np.floating,) if "f" in kinds else ())
+        if not all((type(v) in allowed) or isinstance(v, numpy_types) for v in values):
+            return None
+        array = np.array([v.item() if isinstance(v, np.generic) else v for v in values])
+        if not values:
+            array = array.astype(np.int64)
+    else:
+        return None
+    return array if array.dtype.kind in kinds else None
 
 
 def read_distractors(folder: str | os.PathLike) -> list[str]:
@@ -170,6 +188,7 @@ def read_revisited(
         protocols=("revisited",),
         ground_truth=gt,
         image_edits={"query": ImageEdits(boxes=gt.boxes)},
+        has_cameras=False,
     )
 
 
@@ -246,6 +265,7 @@ def read_holidays(root: str | os.PathLike, *, rotation_fix: str = "") -> Retriev
         gallery=gallery,
         protocols=("holidays", "recall_at_k"),
         image_edits=edits,
+        has_cameras=False,
     )
 
 
@@ -281,5 +301,10 @@ def read_gldv2(root: str | os.PathLike, *, check_files: bool = True) -> Retrieva
     pids = np.asarray(pids, np.int64)
     train = Split(np.asarray(paths, dtype=str), _relabel(pids), np.zeros(len(paths), np.int64))
     return RetrievalDataset(
-        name="gldv2", train=train, query=Split.empty(), gallery=Split.empty(), protocols=()
+        name="gldv2",
+        train=train,
+        query=Split.empty(),
+        gallery=Split.empty(),
+        protocols=(),
+        has_cameras=False,
     )

@@ -26,7 +26,7 @@ import numpy as np
 
 from ctl_jax.data.list_files import check_images_exist, read_lines
 from ctl_jax.data.readers import DatasetError, _relabel
-from ctl_jax.data.records import RetrievalDataset, Split
+from ctl_jax.data.records import SPLITS, RetrievalDataset, Split, check_splits
 
 SOP_RECALL_KS = (1, 10, 100, 1000)
 INSHOP_RECALL_KS = (1, 10, 20, 30, 40, 50)
@@ -59,39 +59,46 @@ def _read_sop_list(path: Path, root: Path) -> tuple[list[str], list[int]]:
     return paths, classes
 
 
-def read_sop(root: str | os.PathLike) -> RetrievalDataset:
+def read_sop(root: str | os.PathLike, *, splits=SPLITS) -> RetrievalDataset:
     """Reads Stanford Online Products from `root` (see the module docstring).
 
-    Query and gallery are the same test images (camera 0 and 1); the Recall@K protocol
-    leaves each query's own image out of its ranking.
+    Query and gallery are the same test images (camera 0 and 1, not real cameras); the
+    Recall@K protocol leaves each query's own image out of its ranking. Ebay_train.txt is
+    read when `splits` has "train", Ebay_test.txt when it has "query" or "gallery".
     """
     root = Path(root).expanduser()
-    train_paths, train_classes = _read_sop_list(root / "Ebay_train.txt", root)
-    test_paths, test_classes = _read_sop_list(root / "Ebay_test.txt", root)
-    n = len(train_paths)
-    train = Split(
-        np.asarray(train_paths, dtype=str),
-        _relabel(np.asarray(train_classes, np.int64)),
-        np.zeros(n, np.int64),
-    )
-    query = Split.from_lists(test_paths, test_classes, np.zeros(len(test_paths), np.int64))
-    gallery = Split(query.paths, query.pids, np.ones(len(query), np.int64))
+    chosen = check_splits(splits)
+    train = query = gallery = Split.empty()
+    if "train" in chosen:
+        train_paths, train_classes = _read_sop_list(root / "Ebay_train.txt", root)
+        train = Split(
+            np.asarray(train_paths, dtype=str),
+            _relabel(np.asarray(train_classes, np.int64)),
+            np.zeros(len(train_paths), np.int64),
+        )
+    if chosen & {"query", "gallery"}:
+        test_paths, test_classes = _read_sop_list(root / "Ebay_test.txt", root)
+        query = Split.from_lists(test_paths, test_classes, np.zeros(len(test_paths), np.int64))
+        gallery = Split(query.paths, query.pids, np.ones(len(query), np.int64))
     return RetrievalDataset(
         name="sop",
         train=train,
-        query=query,
-        gallery=gallery,
+        query=query if "query" in chosen else Split.empty(),
+        gallery=gallery if "gallery" in chosen else Split.empty(),
         protocols=("recall_at_k",),
         ground_truth={"recall_ks": SOP_RECALL_KS},
+        has_cameras=False,
     )
 
 
-def read_inshop(root: str | os.PathLike) -> RetrievalDataset:
+def read_inshop(root: str | os.PathLike, *, splits=SPLITS) -> RetrievalDataset:
     """Reads DeepFashion In-Shop from `root` (see the module docstring).
 
-    Item ids `id_00000002` become pids 2; train pids are relabelled. Cameras: 0 for train
-    and query, 1 for the gallery.
+    Item ids `id_00000002` become pids 2; train pids are relabelled. No camera ids: 0 for
+    train and query, 1 for the gallery. The list is read whole; only the images of `splits`
+    are looked for on disk (the others are empty).
     """
+    chosen = check_splits(splits)
     root = Path(root).expanduser()
     list_file = root / "Eval" / "list_eval_partition.txt"
     if not list_file.is_file() and (root / "list_eval_partition.txt").is_file():
@@ -108,22 +115,25 @@ def read_inshop(root: str | os.PathLike) -> RetrievalDataset:
         raise DatasetError(
             f"{list_file}: announces {lines[0][1]} images but lists {len(rows)} (truncated?)"
         )
-    splits = {"train": ([], []), "query": ([], []), "gallery": ([], [])}
+    listed = {"train": ([], []), "query": ([], []), "gallery": ([], [])}
     for number, line in rows:
         fields = line.split()
         item = fields[1] if len(fields) == 3 else ""
-        if len(fields) != 3 or fields[2] not in splits or not item.startswith("id_"):
+        if len(fields) != 3 or fields[2] not in listed or not item.startswith("id_"):
             raise DatasetError(
                 f"{list_file}:{number}: expected '<image_name> id_NNNNNNNN "
                 f"train|query|gallery', got {line!r}"
             )
         if not item[3:].isdigit():
             raise DatasetError(f"{list_file}:{number}: bad item id {item!r}")
-        paths, pids = splits[fields[2]]
+        paths, pids = listed[fields[2]]
         paths.append(str((image_root / fields[0]).resolve()))
         pids.append(int(item[3:]))
     records = {}
-    for split, (paths, pids) in splits.items():
+    for split, (paths, pids) in listed.items():
+        if split not in chosen:
+            records[split] = Split.empty()
+            continue
         if not paths:
             raise DatasetError(f"{list_file}: no image with evaluation_status {split!r}")
         check_images_exist(paths, list_file)
@@ -136,4 +146,5 @@ def read_inshop(root: str | os.PathLike) -> RetrievalDataset:
         **records,
         protocols=("recall_at_k", "market"),
         ground_truth={"recall_ks": INSHOP_RECALL_KS},
+        has_cameras=False,
     )

@@ -17,6 +17,9 @@ examples), not silently skipped: a stray file usually means a wrong folder. Pass
 input raises `DatasetError`, whose message names the offending file or folder.
 
 `Split.paths` holds absolute paths, so `dataset.query.paths[i]` is the image of query i.
+
+Every reader takes `splits=` (default all three): the splits left out are empty and their
+files are not looked at, so an evaluation needs no training images on disk.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctl_jax.data.records import RetrievalDataset, Split
+from ctl_jax.data.records import SPLITS, RetrievalDataset, Split, check_splits
 from ctl_jax.errors import DatasetError
 
 MARKET_NAME_PATTERN = re.compile(r"([-\d]+)_c(\d)")
@@ -42,7 +45,7 @@ MARKET_SPLIT_FOLDERS = {
 }
 # Folder under `root` for each Market-style dataset; `None` means `root` itself.
 MARKET_STYLE_DIRS = {"market1501": "market1501", "dukemtmc": "DukeMTMC-reID", "synthetic": None}
-FASHION_SPLITS = ("train", "query", "gallery")
+FASHION_SPLITS = SPLITS
 
 _MARKET_LAYOUT = (
     "expected layout: <dataset dir>/{bounding_box_train,query,bounding_box_test}/"
@@ -142,22 +145,35 @@ def market_style_dir(root: str | os.PathLike, name: str) -> Path:
     return candidate
 
 
+def read_market_folders(base: Path, splits=SPLITS, skip_unparsable: bool = False) -> dict:
+    """{split: Split} of the Market-style folders under `base` (`MARKET_SPLIT_FOLDERS`),
+    empty for the splits not in `splits`; train pids relabelled."""
+    chosen = check_splits(splits)
+    return {
+        split: _read_market_folder(base / folder, split == "train", skip_unparsable)
+        if split in chosen
+        else Split.empty()
+        for split, folder in MARKET_SPLIT_FOLDERS.items()
+    }
+
+
 def read_market_style(
-    root: str | os.PathLike, name: str = "market1501", *, skip_unparsable: bool = False
+    root: str | os.PathLike,
+    name: str = "market1501",
+    *,
+    skip_unparsable: bool = False,
+    splits=SPLITS,
 ) -> RetrievalDataset:
     """Reads Market-1501 (`<root>/market1501/`), DukeMTMC-reID (`<root>/DukeMTMC-reID/`) or
     the synthetic set (`root` itself) into a `RetrievalDataset`.
 
     Train pids are relabelled to 0..num_classes-1 (sorted raw pids); query and gallery keep
-    raw pids. Junk (pid -1) is dropped everywhere; pid 0 stays. Paths are sorted.
+    raw pids. Junk (pid -1) is dropped everywhere; pid 0 stays. Paths are sorted. Only the
+    folders of `splits` are read.
     """
     base = market_style_dir(root, name)
     _require_dir(base, f"dataset {name!r}: {_MARKET_LAYOUT}")
-    splits = {
-        split: _read_market_folder(base / folder, split == "train", skip_unparsable)
-        for split, folder in MARKET_SPLIT_FOLDERS.items()
-    }
-    return RetrievalDataset(name=name, **splits)
+    return RetrievalDataset(name=name, **read_market_folders(base, splits, skip_unparsable))
 
 
 # --------------------------------------------------------------------------------------
@@ -258,6 +274,7 @@ def read_coco_fashion(
     *,
     name: str = "fashion",
     check_files: bool = True,
+    splits=SPLITS,
 ) -> RetrievalDataset:
     """Reads a COCO-JSON fashion dataset (Street2Shop, DeepFashion consumer-to-shop).
 
@@ -269,64 +286,88 @@ def read_coco_fashion(
         `<root>/{split}.json`.
       name: dataset name stored in the records.
       check_files: raise `DatasetError` if an image referenced by a JSON is missing.
+      splits: the splits to read (the others are empty; their JSON is not opened).
 
     Every annotation is one sample (its image path, pair_id). Train identities with a
-    single sample are removed and train pids relabelled; camera 0 for train and query,
-    1 for gallery. Samples are ordered by pair_id, then annotation order.
+    single sample are removed and train pids relabelled. No camera ids (`has_cameras`
+    False): camera 0 for train and query, 1 for gallery. Samples are ordered by pair_id,
+    then annotation order.
     """
     root = Path(root).expanduser()
+    chosen = check_splits(splits)
     paths = _resolve_json_paths(root, json_paths)
-    splits = {}
+    records = {}
     for split in FASHION_SPLITS:
+        if split not in chosen:
+            records[split] = Split.empty()
+            continue
         image_dir = root / split
         _require_dir(image_dir, "expected layout: <root>/{train,query,gallery}/<file_name>")
-        splits[split] = _read_coco_split(paths[split], image_dir, split, check_files)
-    return RetrievalDataset(name=name, **splits)
+        records[split] = _read_coco_split(paths[split], image_dir, split, check_files)
+    return RetrievalDataset(name=name, **records, has_cameras=False)
 
 
 # --------------------------------------------------------------------------------------
 # One folder per identity.
 
 
-def read_folder_per_identity(root: str | os.PathLike, *, name: str = "folder") -> RetrievalDataset:
+def read_folder_per_identity(
+    root: str | os.PathLike, *, name: str = "folder", splits=SPLITS
+) -> RetrievalDataset:
     """Reads `<root>/{train,query,gallery}/<identity>/<images>` (jpg/jpeg/png).
 
     Identities: train ids are relabelled to 0..K-1 in sorted order of folder names. For
     query and gallery, if every identity folder name is an integer that integer is the pid;
     otherwise pids are positions in the sorted union of query and gallery folder names, so
-    equal names mean equal pids across the two splits.
+    equal names mean equal pids across the two splits (the identity folder names of both
+    are listed even when only one is read, so that pids do not depend on `splits`).
 
     Cameras: taken from a Market-style file name (`..._c3...` -> 2) when the name matches;
     otherwise 0 for train and query and 1 for gallery, so that the same-camera filter of
-    the evaluation removes nothing.
+    the evaluation removes nothing. `has_cameras` is True only when every query and gallery
+    image read has a camera in its name.
+
+    Only the folders of `splits` are read (the others are empty); the identity folder
+    names of query and gallery are listed whenever one of them is read.
     """
     root = Path(root).expanduser()
+    chosen = check_splits(splits)
+    listed = chosen | ({"query", "gallery"} if chosen & {"query", "gallery"} else set())
     folders = {}
     for split in FASHION_SPLITS:
+        if split not in listed:
+            continue
         split_dir = root / split
         _require_dir(split_dir, _FOLDER_LAYOUT)
         ids = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
         if not ids:
             raise DatasetError(f"No identity folders in {split_dir} ({_FOLDER_LAYOUT})")
         folders[split] = ids
-    test_names = sorted(set(folders["query"]) | set(folders["gallery"]))
+    test_names = sorted(set(folders.get("query", ())) | set(folders.get("gallery", ())))
     if all(re.fullmatch(r"-?\d+", n) for n in test_names):
         test_pid = {n: int(n) for n in test_names}
     else:
         test_pid = {n: i for i, n in enumerate(test_names)}
-    splits = {}
+    records, named_cameras = {}, True
     for split in FASHION_SPLITS:
+        if split not in chosen:
+            records[split] = Split.empty()
+            continue
         default_cam = 1 if split == "gallery" else 0
         paths, pids, camids = [], [], []
         for label, identity in enumerate(folders[split]):
             for path in list_images(root / split / identity):
                 parsed = parse_market_name(path)
+                named = parsed is not None and parsed[1] >= 0
+                if split != "train":
+                    named_cameras &= named
                 paths.append(path)
                 pids.append(label if split == "train" else test_pid[identity])
-                camids.append(parsed[1] if parsed and parsed[1] >= 0 else default_cam)
+                camids.append(parsed[1] if named else default_cam)
         if not paths:
             raise DatasetError(f"No images under {root / split} ({_FOLDER_LAYOUT})")
-        splits[split] = Split.from_lists(paths, pids, camids)
-    train = splits["train"]
-    splits["train"] = Split(train.paths, _relabel(train.pids), train.camids)
-    return RetrievalDataset(name=name, **splits)
+        records[split] = Split.from_lists(paths, pids, camids)
+    train = records["train"]
+    records["train"] = Split(train.paths, _relabel(train.pids), train.camids)
+    evaluated = bool(chosen & {"query", "gallery"})
+    return RetrievalDataset(name=name, **records, has_cameras=evaluated and named_cameras)

@@ -16,7 +16,8 @@ Layouts (`root` is the unpacked download):
 - VeRi-776 (Liu et al., ICME 2016): `<root>/{image_train,image_query,image_test}/` with
   names `0001_c001_00016450_0.jpg` (vehicle id, camera c001..c020).
 
-All are evaluated with the Market-1501 protocol (same identity and camera removed).
+All are evaluated with the Market-1501 protocol (same identity and camera removed). Each
+reader takes `splits=` as those of `ctl_jax.data.readers` do.
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ import numpy as np
 
 from ctl_jax.data.list_files import check_images_exist, read_lines
 from ctl_jax.data.readers import (
-    MARKET_SPLIT_FOLDERS,
     DatasetError,
-    _read_market_folder,
     _relabel,
     _require_dir,
     list_images,
+    read_market_folders,
 )
-from ctl_jax.data.records import RetrievalDataset, Split
+from ctl_jax.data.records import SPLITS, RetrievalDataset, Split, check_splits
 
 MSMT17_VERSIONS = {"MSMT17_V1": ("train", "test"), "MSMT17_V2": ("mask_train_v2", "mask_test_v2")}
 CUHK03_VARIANTS = ("detected", "labeled")
@@ -64,12 +64,13 @@ def msmt17_camera(file_name: str | os.PathLike) -> int | None:
     return int(fields[2]) - 1
 
 
-def _msmt17_dirs(root: Path) -> tuple[Path, Path, Path]:
-    """(folder of the list files, train image folder, test image folder)."""
+def _msmt17_dirs(root: Path, needs_train: bool = True) -> tuple[Path, Path, Path]:
+    """(folder of the list files, train image folder, test image folder); the train image
+    folder need not exist when `needs_train` is False (an evaluation)."""
     bases = [root] + [root / v for v in MSMT17_VERSIONS] + [root / "msmt17" / v for v in MSMT17_VERSIONS]
     for base in bases:
         for train, test in MSMT17_VERSIONS.values():
-            if (base / train).is_dir() and (base / test).is_dir():
+            if ((base / train).is_dir() or not needs_train) and (base / test).is_dir():
                 return base, base / train, base / test
     raise DatasetError(f"MSMT17 image folders not found under {root} ({_MSMT_LAYOUT})")
 
@@ -95,25 +96,34 @@ def _read_msmt17_list(list_file: Path, image_dir: Path) -> Split:
     return Split.from_lists(paths, pids, cams)
 
 
-def read_msmt17(root: str | os.PathLike, *, use_val: bool = True) -> RetrievalDataset:
+def read_msmt17(
+    root: str | os.PathLike, *, use_val: bool = True, splits=SPLITS
+) -> RetrievalDataset:
     """Reads MSMT17 (V1 or V2) from its list files (see the module docstring)."""
-    base, train_dir, test_dir = _msmt17_dirs(Path(root).expanduser())
-    train = _read_msmt17_list(base / "list_train.txt", train_dir)
-    if use_val:
-        val = _read_msmt17_list(base / "list_val.txt", train_dir)
-        train = Split(
-            np.concatenate([train.paths, val.paths]),
-            np.concatenate([train.pids, val.pids]),
-            np.concatenate([train.camids, val.camids]),
-        )
-    train = Split(train.paths, _relabel(train.pids), train.camids)
-    query = _read_msmt17_list(base / "list_query.txt", test_dir)
-    gallery = _read_msmt17_list(base / "list_gallery.txt", test_dir)
-    return RetrievalDataset(name="msmt17", train=train, query=query, gallery=gallery)
+    chosen = check_splits(splits)
+    base, train_dir, test_dir = _msmt17_dirs(Path(root).expanduser(), "train" in chosen)
+    records = dict.fromkeys(SPLITS, Split.empty())
+    if "train" in chosen:
+        train = _read_msmt17_list(base / "list_train.txt", train_dir)
+        if use_val:
+            val = _read_msmt17_list(base / "list_val.txt", train_dir)
+            train = Split(
+                np.concatenate([train.paths, val.paths]),
+                np.concatenate([train.pids, val.pids]),
+                np.concatenate([train.camids, val.camids]),
+            )
+        records["train"] = Split(train.paths, _relabel(train.pids), train.camids)
+    for split in chosen - {"train"}:
+        records[split] = _read_msmt17_list(base / f"list_{split}.txt", test_dir)
+    return RetrievalDataset(name="msmt17", **records)
 
 
 def read_cuhk03_np(
-    root: str | os.PathLike, variant: str = "detected", *, skip_unparsable: bool = False
+    root: str | os.PathLike,
+    variant: str = "detected",
+    *,
+    skip_unparsable: bool = False,
+    splits=SPLITS,
 ) -> RetrievalDataset:
     """Reads CUHK03-NP, `variant` "detected" or "labeled" (see the module docstring)."""
     if variant not in CUHK03_VARIANTS:
@@ -123,11 +133,8 @@ def read_cuhk03_np(
         root = root / "cuhk03-np"
     base = root / variant
     _require_dir(base, _CUHK_LAYOUT)
-    splits = {
-        split: _read_market_folder(base / folder, split == "train", skip_unparsable)
-        for split, folder in MARKET_SPLIT_FOLDERS.items()
-    }
-    return RetrievalDataset(name=f"cuhk03_{variant}", **splits)
+    records = read_market_folders(base, splits, skip_unparsable)
+    return RetrievalDataset(name=f"cuhk03_{variant}", **records)
 
 
 def _read_veri_folder(folder: Path, relabel: bool) -> Split:
@@ -152,11 +159,14 @@ def _read_veri_folder(folder: Path, relabel: bool) -> Split:
     return Split(split.paths, _relabel(split.pids), split.camids) if relabel else split
 
 
-def read_veri776(root: str | os.PathLike) -> RetrievalDataset:
+def read_veri776(root: str | os.PathLike, *, splits=SPLITS) -> RetrievalDataset:
     """Reads VeRi-776 (see the module docstring); train vehicle ids are relabelled."""
     root = Path(root).expanduser()
-    splits = {
+    chosen = check_splits(splits)
+    records = {
         split: _read_veri_folder(root / folder, split == "train")
+        if split in chosen
+        else Split.empty()
         for split, folder in VERI_SPLIT_FOLDERS.items()
     }
-    return RetrievalDataset(name="veri776", **splits)
+    return RetrievalDataset(name="veri776", **records)

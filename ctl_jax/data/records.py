@@ -16,6 +16,17 @@ import numpy as np
 # The evaluation protocols (`ctl_jax.evaluation.protocols`) of datasets with identity labels
 # (re-ID, fashion): the Market-1501 protocol first (their default), then Recall@K.
 IDENTITY_PROTOCOLS = ("market", "recall_at_k")
+# The splits of every dataset; a reader asked for some of them (`splits=`) leaves the others
+# empty without touching their files (an evaluation reads query and gallery only).
+SPLITS = ("train", "query", "gallery")
+
+
+def check_splits(splits) -> frozenset[str]:
+    """`splits` (names from `SPLITS`) as a set; ValueError for an unknown name."""
+    chosen = frozenset(splits)
+    if not chosen <= set(SPLITS):
+        raise ValueError(f"unknown split(s) {sorted(chosen - set(SPLITS))}; valid: {SPLITS}")
+    return chosen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +97,11 @@ class RetrievalDataset:
       image_edits: split name -> `ImageEdits` (per-image crop boxes or rotations applied
         when the images are read, e.g. the query boxes of Revisited Oxford); empty for
         datasets whose images are used as they are.
+      has_cameras: whether the query and gallery camera ids are real (read from the data:
+        Market-style names, list files). False when the reader made them up (camera 0 for
+        query, 1 for gallery, so that the same-camera filter removes nothing): then the
+        camera-aware evaluation modes have nothing to work with, and "auto" evaluation
+        settings leave them out (`ctl_jax.evaluator.resolve_evaluation`).
     """
 
     name: str
@@ -95,13 +111,15 @@ class RetrievalDataset:
     protocols: tuple[str, ...] = IDENTITY_PROTOCOLS
     ground_truth: Any = None
     image_edits: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    has_cameras: bool = True
 
     @property
     def num_classes(self) -> int:
         return int(self.train.pids.max()) + 1 if len(self.train) else 0
 
     def statistics_table(self) -> str:
-        """The dataset statistics table the original code prints."""
+        """The dataset statistics table the original code prints; "-" for the cameras of a
+        dataset whose camera ids are not real (`has_cameras` False)."""
         rows = [("train", self.train), ("query", self.query), ("gallery", self.gallery)]
         lines = [
             f"Dataset statistics: {self.name}",
@@ -110,8 +128,9 @@ class RetrievalDataset:
             "  ----------------------------------------",
         ]
         for label, split in rows:
-            lines.append(
-                f"  {label:<8} | {split.num_ids:5d} | {len(split):8d} | {split.num_cams:9d}"
-            )
+            cameras = str(split.num_cams) if self.has_cameras else "-"
+            lines.append(f"  {label:<8} | {split.num_ids:5d} | {len(split):8d} | {cameras:>9}")
         lines.append("  ----------------------------------------")
+        if not self.has_cameras:
+            lines.append("  (no camera ids in the data)")
         return "\n".join(lines)

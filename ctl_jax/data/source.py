@@ -5,17 +5,25 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from ctl_jax.errors import ConfigError
 import numpy as np
 
 from ctl_jax.data.image_edits import image_reader
-from ctl_jax.data.records import RetrievalDataset, Split
+from ctl_jax.data.records import SPLITS, RetrievalDataset, Split
+from ctl_jax.errors import ConfigError, DatasetError
 
-SPLITS = ("train", "query", "gallery")
+# The splits an evaluation reads: training images need not be on disk to evaluate.
+EVALUATION_SPLITS = ("query", "gallery")
 
 
-def load_dataset(data_cfg) -> tuple[RetrievalDataset, dict]:
+def load_dataset(data_cfg, splits=SPLITS) -> tuple[RetrievalDataset, dict]:
     """Reads the dataset of a config's `data` group.
+
+    Args:
+      data_cfg: the config's `data` group.
+      splits: the splits to read (`EVALUATION_SPLITS` to evaluate); the others are empty
+        and their files are not needed. With `data.eval_name`, the training split comes
+        from `data.name` and query/gallery from `data.eval_name`: only the datasets that
+        give a requested split are opened.
 
     Returns:
       (dataset, readers): the records, and for each split an object with `read(index) ->
@@ -30,16 +38,23 @@ def load_dataset(data_cfg) -> tuple[RetrievalDataset, dict]:
     if data_cfg.source != "folder":
         raise ConfigError(f"data.source must be 'folder' or 'tfds', got {data_cfg.source!r}")
 
-    dataset = _open(data_cfg, data_cfg.name, data_cfg.root)
+    splits = tuple(splits)
     eval_name = data_cfg.get("eval_name", "")
     if eval_name:  # train on one dataset, evaluate on another (GLDv2 -> Revisited Oxford)
-        evaluation = _open(data_cfg, eval_name, data_cfg.get("eval_root", "") or data_cfg.root)
+        eval_splits = tuple(s for s in splits if s != "train")
+        eval_root = data_cfg.get("eval_root", "") or data_cfg.root
+        evaluation = _open(data_cfg, eval_name, eval_root, eval_splits or SPLITS)
+        train = Split.empty()
+        if "train" in splits:
+            train = _open(data_cfg, data_cfg.name, data_cfg.root, ("train",)).train
         dataset = dataclasses.replace(
             evaluation,
-            name=f"{dataset.name}+{evaluation.name}",
-            train=dataset.train,
+            name=f"{data_cfg.name}+{evaluation.name}",
+            train=train,
             image_edits={k: v for k, v in evaluation.image_edits.items() if k != "train"},
         )
+    else:
+        dataset = _open(data_cfg, data_cfg.name, data_cfg.root, splits)
     if data_cfg.get("small_identities", "pad") == "drop":
         dataset = dataclasses.replace(
             dataset, train=drop_small_identities(dataset.train, int(data_cfg.num_instances))
@@ -55,7 +70,7 @@ def load_dataset(data_cfg) -> tuple[RetrievalDataset, dict]:
     return dataset, readers
 
 
-def _open(data_cfg, name: str, root) -> RetrievalDataset:
+def _open(data_cfg, name: str, root, splits=SPLITS) -> RetrievalDataset:
     from ctl_jax.data import benchmarks
     from ctl_jax.data.catalog import open_dataset
 
@@ -71,7 +86,33 @@ def _open(data_cfg, name: str, root) -> RetrievalDataset:
         kwargs["json_paths"] = {
             split: str(root_path / getattr(data_cfg, f"{split}_json")) for split in SPLITS
         }
-    return open_dataset(name, root, **kwargs)
+    try:
+        return open_dataset(name, root, splits=splits, **kwargs)
+    except DatasetError as error:
+        hint = _folder_layout_hint(name, root, splits)
+        if hint is None:
+            raise
+        raise DatasetError(f"{error}; {hint}") from error
+
+
+def _folder_layout_hint(name: str, root, splits) -> str | None:
+    """A hint when a Market-style dataset's folders are missing but `root` holds the
+    `train/ query/ gallery/` folders of a folder per identity (`data.name='folder'`)."""
+    from ctl_jax.data import readers
+
+    if name not in readers.MARKET_STYLE_DIRS:
+        return None
+    root = pathlib.Path(root).expanduser()
+    base = readers.market_style_dir(root, name)
+    market = [base / readers.MARKET_SPLIT_FOLDERS[s] for s in splits]
+    if all(folder.is_dir() for folder in market):
+        return None  # the Market layout is there: the error is about its contents
+    if not all((root / split).is_dir() for split in splits):
+        return None
+    return (
+        f"{root} has the {', '.join(f'{s}/' for s in splits)} folders of one folder per "
+        f"identity: pass --config.data.name=folder to read them"
+    )
 
 
 def drop_small_identities(train: Split, min_images: int) -> Split:

@@ -9,7 +9,7 @@ from ctl_jax.errors import InvalidValueError
 from ctl_jax.evaluation.centroids import build_search_gallery
 from ctl_jax.evaluation.query_expansion import QueryExpansionParams, expand_queries
 from ctl_jax.evaluation.ranking import DEFAULT_RANKS, rank_metrics, rank_scores
-from ctl_jax.evaluation.rerank import RerankParams, rerank_distances
+from ctl_jax.evaluation.rerank import RerankParams, fit_rerank_params, rerank_distances
 from ctl_jax.evaluation.verification import verification_metrics
 
 MODES = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
@@ -81,7 +81,8 @@ def evaluate(
             queries, items = expand_queries(queries, items, query_expansion)
         q_cams_seen, g_pids_mode, g_masks = gallery.query_cams, gallery.pids, gallery.cam_masks
         if rerank is not None:
-            scores = rerank_distances(queries, items, rerank)
+            params = fit_rerank_params(rerank, len(items), f"{mode} gallery")
+            scores = rerank_distances(queries, items, params, gallery=f"{mode} gallery")
             np.negative(scores, out=scores)  # in place: (Q, G) can be large
             metrics = rank_scores(
                 scores,

@@ -20,7 +20,13 @@ The reference builds the dense (N, N) distance, its argsort, V and its expansion
 N x N float matrices) and loops in Python over N. Here only each item's k1 + 1 nearest
 neighbours and its farthest similarity are computed (`neighbours.nearest_neighbours`:
 blocked, bounded memory), V is a sparse matrix of about N x |R*| entries, and every step is
-vectorised over chunks of rows. Memory is O(N k1^2 + Q G) instead of O(N^2).
+vectorised over chunks of rows. Reciprocity is a binary search among the sorted (i, j)
+neighbour keys (O(N k1) memory, where gathering every neighbour's own list took N k1^2),
+and the chunks of the expansion of R* and of V are bounded in entries, not rows, so their
+temporaries stay near a fixed size whatever k1. Memory is O(N k1 + |V| + Q G) instead of
+O(N^2); |V| is at most N x min(N, k1 (1 + k1 / 2)) and in practice far less. Before each
+step allocates, its memory is estimated (`ctl_jax.memory.require_memory`) and an estimate
+above the available memory is a one-line error.
 
 Differences from the reference, all in degenerate cases: d is clipped at 0 (rounding can
 make 2 - 2 cos slightly negative for an item and itself); a row whose items are all
@@ -32,21 +38,30 @@ sort implementation).
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 
 from ctl_jax.errors import OptionError
+from ctl_jax.evaluation.neighbours import _STRIP_ELEMENTS as _BLOCK_STRIP
 from ctl_jax.evaluation.neighbours import nearest_neighbours, normalized_rows
+from ctl_jax.memory import require_memory
 
-# Rows handled at once in the vectorised steps; bounds the (rows x k1^2) temporaries.
-_ROWS = 1024
-# Elements of the (rows x N) position map of `_reciprocal_weights` (int32: 32 MB).
-_MAP_ELEMENTS = 8 * 1024 * 1024
+# Entries handled at once by the chunked steps (a chunk's candidate members of R*, or its
+# gathered entries of the expansion), whatever k1: the chunk temporaries stay near
+# _CHUNK_BYTES_PER_ENTRY x this (~200 MB).
+_CHUNK_ENTRIES = 4 * 1024 * 1024
+_CHUNK_BYTES_PER_ENTRY = 48
+# Bytes per entry of V while it is built (key, row, column, similarity, weight, value)
+# and once expanded (column, value, and the inverted index of the Jaccard join).
+_V_BYTES_PER_ENTRY = 64
+_EXPANDED_BYTES_PER_ENTRY = 56
+_ADVICE = "lower --rerank_k1 (and --rerank_k2), or evaluate fewer items"
 # Elements of a dense (query chunk x gallery) block of the final distance.
 _BLOCK_ELEMENTS = 4 * 1024 * 1024
-# (query entry, gallery entry) pairs of the Jaccard join handled at once (~200 MB of
-# temporaries).
-_MAX_PAIRS = 8 * 1024 * 1024
+# (query entry, gallery entry) pairs of the Jaccard join handled at once (~40 bytes of
+# temporaries each: ~80 MB; 8M pairs raised the peak at k1 = 200 from 646 to 1008 MB).
+_MAX_PAIRS = 2 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,36 +94,99 @@ class RerankParams:
         return {"k1": int(self.k1), "k2": int(self.k2), "lambda": float(self.lambda_value)}
 
 
+def check_rerank_size(params: RerankParams, num_gallery: int, gallery: str = "gallery") -> None:
+    """Refuses k1 (and so k2 <= k1) above the number of gallery items re-ranked.
+
+    The reference accepts any k1, but beyond the gallery's size the neighbourhoods hold
+    nearly every item and the work grows as N k1^2 for little; the command lines lower such
+    a k1 (`fit_rerank_params`), the library refuses it. Raises `OptionError` naming the
+    option.
+    """
+    if params.k1 > num_gallery:
+        raise OptionError(
+            f"--rerank_k1={params.k1} exceeds the {num_gallery} items of the {gallery} it "
+            f"re-ranks: it must be at most {num_gallery}"
+        )
+
+
+def fit_rerank_params(
+    params: RerankParams, num_gallery: int, gallery: str = "gallery"
+) -> RerankParams:
+    """`params` with k1 (and k2) lowered to the number of gallery items when above it,
+    with a one-line note on stderr: a centroid gallery is often smaller than the default
+    k1 = 20, and a k1 far above the gallery (a typo) would only cost memory. The result is
+    the reference's at the lowered k1."""
+    if num_gallery < 1 or params.k1 <= num_gallery:
+        return params
+    k1, k2 = num_gallery, min(params.k2, num_gallery)
+    print(
+        f"note: --rerank_k1={params.k1} is above the {num_gallery} items of the {gallery}: "
+        f"re-ranking it with k1={k1}, k2={k2}",
+        file=sys.stderr,
+    )
+    return dataclasses.replace(params, k1=k1, k2=k2)
+
+
 def rerank_distances(
-    query_emb: np.ndarray, gallery_emb: np.ndarray, params: RerankParams = RerankParams()
+    query_emb: np.ndarray,
+    gallery_emb: np.ndarray,
+    params: RerankParams = RerankParams(),
+    gallery: str = "gallery",
 ) -> np.ndarray:
     """The re-ranked query-gallery distance (lower is better).
 
     Args:
       query_emb: (Q, D) query embeddings (normalised here).
       gallery_emb: (G, D) gallery item embeddings, images or centroids (normalised here).
-      params: k1, k2, lambda.
+      params: k1 (at most G, `check_rerank_size`), k2, lambda.
+      gallery: what the gallery is, for error messages (e.g. "centroid gallery").
 
     Returns:
       (Q, G) float32 distances, the reference `re_ranking` output for d = 2 - 2 cos.
+
+    Raises:
+      OptionError: k1 above G, or an estimate of the memory a step needs above what the
+        machine has available (checked before the step allocates it).
     """
     num_q, num_g = len(query_emb), len(gallery_emb)
     if num_q == 0 or num_g == 0:
         return np.zeros((num_q, num_g), np.float32)
-    items = normalized_rows(query_emb, gallery_emb)  # (N, D): queries, then gallery items
-    num = len(items)
+    check_rerank_size(params, num_g, gallery)
+    num = num_q + num_g
     k = min(params.k1 + 1, num)
     k_half = min(int(np.around(params.k1 / 2.0)) + 1, num)
+    what = (
+        f"re-ranking {num_q} queries against {num_g} {gallery} items with "
+        f"--rerank_k1={params.k1} --rerank_k2={params.k2}"
+    )
+    require_memory(_fixed_bytes(num_q, num_g, np.shape(query_emb)[1], k), what, _ADVICE)
+    items = normalized_rows(query_emb, gallery_emb)  # (N, D): queries, then gallery items
     # The query-gallery similarities are kept as the neighbour search computes them: they
     # become the final distances in place.
     nn = nearest_neighbours(items, k, keep=(num_q, num_q))
     row_max = _squared(nn.min_similarity)  # the farthest item's d^2
     row_max = np.where(row_max > 0, row_max, np.float32(1.0))
 
-    v = _reciprocal_weights(items, nn, k, k_half, row_max)
+    v = _reciprocal_weights(items, nn, k, k_half, row_max, what)
     if params.k2 != 1:
-        v = _expand(v, nn.index[:, : min(params.k2, num)])
+        v = _expand(v, nn.index[:, : min(params.k2, num)], what)
     return _final_distance(nn.kept, v, row_max, float(params.lambda_value))
+
+
+def _fixed_bytes(num_q: int, num_g: int, dim: int, k: int) -> int:
+    """Bytes re-ranking holds whatever the neighbourhoods turn out to be: the normalised
+    items, the (Q, G) result, the neighbour lists with their search and reciprocity
+    temporaries, and the bounded chunk temporaries."""
+    num = num_q + num_g
+    return (
+        4 * num * dim
+        + 4 * num_q * num_g
+        + 48 * num * k  # (N, k) index and similarity, twice, and the reciprocity keys
+        + 4 * min(_BLOCK_STRIP, num * num)  # one strip of the neighbour search
+        + _CHUNK_BYTES_PER_ENTRY * _CHUNK_ENTRIES
+        + 40 * _MAX_PAIRS
+        + 8 * _BLOCK_ELEMENTS
+    )
 
 
 def _squared(similarity: np.ndarray) -> np.ndarray:
@@ -136,72 +214,107 @@ class _Sparse:
         return np.repeat(np.arange(len(self.indptr) - 1), np.diff(self.indptr))
 
 
-def _reciprocal_mask(index: np.ndarray, k: int) -> np.ndarray:
-    """(N, k) bool: is neighbour a of item i (among its first k) a k-reciprocal one, i.e.
-    is i among the first k neighbours of that neighbour."""
+def _indptr(rows: np.ndarray, num: int) -> np.ndarray:
+    """(num + 1,) int64 row starts of entries grouped by their (ascending) `rows`."""
+    return np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=num))]).astype(np.int64)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(s, s + n) for each (s, n), without a Python loop."""
+    lengths = np.asarray(lengths, np.int64)
+    total = int(lengths.sum())
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """(len(keys),) bool: is each key in `sorted_keys` (ascending)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[pos] == keys
+
+
+def _chunks(cost: np.ndarray, budget: int):
+    """(start, end) row ranges whose summed `cost` stays within `budget` (one row at
+    least): the chunks of a vectorised step whose temporaries grow with the cost."""
+    cum = np.concatenate([[0], np.cumsum(cost)])
+    s, num = 0, len(cost)
+    while s < num:
+        e = int(np.searchsorted(cum, cum[s] + budget, side="right")) - 1
+        e = min(max(e, s + 1), num)
+        yield s, e
+        s = e
+
+
+def _reciprocal(index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """R(i, k - 1) for every i: the pairs (i, j), j among the first k neighbours of i and
+    i among the first k of j, as (rows, cols) grouped by row in neighbour order.
+
+    The test "is (j, i) a neighbour pair" is a binary search of the (N k,) sorted pair keys
+    i N + j: memory O(N k), where gathering each neighbour's list costs O(N k^2)."""
+    num = len(index)
     nbr = index[:, :k]
-    mask = np.empty(nbr.shape, bool)
-    for s in range(0, len(nbr), _ROWS):
-        rows = np.arange(s, min(s + _ROWS, len(nbr)))
-        back = nbr[nbr[rows]]  # (rows, k, k) the neighbours' neighbour lists
-        mask[rows] = (back == rows[:, None, None]).any(axis=-1)
-    return mask
+    rows = np.arange(num, dtype=np.int64)[:, None]
+    keys = (rows * num + np.sort(nbr, axis=1)).ravel()  # ascending: rows, then columns
+    mask = _contains(keys, (nbr * num + rows).ravel()).reshape(nbr.shape)
+    return np.broadcast_to(rows, nbr.shape)[mask], nbr[mask]
 
 
-def _reciprocal_weights(items, nn, k, k_half, row_max) -> _Sparse:
+def _reciprocal_weights(items, nn, k, k_half, row_max, what) -> _Sparse:
     """V of steps 3-4: per row the expanded k-reciprocal set R*(i) and its weights."""
     index = nn.index
     num = len(index)
-    recip = _reciprocal_mask(index, k)
-    recip_half = _reciprocal_mask(index, k_half)
-    nbr_half = index[:, :k_half]
-    # Per chunk of rows, a dense map of each row's own neighbour list: column -> position
-    # + 1 (0: not a neighbour). Membership tests and similarity look-ups become gathers.
-    chunk = int(max(1, min(_ROWS, _MAP_ELEMENTS // num)))
-    position = np.zeros((chunk, num), np.int32)
-    row_parts, col_parts, sim_parts = [], [], []
-    for s in range(0, num, chunk):
-        rows = np.arange(s, min(s + chunk, num))
-        local = np.arange(len(rows))[:, None]
-        own, own_mask = index[rows, :k], recip[rows]  # N(i, k1 + 1) and R(i, k1) in it
-        position[local, own] = np.arange(1, k + 1)
-        cand = nbr_half[own]  # each neighbour's half-size list: (n, k, k_half)
-        cand_mask = recip_half[own]  # ... its k1/2-reciprocal members
-        # |R(c, k1/2) & R(i, k1)| for each candidate c = own[i, a].
-        at = position[local[:, :, None], cand]  # (n, k, k_half) position + 1 in N(i, k1 + 1)
-        in_own = np.take_along_axis(own_mask, np.maximum(at - 1, 0).reshape(len(rows), -1), 1)
-        in_own = in_own.reshape(at.shape) & (at > 0)
-        shared = (in_own & cand_mask).sum(-1)
-        size = cand_mask.sum(-1)
-        # `> 2/3 |R(c, k1/2)|` in integers (the reference's float test agrees for these sizes).
-        accept = own_mask & (3 * shared > 2 * size)
-        members = np.concatenate(
-            [
-                np.where(own_mask, own, -1),
-                np.where(accept[..., None] & cand_mask, cand, -1).reshape(len(rows), -1),
-            ],
-            axis=1,
+    r_rows, r_cols = _reciprocal(index, k)  # R(i, k1)
+    h_rows, h_cols = _reciprocal(index, k_half)  # R(c, k1/2)
+    r_ptr, h_ptr = _indptr(r_rows, num), _indptr(h_rows, num)
+    h_len = np.diff(h_ptr)
+    r_keys = np.sort(r_rows * num + r_cols)
+    # The candidates of row i: the members of R(c, k1/2) for each c in R(i, k1); their
+    # count bounds both the work of a row and the size of R*(i).
+    triples = np.bincount(r_rows, weights=h_len[r_cols], minlength=num).astype(np.int64)
+    # The loop keeps only each row's unique member keys (8 bytes, at most this bound); the
+    # rest of V is sized by the actual count once the loop is done.
+    bound = np.minimum(np.diff(r_ptr) + triples, num)
+    require_memory(8 * int(bound.sum()), what, _ADVICE)
+    parts = []
+    for s, e in _chunks(triples, _CHUNK_ENTRIES):
+        p0, p1 = r_ptr[s], r_ptr[e]
+        pair_rows, pair_cols = r_rows[p0:p1], r_cols[p0:p1]  # (i, c), c in R(i, k1)
+        seg = h_len[pair_cols]
+        cand = np.repeat(pair_rows * num, seg) + h_cols[_ranges(h_ptr[pair_cols], seg)]
+        # |R(c, k1/2) & R(i, k1)|, compared in integers with 2/3 |R(c, k1/2)| (the
+        # reference's float test agrees for these sizes).
+        pair_of = np.repeat(np.arange(p1 - p0), seg)
+        shared = np.bincount(pair_of, weights=_contains(r_keys, cand), minlength=p1 - p0)
+        accept = 3 * shared > 2 * seg
+        # Whole rows per chunk: the unique keys are the final entries of these rows.
+        parts.append(
+            np.unique(np.concatenate([pair_rows * num + pair_cols, cand[accept[pair_of]]]))
         )
-        members.sort(axis=1)
-        first = np.ones(members.shape, bool)
-        first[:, 1:] = members[:, 1:] != members[:, :-1]
-        keep = first & (members >= 0)
-        # Most members are among the row's own neighbours, whose similarity is known.
-        at = position[local, np.maximum(members, 0)]
-        known = np.take_along_axis(nn.similarity[rows, :k], np.maximum(at - 1, 0), axis=1)
-        row_parts.append(np.broadcast_to(rows[:, None], members.shape)[keep])
-        col_parts.append(members[keep])
-        sim_parts.append(np.where(at > 0, known, np.nan)[keep])
-        position[local, own] = 0
-    rows, cols = np.concatenate(row_parts), np.concatenate(col_parts)
-    similarity = np.concatenate(sim_parts)
-    missing = np.isnan(similarity)
+        del cand, pair_of
+    keys = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    del parts
+    require_memory((_V_BYTES_PER_ENTRY - 8) * len(keys), what, _ADVICE)
+    rows, cols = keys // num, keys % num
+
+    # Most members are among the row's own neighbours, whose similarity is known: look
+    # them up among the neighbour pairs sorted by key, compute the others.
+    order = np.argsort(index, axis=1, kind="stable")
+    own = np.arange(num, dtype=np.int64)[:, None] * num
+    nbr_keys = (own + np.take_along_axis(index, order, 1)).ravel()
+    nbr_sims = np.take_along_axis(nn.similarity, order, 1).ravel()
+    del order
+    pos = np.minimum(np.searchsorted(nbr_keys, keys), len(nbr_keys) - 1)
+    known = nbr_keys[pos] == keys
+    similarity = np.where(known, nbr_sims[pos], np.float32(0))
+    del nbr_keys, nbr_sims, pos, keys
+    missing = ~known
     similarity[missing] = _pair_similarity(items, rows[missing], cols[missing])
 
     # exp(-o(i, j)), normalised per row.
     weight = np.exp(-(_squared(similarity) / row_max[rows]))
-    counts = np.bincount(rows, minlength=num)
-    indptr = np.concatenate([[0], np.cumsum(counts)])
+    indptr = _indptr(rows, num)
+    counts = np.diff(indptr)
     total = np.add.reduceat(weight.astype(np.float64), indptr[:-1][counts > 0])
     sums = np.zeros(num, np.float64)
     sums[counts > 0] = total
@@ -219,28 +332,32 @@ def _pair_similarity(items: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> n
     return out
 
 
-def _expand(v: _Sparse, nearest: np.ndarray) -> _Sparse:
-    """Step 5: row i becomes the mean of the rows of its `nearest` (N, k2) items."""
+def _expand(v: _Sparse, nearest: np.ndarray, what: str) -> _Sparse:
+    """Step 5: row i becomes the mean of the rows of its `nearest` (N, k2) items, built in
+    chunks of rows whose contributions stay within `_CHUNK_ENTRIES`."""
     num, k2 = nearest.shape
     lengths = np.diff(v.indptr)
-    src = nearest.ravel()
-    seg = lengths[src]  # entries contributed by each (i, a)
-    total = int(seg.sum())
-    starts = np.repeat(v.indptr[src], seg)
-    offsets = np.arange(total) - np.repeat(np.cumsum(seg) - seg, seg)
-    pos = starts + offsets
-    rows = np.repeat(np.repeat(np.arange(num), k2), seg)
-    keys = rows * num + v.cols[pos]
-    order = np.argsort(keys, kind="stable")
-    keys, values = keys[order], v.values[pos][order].astype(np.float64)
-    first = np.ones(len(keys), bool)
-    first[1:] = keys[1:] != keys[:-1]
-    starts_u = np.flatnonzero(first)
-    sums = np.add.reduceat(values, starts_u) if len(keys) else values
-    ukeys = keys[starts_u]
-    out_rows, out_cols = ukeys // num, ukeys % num
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(out_rows, minlength=num))])
-    return _Sparse(indptr, out_cols, (sums / k2).astype(np.float32))
+    contributions = lengths[nearest].sum(axis=1)  # (N,) entries gathered per row
+    bound = int(np.minimum(contributions, num).sum())
+    require_memory(_EXPANDED_BYTES_PER_ENTRY * bound, what, _ADVICE)
+    counts, col_parts, value_parts = [], [], []
+    for s, e in _chunks(contributions, _CHUNK_ENTRIES):
+        src = nearest[s:e].ravel()
+        seg = lengths[src]  # entries contributed by each (i, a)
+        pos = _ranges(v.indptr[src], seg)
+        keys = np.repeat(np.repeat(np.arange(s, e), k2), seg) * num + v.cols[pos]
+        order = np.argsort(keys, kind="stable")
+        keys, values = keys[order], v.values[pos][order].astype(np.float64)
+        first = np.ones(len(keys), bool)
+        first[1:] = keys[1:] != keys[:-1]
+        starts = np.flatnonzero(first)
+        sums = np.add.reduceat(values, starts) if len(keys) else values
+        unique = keys[starts]
+        counts.append(np.bincount(unique // num - s, minlength=e - s))
+        col_parts.append(unique % num)
+        value_parts.append((sums / k2).astype(np.float32))
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+    return _Sparse(indptr, np.concatenate(col_parts), np.concatenate(value_parts))
 
 
 def _final_distance(similarity, v: _Sparse, row_max, lam) -> np.ndarray:

@@ -25,10 +25,10 @@ import dataclasses
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ctl_jax.errors import FaissUnavailableError, FileContentError, InvalidValueError, OptionError
 from ctl_jax.evaluation.ranking import l2_normalize
+from ctl_jax.progress import progress_bar
 from ctl_jax.retrieval.gallery import GalleryItems, check_queries
 
 METHODS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
@@ -188,7 +188,9 @@ class FaissIndex:
         indices = np.empty((len(queries), k), np.int64)
         step = 4096
         starts = range(0, len(queries), step)
-        bar = tqdm(starts, desc="searching", disable=not progress or len(starts) < 2, leave=False)
+        bar = progress_bar(
+            starts, desc="searching", enabled=progress and len(starts) > 1, leave=False
+        )
         for start in bar:
             rows = slice(start, start + step)
             scores[rows], indices[rows] = self.index.search(queries[rows], k)
@@ -246,8 +248,8 @@ def build(
         sample = np.random.default_rng(seed).choice(n, train_size, replace=False)
         index.train(vectors[np.sort(sample)])
         index.nprobe = params["nprobe"]
-    bar = tqdm(
-        range(0, n, _ADD_CHUNK), desc=f"building {method}", disable=not progress, leave=False
+    bar = progress_bar(
+        range(0, n, _ADD_CHUNK), desc=f"building {method}", enabled=progress, leave=False
     )
     for start in bar:
         index.add(vectors[start : start + _ADD_CHUNK])

@@ -237,6 +237,11 @@ def check_queries(queries: np.ndarray, dim: int, k: int, size: int, what: str) -
     k = int(k)
     if k < 1:
         raise OptionError(f"--top_k must be >= 1, got {k}")
+    if size == 0:
+        raise InvalidValueError(
+            "the gallery index is empty (every item was removed): nothing to search; add "
+            "images to it first"
+        )
     if k > size:
         raise OptionError(
             f"--top_k={k} is larger than the gallery ({size:,} items); use --top_k <= {size}"

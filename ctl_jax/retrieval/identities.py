@@ -2,8 +2,9 @@
 
 * `market`: Market-1501 / DukeMTMC names, `0002_c1s1_000451_03.jpg` is identity "2" seen by
   camera 0 (`-1_...` junk images: unknown). Every file must follow the naming.
-* `folder`: the folder holding the image, `gallery/<identity>/*.jpg`. Every image must sit
-  in a sub-folder of the `--images` folder.
+* `folder`: the first folder under the `--images` folder, `gallery/<identity>/*.jpg` or
+  `gallery/<identity>/any/depth/*.jpg` (`folder_identities`). Every image must sit in a
+  sub-folder of the `--images` folder.
 * `csv:FILE`: rows `path,identity[,camera]` (a first row `path,identity[,camera]` is a
   header). A relative path is relative to the `--images` folder; camera a 0-based integer
   (empty: unknown). Images without a row have unknown identity.
@@ -119,26 +120,42 @@ def assign_identities(
         labels, camids = _csv_identities(paths, root, source.csv_path)
         return Identities(labels, np.where(camids >= 0, camids, market_cams), "csv")
     labels = []
-    for path in paths:
-        relative = pathlib.Path(path).relative_to(root) if _inside(path, root) else None
-        if relative is not None and len(relative.parts) >= 2:
-            labels.append(relative.parent.name)
-        elif source.mode == "folder":
+    for path, label in zip(paths, folder_identities(paths, root)):
+        if label is None and source.mode == "folder":
             raise OptionError(
                 f"--identity=folder: {path} is not in a sub-folder of {root} (expected "
                 f"{root}/<identity>/{pathlib.Path(path).name})"
             )
-        else:
-            labels.append(UNKNOWN)
+        labels.append(UNKNOWN if label is None else label)
     return Identities(np.asarray(labels, str).reshape(-1), market_cams, "folder names")
 
 
-def _inside(path: str, root: pathlib.Path) -> bool:
-    try:
-        pathlib.Path(path).relative_to(root)
-    except ValueError:
-        return False
-    return True
+def folder_identities(paths, root: str | os.PathLike | None = None) -> list[str | None]:
+    """The folder rule, the one place it is written: an image's identity is the FIRST
+    folder under the image root, whatever lies below it (`root/alice/2019/a.jpg` and
+    `root/alice/b.jpg` are both "alice"); None for an image directly in the root or
+    outside it.
+
+    Args:
+      paths: (N,) image paths (made absolute against the working directory).
+      root: the image root (`embed --images`); None: the deepest folder all the images'
+        folders share (what an embeddings file, which keeps absolute paths only, implies).
+
+    Returns:
+      (N,) identity names, None where the rule gives none.
+    """
+    paths = [os.path.abspath(str(p)) for p in paths]
+    if root is None:
+        root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else "."
+    root = pathlib.PurePath(os.path.abspath(root))
+    out = []
+    for path in paths:
+        try:
+            parts = pathlib.PurePath(path).relative_to(root).parts
+        except ValueError:  # outside the root
+            parts = ()
+        out.append(parts[0] if len(parts) >= 2 else None)
+    return out
 
 
 def _csv_identities(paths, root: pathlib.Path, csv_path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,10 @@ Index file (`.npz`, read with allow_pickle=False):
   labels (N,) str: identity names, "" where unknown (version 2);
   sums (N, D) float64: centroid indexes only, each identity's sum of un-normalised
     embeddings, which lets `Index.add` update a centroid exactly (version 2);
+  member_keys (M,) uint64 and member_pids (M,) int64: centroid indexes only, a 64-bit
+    BLAKE2b key of the path of each image behind the centroids and its identity's pid, which
+    let `Index.add` refuse an image it already holds (optional: files written before lack
+    them and skip that check);
   source: str, the embeddings file the gallery came from;
   vectors (N, D) float32, L2-normalised (method "exact");
   faiss_index (B,) uint8, the serialised faiss index, and params: JSON str of its build and
@@ -42,11 +46,11 @@ import pathlib
 import zipfile
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ctl_jax import files
 from ctl_jax.errors import FileContentError, MissingFileError
 from ctl_jax.evaluation.ranking import l2_normalize
+from ctl_jax.progress import progress_bar
 from ctl_jax.retrieval import approximate
 from ctl_jax.retrieval.embedding_file import Embeddings
 from ctl_jax.retrieval.gallery import GalleryItems, SearchIndex, check_queries, gallery_vectors
@@ -153,7 +157,9 @@ class ExactIndex:
 
         # XLA runs asynchronously: chunk i+1 is dispatched before chunk i is fetched.
         pending = dispatch(0)
-        bar = tqdm(starts, desc="searching", disable=not progress or len(starts) < 2, leave=False)
+        bar = progress_bar(
+            starts, desc="searching", enabled=progress and len(starts) > 1, leave=False
+        )
         for i, _ in enumerate(bar):
             current = pending
             if i + 1 < len(starts):
@@ -218,10 +224,12 @@ def save_index(
     path: str | os.PathLike,
     overwrite: bool = False,
     sums: np.ndarray | None = None,
+    members: tuple[np.ndarray, np.ndarray] | None = None,
 ):
     """Writes an exact or faiss index atomically (exactly at `path`, no suffix added).
 
-    `sums` (K, D) float64: a centroid index's per-identity sums (see the module docstring).
+    `sums` (K, D) float64: a centroid index's per-identity sums; `members` (paths (M,),
+    labels (M,)): its member images (see the module docstring).
 
     Raises:
       FileExistsError: `path` exists and `overwrite` is False.
@@ -242,6 +250,9 @@ def save_index(
     }
     if sums is not None:
         arrays["sums"] = np.asarray(sums, np.float64)
+    if members is not None:
+        arrays["member_keys"] = np.asarray(members[0], np.uint64)
+        arrays["member_pids"] = np.asarray(members[1], np.int64)
     if index.method == "exact":
         arrays["vectors"] = index.vectors
     else:
@@ -261,8 +272,9 @@ def load_index(path: str | os.PathLike, search_params: dict | None = None) -> Se
 
 def read_index(
     path: str | os.PathLike, search_params: dict | None = None
-) -> tuple[SearchIndex, np.ndarray | None]:
-    """Reads an index written by `save_index`: (the index, its centroid sums or None).
+) -> tuple[SearchIndex, np.ndarray | None, tuple[np.ndarray, np.ndarray] | None]:
+    """Reads an index written by `save_index`: (the index, its centroid sums or None, its
+    centroid member (path keys, pids) or None).
 
     Args:
       path: the index file.
@@ -325,11 +337,19 @@ def read_index(
             sums = data["sums"].astype(np.float64) if "sums" in data.files else None
             if sums is not None and (sums.ndim != 2 or len(sums) != len(items)):
                 raise ValueError(f"'sums' has shape {sums.shape} for {len(items)} items")
+            members = None
+            if "member_keys" in data.files and "member_pids" in data.files:
+                members = (
+                    data["member_keys"].astype(np.uint64),
+                    data["member_pids"].astype(np.int64),
+                )
+                if members[0].shape != members[1].shape or members[0].ndim != 1:
+                    raise ValueError("'member_keys' and 'member_pids' differ in shape")
             if method == "exact":
-                return ExactIndex(items, data["vectors"]), sums
+                return ExactIndex(items, data["vectors"]), sums, members
             blob, params = data["faiss_index"], json.loads(str(data["params"]))
             ids = data["faiss_ids"].astype(np.int64) if "faiss_ids" in data.files else None
         except ValueError as e:  # a bad kind, arrays of different lengths, broken params
             raise FileContentError(f"index file {path} is damaged: {e}") from e
     index = approximate.deserialize(items, method, blob, params, search_params, path, ids)
-    return index, sums
+    return index, sums, members

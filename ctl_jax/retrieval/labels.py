@@ -27,7 +27,7 @@ def labels_from_pids(pids: np.ndarray) -> np.ndarray:
     return labels.astype(str)
 
 
-def _is_plain_integer(label: str) -> bool:
+def is_plain_integer(label: str) -> bool:
     return label.isdigit() and label.isascii() and (label == "0" or not label.startswith("0"))
 
 
@@ -39,7 +39,7 @@ def pids_for_labels(labels: np.ndarray) -> np.ndarray:
     if not known.any():
         return pids
     distinct, inverse = np.unique(labels[known], return_inverse=True)
-    if all(_is_plain_integer(label) for label in distinct.tolist()):
+    if all(is_plain_integer(label) for label in distinct.tolist()):
         pids[known] = np.asarray([int(label) for label in distinct], np.int64)[inverse]
     else:
         pids[known] = inverse

@@ -101,15 +101,40 @@ def calibrated_min_score(path: str | pathlib.Path, fpr: float, kind: str) -> tup
             f"--calibration={path} has verification for {sorted(blocks)} but not for mode "
             f"{mode!r}, which calibrates a {kind} gallery; evaluate with --modes={mode}"
         )
-    thresholds = block.get("threshold_at_fpr") or {}
+    where = f"--calibration={path}: verification.{mode}.threshold_at_fpr"
+    thresholds = block.get("threshold_at_fpr")
+    thresholds = {} if thresholds is None else thresholds
+    if not isinstance(thresholds, dict):
+        raise FileContentError(
+            f"{where} must map FPR to threshold, got {type(thresholds).__name__}"
+        )
     key = str(float(fpr))
     value = thresholds.get(key)
-    if value is None or not math.isfinite(value):
-        have = ", ".join(f"auto:{k}" for k, v in thresholds.items() if v is not None) or "none"
+    # null, NaN or an infinity: what the evaluation writes where it could not reach the FPR
+    # (no positive or no negative pair).
+    unreachable = value is None or (_is_number(value) and not math.isfinite(value))
+    if unreachable:
+        have = ", ".join(f"auto:{k}" for k, v in thresholds.items() if _is_threshold(v))
         raise FileContentError(
-            f"--calibration={path} has no {mode} threshold at FPR {key} (available: {have})"
+            f"--calibration={path} has no {mode} threshold at FPR {key} "
+            f"({'it is ' + repr(value) + '; ' if value is not None else ''}"
+            f"available: {have or 'none'})"
+        )
+    if not _is_threshold(value):
+        raise FileContentError(
+            f"{where}[{key!r}] must be a cosine score, a number in [-1, 1], got {value!r}"
         )
     return float(value), mode
+
+
+def _is_number(value) -> bool:
+    """An int or float read from JSON, not a bool (JSON true is no threshold)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_threshold(value) -> bool:
+    """A usable cosine threshold: a finite number in [-1, 1]."""
+    return _is_number(value) and math.isfinite(value) and -1.0 <= value <= 1.0
 
 
 def apply_min_score(

@@ -117,3 +117,26 @@ def write_json(path: str | os.PathLike, document: dict, overwrite: bool = False)
         json.dump(document, f, indent=1)
         f.write("\n")
     return path
+
+
+def format_table(document: dict) -> str:
+    """The matches of a results document as a compact text table per query, for the
+    terminal (`search` without `--output`): rank, score, label and path of each match."""
+    lines = []
+    queries = document["queries"]
+    for number, query in enumerate(queries, 1):
+        who = f" ({query['label']})" if query.get("label") else ""
+        members = query.get("paths")
+        images = f", {len(members)} images" if members and len(members) > 1 else ""
+        unknown = "; no match above --min_score" if query.get("known") is False else ""
+        lines.append(f"query {number}/{len(queries)}: {query['path']}{who}{images}{unknown}")
+        matches = query["matches"]
+        if not matches:
+            continue
+        width = max(5, *(len(m["label"] or "-") for m in matches))
+        lines.append(f"  rank   score  {'label':<{width}}  path")
+        for rank, match in enumerate(matches, 1):
+            path = match["path"] if match["path"] is not None else "(centroid)"
+            label = match["label"] or "-"
+            lines.append(f"  {rank:>4}  {match['score']:6.4f}  {label:<{width}}  {path}")
+    return "\n".join(lines)

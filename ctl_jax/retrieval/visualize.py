@@ -17,9 +17,10 @@ import re
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
 from ctl_jax.errors import NotAFolderError, OutputExistsError
+from ctl_jax.files import atomic_open, make_folder, remove_stale_temporaries
+from ctl_jax.progress import progress_bar
 from ctl_jax.retrieval.gallery import GalleryItems
 from ctl_jax.retrieval.labels import UNKNOWN, labels_from_pids
 
@@ -159,9 +160,10 @@ def write_strips(
             f"{len(existing)} result picture(s) already exist in {directory} (e.g. "
             f"{existing[0].name}); pass --overwrite or choose another --visualize folder"
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    make_folder(directory)
+    remove_stale_temporaries(directory, [f.name for f in files])
     centroids = items.kind == "centroid"
-    bar = tqdm(range(len(files)), desc="drawing", unit="query", disable=not progress)
+    bar = progress_bar(range(len(files)), desc="drawing", unit="query", enabled=progress)
     if query_labels is None:
         query_labels = labels_from_pids(query_pids)
     query_labels = np.asarray(query_labels).astype(str)
@@ -180,7 +182,8 @@ def write_strips(
                 score += f" n={int(items.counts[row])}"
             caption = [f"#{rank} id {_short(str(items.labels[row]))}", score]
             matches.append((thumbnail(str(items.paths[row]), width, height), caption, s))
-        render_strip(query, matches, width, height).save(files[q], format="PNG")
+        with atomic_open(files[q], clean=False) as f:  # cleaned once above
+            render_strip(query, matches, width, height).save(f, format="PNG")
     return files
 
 

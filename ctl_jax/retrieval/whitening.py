@@ -29,6 +29,7 @@ import numpy as np
 
 from ctl_jax import files
 from ctl_jax.errors import FileContentError, InvalidValueError, MissingFileError
+from ctl_jax.retrieval.identities import folder_identities
 
 FORMAT, VERSION = "ctl_jax.whitening", 1
 METHODS = ("pca", "supervised")
@@ -117,10 +118,20 @@ class Whitening:
         path = pathlib.Path(path)
         if not path.is_file():
             raise MissingFileError(f"whitening file {path} does not exist")
+        # Not a zip/.npy: numpy would read it as a pickle and advise loading it unsafely.
+        files.require_numpy_file(path, "whitening file")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise FileContentError(
+                    f"whitening file {path} is not a readable .npz: it holds a single array, "
+                    "not the named arrays of python -m ctl_jax.whiten"
+                )
+            with data:
                 arrays = {k: data[k] for k in data.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError) as e:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            if isinstance(e, FileContentError):
+                raise
             raise FileContentError(f"whitening file {path} is not a readable .npz: {e}") from e
         if str(arrays.get("format", "")) != FORMAT:
             raise FileContentError(
@@ -301,10 +312,19 @@ def learn(
     raise InvalidValueError(f"whitening method {method!r} is not one of {', '.join(METHODS)}")
 
 
-def identity_labels(pids: np.ndarray, paths: np.ndarray, source: str) -> np.ndarray:
-    """(N,) int labels from pids (`source="pids"`, -1 = unknown) or parent folder names."""
+def identity_labels(
+    pids: np.ndarray, paths: np.ndarray, source: str, root: str | None = None
+) -> np.ndarray:
+    """(N,) int labels from pids (`source="pids"`, -1 = unknown) or from folders
+    (`source="folders"`): the first folder under `root` (default: the deepest folder the
+    images share), the rule of `embed --identity=folder` (`identities.folder_identities`);
+    -1 for an image directly in the root."""
     if source == "pids":
         return np.asarray(pids, np.int64)
-    folders = [pathlib.PurePath(str(p)).parent.name for p in paths]
-    _, labels = np.unique(np.asarray(folders, dtype=str), return_inverse=True)
-    return labels.astype(np.int64)
+    folders = folder_identities(paths, root)
+    known = np.asarray([f is not None for f in folders], bool)
+    labels = np.full(len(folders), -1, np.int64)
+    if known.any():
+        names = np.asarray([f for f in folders if f is not None], dtype=str)
+        labels[known] = np.unique(names, return_inverse=True)[1].reshape(-1)
+    return labels

@@ -1,5 +1,6 @@
 """The initial train state: random from the run seed, then (optionally) the arrays of a
-ctl_jax checkpoint (e.g. converted ImageNet weights) where names and shapes match."""
+ctl_jax checkpoint (e.g. converted ImageNet weights) where names and shapes match, and its
+center-loss centers when it has them (a converted CTL run) for the same number of classes."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from ctl_jax.training.state import TrainState, create_train_state
 IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a")
 
 
-def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
-    """{"params", "batch_stats"} of the latest checkpoint in a ctl_jax work/checkpoint dir."""
+def load_checkpoint_variables(path: str | pathlib.Path) -> tuple[dict, np.ndarray | None]:
+    """({"params", "batch_stats"}, centers) of the newest readable checkpoint in a ctl_jax
+    work or checkpoint directory; centers (num_classes, D) or None when it has none (a
+    converted ImageNet backbone)."""
     path = pathlib.Path(path)
     if not (path / "checkpoints").is_dir():
         raise CheckpointError(
@@ -26,13 +29,17 @@ def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
             f"containing checkpoints/ (create one with `python -m ctl_jax.convert`)"
         )
     store = CheckpointStore(path, read_only=True)
-    _, state, meta = store.restore_raw_and_meta()  # the newest readable checkpoint
+    try:
+        _, state, meta = store.restore_raw_and_meta()  # the newest readable checkpoint
+    finally:
+        store.close()
     variables = model_variables(state)
     if meta.get("converted_from") in IMAGENET_LAYOUTS:
         # An ImageNet classifier (1000 classes) is never a re-ID classifier, even for a
         # dataset that happens to have 1000 identities.
         variables["params"] = {k: v for k, v in variables["params"].items() if k != "classifier"}
-    return variables
+    centers = state.get("centers")
+    return variables, (None if centers is None else np.asarray(centers))
 
 
 def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str], list[str]]:
@@ -77,7 +84,8 @@ def init_train_state(
 
 
 def with_init_checkpoint(state: TrainState, model_cfg, log=print) -> TrainState:
-    """`state` with the arrays of `model_cfg.init_checkpoint` where names and shapes match.
+    """`state` with the arrays of `model_cfg.init_checkpoint` where names and shapes match,
+    and with its centers when it has them for this run's classes (see `_with_centers`).
 
     Shapes and dtypes stay those of `state`, so the optimiser state (zero moments) fits the
     new parameters as it is. Nothing changes when `init_checkpoint` is empty.
@@ -87,7 +95,7 @@ def with_init_checkpoint(state: TrainState, model_cfg, log=print) -> TrainState:
     """
     if not model_cfg.init_checkpoint:
         return state
-    pretrained = load_checkpoint_variables(model_cfg.init_checkpoint)
+    pretrained, centers = load_checkpoint_variables(model_cfg.init_checkpoint)
     fresh = jax.device_get(model_variables(state))
     merged, taken, kept = merge_pretrained(fresh, pretrained)
     if not taken:
@@ -99,4 +107,23 @@ def with_init_checkpoint(state: TrainState, model_cfg, log=print) -> TrainState:
         f"initialised {len(taken)} arrays from {model_cfg.init_checkpoint}; "
         f"{len(kept)} start fresh: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''}"
     )
-    return state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
+    state = state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
+    return _with_centers(state, centers, model_cfg.init_checkpoint, log)
+
+
+def _with_centers(state: TrainState, centers: np.ndarray | None, source: str, log) -> TrainState:
+    """`state` with the checkpoint's center-loss centers when they fit (same classes and
+    feature size): the centers belong with the classifier and features they were trained
+    with, so fine-tuning or continuing an original CTL run keeps them (as it keeps the
+    classifier). Otherwise the fresh N(0, 1) centers stay, with a one-line note."""
+    if centers is None:
+        return state
+    expected = tuple(state.centers.shape)
+    if tuple(centers.shape) != expected:
+        log(
+            f"note: the centers of {source} ({centers.shape[0]} classes x {centers.shape[1]}) "
+            f"do not fit this run ({expected[0]} classes x {expected[1]}); they start fresh"
+        )
+        return state
+    log(f"centers taken from {source} ({expected[0]} classes)")
+    return state.replace(centers=np.asarray(centers, dtype=np.asarray(state.centers).dtype))

@@ -17,10 +17,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
+from ctl_jax import config_schema, files, parallel
 from ctl_jax import configs as config_lib
-from ctl_jax import parallel
 from ctl_jax.build import build_model
 from ctl_jax.checkpoints import CheckpointStore
 from ctl_jax.checkpoints.store import warn_on_stderr
@@ -28,8 +27,9 @@ from ctl_jax.cpu.malloc import release_free_memory
 from ctl_jax.data import pipeline
 from ctl_jax.data.source import check_trainable, load_dataset
 from ctl_jax.errors import NonFiniteLossError, WorkdirMismatchError
-from ctl_jax.evaluator import Evaluator
+from ctl_jax.evaluator import Evaluator, resolve_evaluation
 from ctl_jax.models.reid import feature_dim
+from ctl_jax.progress import progress_bar
 from ctl_jax.training import ahead
 from ctl_jax.training.initialisation import init_train_state, with_init_checkpoint
 from ctl_jax.training.logbook import MetricsLog, flatten_eval
@@ -78,9 +78,8 @@ def save_config(config, workdir: pathlib.Path) -> None:
     """Writes `<workdir>/config.json` (process 0), atomically."""
     if jax.process_index() == 0:
         saved_path = workdir / "config.json"
-        tmp = saved_path.with_suffix(".json.tmp")
-        tmp.write_text(config_lib.config_to_json(config))
-        tmp.replace(saved_path)
+        with files.atomic_open(saved_path, "w") as f:
+            f.write(config_lib.config_to_json(config))
 
 
 @contextlib.contextmanager
@@ -126,11 +125,14 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, log=print) -> dict:
       The final evaluation results {mode: metrics} (empty if no evaluation mode is set).
 
     Raises:
+      ConfigError: a numeric config value out of its range (`ctl_jax.config_schema`), or a
+        head setting that cannot work; raised before anything is read or written.
       WorkdirInUseError: another training holds `workdir` (see `workdir_lock`).
       CheckpointError: `workdir` holds checkpoints of which none can be read.
       TrainingInterrupted: Ctrl-C or SIGTERM, after a checkpoint was saved.
     """
     workdir = pathlib.Path(workdir)
+    config_schema.check(config)  # a value out of range fails before anything is read
     check_head_config(config)  # a bad head setting fails before anything is written
     # One training per work directory; in a multi-process run process 0 holds the lock for
     # all (see ctl_jax/training/workdir_lock.py).
@@ -142,13 +144,18 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
     warn = warn_on_stderr
     if jax.process_index() != 0:  # in a multi-process run, process 0 speaks for all
         log = warn = _silent
-    workdir.mkdir(parents=True, exist_ok=True)
+    files.make_folder(workdir)
     # Nothing is written into the work directory before the checkpoint to resume from has
     # been read: a failed resume leaves the run as it was.
     check_workdir(config, workdir)
     dataset, readers = load_dataset(config.data)
+    # "auto" evaluation modes and monitor follow the data (its cameras, its protocol); from
+    # here on, config.json and the checkpoints' meta hold what is used.
+    config, evaluation_line = resolve_evaluation(config, dataset)
     check_trainable(dataset, evaluates=bool(config.eval.modes))
     log(dataset.statistics_table())
+    if evaluation_line:
+        log(evaluation_line)
     num_classes = dataset.num_classes
 
     mesh = parallel.make_mesh()
@@ -331,11 +338,11 @@ def _run_epoch(
     step = int(state.step)
     pending = None  # (step, device metrics) of the previous step
     images_per_step = config.data.num_identities * config.data.num_instances
-    bar = tqdm(
+    bar = progress_bar(
         total=total,
         initial=done,
         desc=f"epoch {epoch + 1}/{config.solver.num_epochs}",
-        disable=jax.process_index() != 0,
+        enabled=jax.process_index() == 0,
         dynamic_ncols=True,
     )
     t_last, n_last = time.perf_counter(), 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import pathlib
 
+from ctl_jax import files
 from ctl_jax.errors import WorkdirInUseError
 from ctl_jax.file_lock import LockHeld, exclusive_lock
 
@@ -33,6 +34,7 @@ def workdir_lock(workdir: pathlib.Path, take: bool = True):
     Raises:
       WorkdirInUseError: another living process holds the lock.
     """
+    files.make_folder(workdir)  # an unwritable --workdir is named in the message
     if not take:
         yield
         return

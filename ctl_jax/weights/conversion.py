@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from ctl_jax import configs as config_lib
+from ctl_jax import files
 from ctl_jax.errors import NotAFolderError, OutputExistsError
 from ctl_jax.weights import mapping, torch_pickle
 
@@ -179,6 +180,7 @@ def convert_checkpoint(
     }
     if overwrite and (output / "checkpoints").exists():
         shutil.rmtree(output / "checkpoints")
+    files.make_folder(output)  # an unwritable --output is a one-line error
     store = CheckpointStore(output, keep=1)
     try:
         store.save(0, state, {}, meta)

@@ -300,7 +300,7 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)
 
 
-def _codecs_encode(text, encoding="utf-8"):
+def codecs_encode(text, encoding="utf-8"):
     # Protocol-2 pickles store Python 3 bytes as _codecs.encode(str, "latin1").
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
         raise pickle.UnpicklingError(f"unexpected _codecs.encode({encoding!r}) call")
@@ -324,7 +324,7 @@ _CONTAINERS = {
     "builtins.set": set,
     "builtins.frozenset": frozenset,
     "builtins.complex": complex,
-    "_codecs.encode": _codecs_encode,
+    "_codecs.encode": codecs_encode,
     "copyreg._reconstructor": _reconstructor,
     "torch.Size": tuple,
 }
