@@ -130,7 +130,10 @@ def measure_torchvision(python: str, root: str, workers: int, epochs: int) -> di
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_chain.py")
     command = [python, script, "--root", root, "--workers", str(workers)]
     command += ["--epochs", str(epochs), "--batch", str(BATCH)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+    except OSError as e:
+        raise SystemExit(f"error: --torch_python={python!r} cannot be run: {e}") from None
     if done.returncode:
         lines = done.stderr.strip().splitlines() or ["no output"]
         raise SystemExit(f"error: the torchvision chain failed under {python}: {lines[-1]}")
@@ -138,17 +141,26 @@ def measure_torchvision(python: str, root: str, workers: int, epochs: int) -> di
 
 
 def rates(run: dict, cores: int) -> dict:
-    """Throughput fields of one run (see the module docstring)."""
+    """Throughput fields of one run (see the module docstring); the steady ones are None
+    when every iterator yielded a single batch."""
     per_s = run["images"] / run["seconds"]
-    steady = run["steady_images"] / run["steady_seconds"]
-    return {
+    out = {
         "images_per_s": per_s,
         "images_per_second_per_core": per_s / cores,
         "images_per_cpu_second": run["images"] / run["cpu_seconds"],
-        "steady_images_per_s": steady,
-        "steady_images_per_second_per_core": steady / cores,
-        "steady_images_per_cpu_second": run["steady_images"] / run["steady_cpu_seconds"],
     }
+    steady = run["steady_images"] / run["steady_seconds"] if run["steady_images"] else None
+    out["steady_images_per_s"] = steady
+    out["steady_images_per_second_per_core"] = steady and steady / cores
+    out["steady_images_per_cpu_second"] = (
+        run["steady_images"] / run["steady_cpu_seconds"] if steady else None
+    )
+    return out
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def summarise(name: str, workers: int, runs: list[dict]) -> dict:
@@ -157,14 +169,17 @@ def summarise(name: str, workers: int, runs: list[dict]) -> dict:
     each = [rates(run, cores) for run in runs]
     out = {"pipeline": name, "workers": workers, "cores": cores, "rounds": len(runs)}
     for key in each[0]:
-        out[key] = round(statistics.median(r[key] for r in each), 1)
+        value = _median(r[key] for r in each)
+        out[key] = None if value is None else round(value, 1)
     out["images_per_s_each_round"] = [round(r["images_per_s"], 1) for r in each]
     return out
 
 
-def per_round_ratio(ours: list[dict], theirs: list[dict], key: str, cores: int) -> float:
-    ratios = [rates(a, cores)[key] / rates(b, cores)[key] for a, b in zip(ours, theirs)]
-    return round(statistics.median(ratios), 2)
+def per_round_ratio(ours: list[dict], theirs: list[dict], key: str, cores: int) -> float | None:
+    """Median over the rounds of ours / theirs of one field (None without values)."""
+    pairs = [(rates(a, cores)[key], rates(b, cores)[key]) for a, b in zip(ours, theirs)]
+    value = _median(a / b if a and b else None for a, b in pairs)
+    return None if value is None else round(value, 2)
 
 
 def main() -> None:
