@@ -69,8 +69,10 @@ def _lower_train_step(config, model, platform: str) -> tuple[str, int]:
         lambda v: create_train_state(v, tx, NUM_CLASSES, dim, jax.random.key(1)), variables
     )
     n = config.data.num_identities * config.data.num_instances
+    # As the training pipeline yields them: uint8, normalised and erased in the step.
     batch = {
-        "images": jax.ShapeDtypeStruct((n, *_image_shape(config)), jnp.float32),
+        "images": jax.ShapeDtypeStruct((n, *_image_shape(config)), jnp.uint8),
+        "erase": jax.ShapeDtypeStruct((n, 4), jnp.int32),
         "labels": jax.ShapeDtypeStruct((n,), jnp.int32),
         "valid": jax.ShapeDtypeStruct((n,), jnp.bool_),
     }

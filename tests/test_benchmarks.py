@@ -24,6 +24,7 @@ WITH_SIBLINGS = (
     "export",
     "heads_step",
     "inference",
+    "input_pipeline",
     "profile_step",
     "roofline",
     "step_memory",
@@ -243,3 +244,46 @@ def test_pass_through_options_are_not_abbreviations_of_own_ones():
     parser.add_argument("--pause", type=float, default=0.0)
     own, _, step_args, _ = tasks.parse_task(parser, ["--m=2", "--p=3"])
     assert (own.measure_steps, own.pause, step_args.m, step_args.p) == (0, 0.0, 2, 3)
+
+
+def _input_pipeline(*args):
+    result = _run(
+        ["-m", "benchmarks.input_pipeline", "--ids=16", "--images_per_id=4", "--rounds=1"]
+        + list(args)
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
+
+
+def test_input_pipeline_prints_its_json_record():
+    """A handful of images, in this process and with a worker process (not timed)."""
+    record = _input_pipeline("--epochs=2", "--workers=0,1")
+    assert record["cpu"] and record["cpu_count"] >= 1
+    assert [(r["pipeline"], r["workers"], r["cores"]) for r in record["results"]] == [
+        ("ctl_jax", 0, 1),
+        ("ctl_jax", 1, 1),
+    ]
+    for result in record["results"]:
+        assert result["images_per_s"] > 0 and result["images_per_cpu_second"] > 0
+        # One iterator over both epochs: every batch after its first one is steady.
+        assert result["steady_images_per_second_per_core"] > 0
+    assert "ctl_jax_over_torchvision" not in record
+
+
+def test_input_pipeline_against_torchvision():
+    """The original's chain beside ours, when this interpreter has torchvision (else the
+    benchmark takes another one with --torch_python)."""
+    pytest.importorskip("torchvision")
+    record = _input_pipeline("--epochs=1", "--workers=0", "--against=torchvision")
+    assert [r["pipeline"] for r in record["results"]] == ["ctl_jax", "torchvision"]
+    assert record["ctl_jax_over_torchvision"]["workers=0"]["images_per_second_per_core"] > 0
+
+
+def test_input_pipeline_names_a_bad_torch_python(tmp_path):
+    result = _run(
+        ["-m", "benchmarks.input_pipeline", "--ids=16", "--images_per_id=4", "--rounds=1"]
+        + ["--epochs=1", "--workers=0", "--against=torchvision", "--torch_python=/bin/false"]
+    )
+    assert result.returncode == 1
+    assert "torchvision chain failed under /bin/false" in result.stderr
+    assert "Traceback" not in result.stderr

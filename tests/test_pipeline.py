@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ctl_jax.configs import load_config
-from ctl_jax.data import image_io, pipeline, sampler, transforms
+from ctl_jax.data import image_io, on_device, pipeline, sampler, transforms
 from ctl_jax.data.image_io import FileImageReader, UnreadableImageError, UnreadableImageWarning
 from ctl_jax.data.records import Split
 
@@ -52,7 +52,8 @@ def _all(iterator):
 
 
 def _expected_epoch(split, cfg, epoch):
-    """The epoch computed by hand: plan, decode, resize and augment with the slot's RNG."""
+    """The epoch computed by hand: plan, decode, resize and augment with the slot's RNG
+    (the float32 chain of `transforms.TrainAugment`, normalised and erased on the host)."""
     plan = sampler.identity_batches(split.pids, cfg.P, cfg.M, cfg.seed, epoch)
     batches = []
     for b, row in enumerate(plan):
@@ -81,10 +82,33 @@ def _expected_epoch(split, cfg, epoch):
     return batches
 
 
-def _assert_batches_equal(actual, expected):
+def _finished(batch, cfg):
+    """The float32 images the training step sees: the pipeline's uint8 images normalised
+    and erased on the device."""
+    return np.asarray(
+        on_device.finish_train_images(
+            batch["images"], batch["erase"], batch["valid"], cfg.erasing_fill
+        )
+    )
+
+
+def _assert_batches_equal(actual, expected, cfg):
+    """Pipeline batches (uint8 images + erasing rectangles) against `_expected_epoch`."""
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
-        assert set(a) == {"images", "labels", "camids", "valid"}
+        assert set(a) == {"images", "erase", "labels", "camids", "valid"}
+        assert a["images"].dtype == np.uint8 and a["erase"].dtype == np.int32
+        np.testing.assert_allclose(_finished(a, cfg), e["images"], rtol=0, atol=2e-6)
+        for key in ("labels", "camids", "valid"):
+            assert a[key].dtype == e[key].dtype, key
+            np.testing.assert_array_equal(a[key], e[key], err_msg=key)
+
+
+def _assert_same_batches(actual, expected):
+    """Batch lists equal array for array (both from the pipeline)."""
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert set(a) == set(e)
         for key in e:
             assert a[key].dtype == e[key].dtype, key
             np.testing.assert_array_equal(a[key], e[key], err_msg=key)
@@ -95,7 +119,7 @@ def test_train_batches_match_direct_computation(split):
     reader = FileImageReader(split.paths)
     for epoch in (0, 1):
         batches = _all(pipeline.make_train_iterator(split, reader, cfg, epoch))
-        _assert_batches_equal(batches, _expected_epoch(split, cfg, epoch))
+        _assert_batches_equal(batches, _expected_epoch(split, cfg, epoch), cfg)
         assert len(batches) == pipeline.train_batches_per_epoch(
             split.pids, cfg.P, cfg.M, cfg.seed, epoch
         )
@@ -116,7 +140,7 @@ def test_run_config_accepted(split):
     assert mapped == _cfg(pad=3, erasing_fill="zero", flip_prob=0.25)
     reader = FileImageReader(split.paths)
     got = _all(pipeline.make_train_iterator(split, reader, config, 0))
-    _assert_batches_equal(got, _expected_epoch(split, mapped, 0))
+    _assert_batches_equal(got, _expected_epoch(split, mapped, 0), mapped)
 
 
 def test_process_shards_concatenate_to_global_batch(split):
@@ -142,7 +166,7 @@ def test_resume_from_state(split):
     state = json.loads(json.dumps(iterator.get_state()))
     resumed = pipeline.make_train_iterator(split, reader, cfg, 2)
     resumed.set_state(state)
-    _assert_batches_equal(_all(resumed), full[1:])
+    _assert_same_batches(_all(resumed), full[1:])
 
 
 def test_worker_processes_give_identical_batches(split):
@@ -153,10 +177,10 @@ def test_worker_processes_give_identical_batches(split):
     first = [dict(next(iterator)), dict(next(iterator))]
     state = iterator.get_state()
     rest = _all(iterator)
-    _assert_batches_equal(first + rest, expected)
+    _assert_same_batches(first + rest, expected)
     resumed = pipeline.make_train_iterator(split, reader, cfg, 1)
     resumed.set_state(state)
-    _assert_batches_equal(_all(resumed), expected[2:])
+    _assert_same_batches(_all(resumed), expected[2:])
 
 
 def test_eval_order_and_padding(split):
@@ -243,3 +267,15 @@ def test_train_batch_spec_is_what_the_iterator_yields(split):
         for key, (shape, dtype) in spec.items():
             whole = np.concatenate([s[key] for s in shards])
             assert (whole.shape, whole.dtype) == (shape, dtype), key
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_iterator_over_epochs_from_a_mid_epoch_batch(split, workers):
+    """An iterator over several epochs (its worker processes kept throughout) yields each
+    epoch's batches in turn; ``start_batch`` skips the first epoch's first batches."""
+    cfg = _cfg(worker_count=workers, read_threads=1 if workers else 2)
+    reader = FileImageReader(split.paths)
+    expected = [_expected_epoch(split, cfg, epoch) for epoch in (1, 2, 3)]
+    assert len(expected[0]) > 2
+    got = _all(pipeline.make_train_iterator(split, reader, cfg, 1, epochs=3, start_batch=2))
+    _assert_batches_equal(got, expected[0][2:] + expected[1] + expected[2], cfg)

@@ -156,3 +156,27 @@ def test_eval_transform():
     out = eval_transform(image, 16, 8)
     assert out.shape == (16, 8, 3) and out.dtype == np.float32
     np.testing.assert_array_equal(out, normalize(resize(image, 16, 8)))
+
+
+@pytest.mark.parametrize("fill", ["original", "zero"])
+@pytest.mark.parametrize("pad", [0, 3, 10])
+def test_host_geometry_then_device_finish_is_the_float_chain(fill, pad):
+    """The pipeline's split of the augmentation (uint8 geometry and erasing draws on the
+    host, normalising and erasing on the device) gives the float chain's images."""
+    from ctl_jax.data import on_device
+
+    images = np.stack([_image(16, 8, seed) for seed in range(24)])
+    augment = TrainAugment(pad=pad, erasing_prob=0.7, erasing_fill=fill)
+    host = np.zeros_like(images)
+    erase = np.zeros((len(images), 4), np.int32)
+    for i, image in enumerate(images):
+        erase[i] = augment.geometry_into(image, np.random.default_rng(i), host[i])
+    valid = np.arange(len(images)) != 5
+    out = np.asarray(on_device.finish_train_images(host, erase, valid, fill))
+    assert out.shape == images.shape and out.dtype == np.float32
+    erased = 0
+    for i, image in enumerate(images):
+        expected = augment(image, np.random.default_rng(i)) if valid[i] else 0.0
+        erased += bool(erase[i, 2])
+        np.testing.assert_allclose(out[i], np.broadcast_to(expected, out[i].shape), atol=2e-6)
+    assert 5 <= erased <= 22

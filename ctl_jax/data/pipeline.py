@@ -4,12 +4,17 @@ Training, one iterator per epoch::
 
     plan  = identity_batches(pids, P, M, seed, epoch)       # (num_batches, P*M) indices
     local = shard_batches(plan, process_index, process_count)
-    MapDataset.source(slots of `local`, flattened)           # item k = one batch slot
-      .map(_LoadImage)      reader.read + PIL decode + bilinear resize -> uint8
-      .map(_AugmentImage)   flip, pad + crop, normalise, random erasing -> float32
-      .batch(P*M // process_count)
+    MapDataset.source(rows of `local`)                      # item k = local batch k
+      .map(_LoadBatch)      per slot: read + PIL decode + bilinear resize, then flip and
+                            pad + crop into the batch's uint8 array; erasing drawn, not applied
       .to_iter_dataset(ReadOptions(read_threads, prefetch_buffer))
       [.mp_prefetch(worker_count)]
+
+The host stops at uint8: normalising and writing the erasing fill happen on the device in
+the jitted step (`ctl_jax.data.on_device`), where they are one fused elementwise pass; a
+batch is 4x smaller than in float32 between worker processes and to the device. One grain
+element is a whole batch, not an image: grain's per-element bookkeeping and the final
+``np.stack`` are paid once per batch, and the threads (or workers) work on different batches.
 
 Randomness: the augmentation of a slot uses ``augment_rng(seed, epoch, slot)`` where
 ``slot`` is the slot's position in the *global* epoch plan (``batch * P * M + column``).
@@ -132,8 +137,69 @@ class _SlotSource:
         }
 
 
-class _LoadImage:
-    """Reads, decodes and resizes the image of a slot: adds ``image`` uint8 and ``valid``."""
+class _EpochRows:
+    """One epoch's local batches: the plan's rows of this process with their slot numbers
+    (positions in the global plan), labels and camera ids, all (num_batches, B)."""
+
+    def __init__(self, split: Split, cfg: TrainPipelineConfig, epoch, process_index, count):
+        plan = sampler.identity_batches(split.pids, cfg.P, cfg.M, cfg.seed, epoch)
+        slots = np.arange(plan.size, dtype=np.int64).reshape(plan.shape)
+        labels = _slot_labels(plan, split.pids, cfg.M) if len(plan) else plan
+        camids = np.where(plan >= 0, split.camids[np.maximum(plan, 0)], -1) if len(plan) else plan
+        self.indices, self.slots, self.labels, self.camids = (
+            sampler.shard_batches(a, process_index, count, M=cfg.M)
+            for a in (plan, slots, labels, camids)
+        )
+        self.labels = self.labels.astype(np.int32)
+        self.camids = self.camids.astype(np.int32)
+
+
+class _EpochsSource:
+    """Random-access source over consecutive epochs: item k is the k-th local batch counted
+    from batch ``start_batch`` of ``first_epoch``. Each epoch's plan is built where it is
+    read (in the worker processes too) and the last two are kept: an iterator crosses an
+    epoch boundary once, and its workers read batches in order."""
+
+    def __init__(self, split, cfg, first_epoch, epochs, start_batch, process_index, count):
+        self.split = split
+        self.cfg = cfg
+        self.first_epoch = first_epoch
+        self.start_batch = start_batch
+        self.process = (process_index, count)
+        first = _EpochRows(split, cfg, first_epoch, process_index, count)
+        counts = [len(first.indices) - start_batch] + [
+            train_batches_per_epoch(split.pids, cfg.P, cfg.M, cfg.seed, e)
+            for e in range(first_epoch + 1, first_epoch + epochs)
+        ]
+        self.ends = np.cumsum(counts)
+        self._rows = {first_epoch: first}
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def _epoch_rows(self, epoch: int) -> _EpochRows:
+        rows = self._rows.get(epoch)
+        if rows is None:  # a race between threads only builds the same rows twice
+            rows = _EpochRows(self.split, self.cfg, epoch, *self.process)
+            self._rows = {e: r for e, r in self._rows.items() if e == epoch - 1}
+            self._rows[epoch] = rows
+        return rows
+
+    def __getitem__(self, k: int) -> dict:
+        j = int(np.searchsorted(self.ends, k, side="right"))
+        b = k - (int(self.ends[j - 1]) if j else -self.start_batch)
+        rows = self._epoch_rows(self.first_epoch + j)
+        return {
+            "epoch": self.first_epoch + j,
+            "slots": rows.slots[b],
+            "indices": rows.indices[b],
+            "labels": rows.labels[b],
+            "camids": rows.camids[b],
+        }
+
+
+class _Decoder:
+    """Reads, decodes and resizes dataset images (uint8) or reports them unreadable."""
 
     def __init__(self, reader, paths, height: int, width: int, skip_unreadable: bool):
         self.reader = reader
@@ -142,46 +208,71 @@ class _LoadImage:
         self.width = width
         self.skip_unreadable = skip_unreadable
 
+    def __call__(self, index: int) -> np.ndarray | None:
+        """(height, width, 3) uint8 image of dataset index ``index``; None for padding
+        (index < 0) and, with ``skip_unreadable``, for unreadable images."""
+        if index < 0:
+            return None
+        path = str(self.paths[index])
+        try:
+            data = self.reader.read(index)
+            decoded = image_io.decode_pil(data, path)
+            return transforms.resize_pil(decoded, self.height, self.width)
+        except OSError as e:
+            if not self.skip_unreadable:
+                message = e.args[0] if isinstance(e, image_io.UnreadableImageError) else (
+                    f"cannot read image {path!r}: {e}"
+                )
+                raise image_io.UnreadableImageError(
+                    f"{message} (training skips such images with data.skip_unreadable=True)"
+                ) from e
+            image_io.UNREADABLE.report(path, e)
+            return None
+
+
+class _LoadImage(_Decoder):
+    """Adds ``image`` (uint8 or None) and ``valid`` to an element of `_SlotSource`."""
+
     def __call__(self, element: dict) -> dict:
-        index = element.pop("index")
-        image = None
-        if index >= 0:
-            path = str(self.paths[index])
-            try:
-                data = self.reader.read(index)
-                decoded = image_io.decode_pil(data, path)
-                image = transforms.resize_pil(decoded, self.height, self.width)
-            except OSError as e:
-                if not self.skip_unreadable:
-                    message = e.args[0] if isinstance(e, image_io.UnreadableImageError) else (
-                        f"cannot read image {path!r}: {e}"
-                    )
-                    raise image_io.UnreadableImageError(
-                        f"{message} (training skips such images with data.skip_unreadable=True)"
-                    ) from e
-                image_io.UNREADABLE.report(path, e)
+        image = super().__call__(element.pop("index"))
         element["image"] = image
         element["valid"] = np.bool_(image is not None)
         return element
 
 
-class _AugmentImage:
-    """Training augmentation with the slot's own generator; zero image for invalid slots."""
+class _LoadBatch:
+    """Builds the host part of one training batch from an item of `_EpochsSource`.
 
-    def __init__(self, augment: transforms.TrainAugment, seed: int, epoch: int, height, width):
+    Every slot's image is decoded, resized, flipped and padded + cropped straight into the
+    batch's uint8 array, and its erasing rectangle drawn, with the slot's own generator
+    (`augment_rng`); invalid slots stay zero with an empty rectangle.
+    """
+
+    def __init__(self, decoder: _Decoder, augment: transforms.TrainAugment, seed: int):
+        self.decoder = decoder
         self.augment = augment
         self.seed = seed
-        self.epoch = epoch
-        self.shape = (height, width, 3)
 
-    def __call__(self, element: dict) -> dict:
-        image = element.pop("image")
-        slot = element.pop("slot")
-        if image is None:
-            element["images"] = np.zeros(self.shape, np.float32)
-        else:
-            element["images"] = self.augment(image, augment_rng(self.seed, self.epoch, slot))
-        return element
+    def __call__(self, row: dict) -> dict:
+        indices = row["indices"]
+        b = len(indices)
+        images = np.zeros((b, self.decoder.height, self.decoder.width, 3), np.uint8)
+        erase = np.zeros((b, 4), np.int32)
+        valid = np.zeros(b, np.bool_)
+        for i in range(b):
+            image = self.decoder(int(indices[i]))
+            if image is None:
+                continue
+            rng = augment_rng(self.seed, row["epoch"], int(row["slots"][i]))
+            erase[i] = self.augment.geometry_into(image, rng, images[i])
+            valid[i] = True
+        return {
+            "images": images,
+            "erase": erase,
+            "labels": row["labels"],
+            "camids": row["camids"],
+            "valid": valid,
+        }
 
 
 class _EvalImage:
@@ -233,43 +324,43 @@ def make_train_iterator(
     epoch: int,
     process_index: int = 0,
     process_count: int = 1,
+    *,
+    epochs: int = 1,
+    start_batch: int = 0,
 ) -> grain.DatasetIterator:
-    """Iterator over this process's part of one epoch of P x M training batches.
+    """Iterator over this process's part of ``epochs`` epochs of P x M training batches.
 
     Args:
       split: training split (pids relabelled to 0..num_classes-1).
       reader: picklable object with ``read(index) -> bytes`` for indices of ``split``.
       cfg: `TrainPipelineConfig`, or a run config (see `TrainPipelineConfig.from_run_config`).
-      epoch: epoch number; fixes the plan and the augmentations with ``cfg.seed``.
+      epoch: first epoch; with ``cfg.seed`` each epoch fixes its plan and augmentations.
       process_index, process_count: data-parallel process of this host; each gets
         identities ``process_index * P / process_count ..`` of every batch.
+      epochs: consecutive epochs to go through, ``epoch .. epoch + epochs - 1``: one
+        iterator for a whole run keeps its worker processes (``cfg.worker_count``), which
+        are started once instead of every epoch (a spawned worker imports grain, jax and
+        ctl_jax: seconds of CPU, more than a Market epoch's decoding on 2 cores), and they
+        prepare the next epoch's first batches while the current one ends.
+      start_batch: batches of ``epoch`` to skip (resuming mid-epoch: the batches are a
+        function of (seed, epoch, batch), so skipping them resumes exactly).
 
     Returns:
-      A grain ``DatasetIterator`` (``get_state`` / ``set_state``) of
-      `train_batches_per_epoch` dicts with B = P * M // process_count:
-        images: (B, H, W, 3) float32 normalised; zeros where not valid.
+      A grain ``DatasetIterator`` (``get_state`` / ``set_state``) of the epochs' batches,
+      `train_batches_per_epoch` for each (less ``start_batch`` for the first), in order;
+      dicts with B = P * M // process_count:
+        images: (B, H, W, 3) uint8, resized, flipped, padded + cropped; zeros where not
+          valid. Not normalised: `ctl_jax.data.on_device.finish_train_images` does that.
+        erase: (B, 4) int32 random-erasing rectangle (top, left, h, w); h = w = 0 for none.
         labels: (B,) int32 identity label; padded slots carry their group's identity.
         camids: (B,) int32 camera id; -1 for padded slots.
         valid: (B,) bool; False for padding and unreadable images.
     """
     if not isinstance(cfg, TrainPipelineConfig):
         cfg = TrainPipelineConfig.from_run_config(cfg)
-    plan = sampler.identity_batches(split.pids, cfg.P, cfg.M, cfg.seed, epoch)
-    global_batch = cfg.P * cfg.M
-    slots = np.arange(plan.size, dtype=np.int64).reshape(plan.shape)
-    labels = _slot_labels(plan, split.pids, cfg.M) if len(plan) else plan
-    camids = np.where(plan >= 0, split.camids[np.maximum(plan, 0)], -1) if len(plan) else plan
-    shard = [
-        sampler.shard_batches(a, process_index, process_count, M=cfg.M)
-        for a in (plan, slots, labels, camids)
-    ]
-    local_plan, local_slots, local_labels, local_camids = (a.reshape(-1) for a in shard)
-    dataset = (
-        grain.MapDataset.source(_SlotSource(local_slots, local_plan, local_labels, local_camids))
-        .map(_LoadImage(reader, split.paths, cfg.height, cfg.width, cfg.skip_unreadable))
-        .map(_AugmentImage(cfg.augment, cfg.seed, epoch, cfg.height, cfg.width))
-        .batch(global_batch // process_count, drop_remainder=True)
-    )
+    source = _EpochsSource(split, cfg, epoch, epochs, start_batch, process_index, process_count)
+    decoder = _Decoder(reader, split.paths, cfg.height, cfg.width, cfg.skip_unreadable)
+    dataset = grain.MapDataset.source(source).map(_LoadBatch(decoder, cfg.augment, cfg.seed))
     return _to_iterator(
         dataset, cfg.read_threads, cfg.prefetch_buffer, cfg.worker_count, cfg.worker_buffer_size
     )
@@ -287,7 +378,8 @@ def train_batch_spec(cfg) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         cfg = TrainPipelineConfig.from_run_config(cfg)
     b = cfg.P * cfg.M
     return {
-        "images": ((b, cfg.height, cfg.width, 3), np.dtype(np.float32)),
+        "images": ((b, cfg.height, cfg.width, 3), np.dtype(np.uint8)),
+        "erase": ((b, 4), np.dtype(np.int32)),
         "labels": ((b,), np.dtype(np.int32)),
         "camids": ((b,), np.dtype(np.int32)),
         "valid": ((b,), np.dtype(np.bool_)),

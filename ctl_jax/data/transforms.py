@@ -125,9 +125,38 @@ def random_erasing(
     """
     if fill not in ERASING_FILLS:
         raise ConfigError(f"erasing fill must be one of {ERASING_FILLS}, got {fill!r}")
-    if rng.random() >= prob:
+    top, left, h, w = erasing_box(
+        rng, image.shape[0], image.shape[1], prob, area_range, min_aspect, max_attempts
+    )
+    if h == 0:
         return image
-    height, width = image.shape[:2]
+    out = image.copy()
+    out[top : top + h, left : left + w] = erasing_value(fill)
+    return out
+
+
+def erasing_value(fill: str) -> tuple[float, float, float]:
+    """The (3,) value random erasing writes, in normalised space (see `random_erasing`)."""
+    return IMAGENET_MEAN if fill == "original" else (0.0, 0.0, 0.0)
+
+
+def erasing_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    prob: float = 0.5,
+    area_range: tuple[float, float] = (0.02, 0.4),
+    min_aspect: float = 0.3,
+    max_attempts: int = 100,
+) -> tuple[int, int, int, int]:
+    """The random draws of `random_erasing` for an (height, width) image, without the image.
+
+    Returns:
+      (top, left, h, w) of the rectangle to erase; (0, 0, 0, 0) when nothing is erased (the
+      probability draw failed, or no attempt fitted).
+    """
+    if rng.random() >= prob:
+        return 0, 0, 0, 0
     area = height * width
     for _ in range(max_attempts):
         target_area = rng.uniform(*area_range) * area
@@ -137,10 +166,8 @@ def random_erasing(
         if w < width and h < height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
-            out = image.copy()
-            out[top : top + h, left : left + w] = IMAGENET_MEAN if fill == "original" else 0.0
-            return out
-    return image
+            return top, left, h, w
+    return 0, 0, 0, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +195,36 @@ class TrainAugment:
         image = pad_and_random_crop(image, rng, self.pad)
         image = normalize(image)
         return random_erasing(image, rng, self.erasing_prob, fill=self.erasing_fill)
+
+    def geometry_into(
+        self, image: np.ndarray, rng: np.random.Generator, out: np.ndarray
+    ) -> tuple[int, int, int, int]:
+        """The host half of `__call__`: flip and pad + crop written into ``out`` (uint8), and
+        the erasing rectangle drawn but not applied; normalising and erasing are left to
+        `ctl_jax.data.on_device.finish_train_images`. Same draws in the same order as
+        `__call__`, so both give the same image for the same generator.
+
+        Args:
+          image: (H, W, 3) uint8, already resized.
+          rng: the slot's generator.
+          out: (H, W, 3) uint8, zero-filled (its zeros are the padding).
+
+        Returns:
+          The erasing rectangle (top, left, h, w); h = w = 0 for none.
+        """
+        height, width = image.shape[:2]
+        if rng.random() < self.flip_prob:
+            image = image[:, ::-1]  # a view: the copy below is the only one
+        dy = dx = 0
+        if self.pad:
+            dy = int(rng.integers(0, 2 * self.pad + 1)) - self.pad
+            dx = int(rng.integers(0, 2 * self.pad + 1)) - self.pad
+        # Output pixel (i, j) is input pixel (i + dy, j + dx) when inside (`pad_and_random_crop`).
+        if abs(dy) < height and abs(dx) < width:
+            out[max(0, -dy) : height - max(0, dy), max(0, -dx) : width - max(0, dx)] = image[
+                max(0, dy) : height + min(0, dy), max(0, dx) : width + min(0, dx)
+            ]
+        return erasing_box(rng, height, width, self.erasing_prob)
 
 
 def train_transform(

@@ -8,6 +8,7 @@ evaluates periodically, and on Ctrl-C / SIGTERM saves a checkpoint before it exi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import pathlib
@@ -192,6 +193,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
     train_pids = dataset.train.pids
     num_epochs = config.solver.num_epochs
     results = {}
+    iterator = None
     try:
         with stop_requests() as stop:
             step = int(state.step)
@@ -200,20 +202,24 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
                 # checkpoint was saved without waiting for it, so it runs now.
                 epoch_done = position.epoch
                 results, _ = _evaluate(evaluator, state, step, epoch_done, config, metrics_log, log)
-            for epoch in range(position.epoch, num_epochs):
-                state = state.replace(epoch=parallel.replicate(jnp.int32(epoch), mesh))
+            if position.epoch < num_epochs:
+                # One iterator for the rest of the run: its worker processes start once, not
+                # every epoch, and prepare the next epoch's batches during the evaluation.
+                # Mid-epoch it starts at the first batch not trained (a batch is a function
+                # of the seed, the epoch and its number).
                 iterator = pipeline.make_train_iterator(
                     dataset.train,
                     readers["train"],
                     pcfg,
-                    epoch,
+                    position.epoch,
                     process_index=jax.process_index(),
                     process_count=jax.process_count(),
+                    epochs=num_epochs - position.epoch,
+                    start_batch=position.batches_done if position.mid_epoch else 0,
                 )
-                done = 0
-                if position.mid_epoch:
-                    iterator.set_state(position.iterator)
-                    done = position.batches_done
+            for epoch in range(position.epoch, num_epochs):
+                state = state.replace(epoch=parallel.replicate(jnp.int32(epoch), mesh))
+                done = position.batches_done if position.mid_epoch else 0
                 total = pipeline.train_batches_per_epoch(
                     train_pids, pcfg.P, pcfg.M, config.seed, epoch
                 )
@@ -250,6 +256,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
             if not results and config.eval.modes:
                 results = evaluator.run(state, config.eval.modes)
     finally:
+        if iterator is not None:
+            iterator.close()  # its worker processes, if any
         store.close()
         metrics_log.close()
     return results
@@ -358,7 +366,8 @@ def _run_epoch(
     # full pipelining.
     one_step_in_flight = all(d.platform == "cpu" for d in mesh.devices.flat)
     try:
-        for batch in iterator:
+        # The iterator runs on into the next epochs: take this epoch's batches only.
+        for batch in itertools.islice(iterator, total - done):
             if voting:
                 requested = stop["signal"] is not None
                 batch[STOP_VOTE] = np.full(len(batch["labels"]), requested, np.int32)
@@ -386,9 +395,9 @@ def _run_epoch(
                 break
             periodic = step % config.train.checkpoint_every_steps == 0 and done < total
             if interrupted or periodic:
-                # The grain iterator state is the same in every process (the position in
-                # its own share of the epoch), so process 0's copy serves all of them.
-                position = DataPosition(epoch, iterator.get_state(), batches_done=done)
+                # The same in every process (each holds the position in its own share of
+                # the epoch), so process 0's copy serves all of them.
+                position = DataPosition(epoch, {"batches_done": done}, batches_done=done)
                 store.save(step, state, position.to_json(), meta)
             if interrupted:
                 _log_step(*pending, config, metrics_log, bar, epoch)

@@ -3,7 +3,7 @@
 Stored as the checkpoint's `data` item (JSON), in the format of the first ctl_jax releases so
 that their checkpoints resume:
 
-    {"epoch": 3, "iterator": {...grain state...}, "batches_done": 17}   mid-epoch
+    {"epoch": 3, "iterator": {"batches_done": 17}, "batches_done": 17}  mid-epoch
     {"epoch": 4, "iterator": null}                                      end of an epoch
     {"epoch": 4, "iterator": null, "evaluation_pending": true}          ... whose evaluation
                                                                          is still to run
@@ -25,10 +25,11 @@ class DataPosition:
     Attributes:
       epoch: the 0-based epoch to run (or to continue, mid-epoch); after the last epoch,
         the number of epochs.
-      iterator: the grain iterator state mid-epoch (`DatasetIterator.get_state()`), None at
-        an epoch boundary. The same in every process: each holds the position in its own
-        share of the epoch.
-      batches_done: batches of `epoch` already trained (mid-epoch only).
+      iterator: not None mid-epoch, None at an epoch boundary: ``{"batches_done": n}``
+        (checkpoints of earlier releases hold a grain iterator state there). Resuming uses
+        `batches_done` only: the run's iterator starts at that batch of `epoch`.
+      batches_done: batches of `epoch` already trained (mid-epoch only). The same in every
+        process: each holds the position in its own share of the epoch.
       evaluation_pending: the epoch before `epoch` ended on a stop request before its due
         evaluation ran (the checkpoint does not wait for it); the resumed run evaluates first.
     """

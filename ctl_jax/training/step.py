@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from ctl_jax import losses, margin_losses
+from ctl_jax.data import on_device
 from ctl_jax.errors import ConfigError
 from ctl_jax.models import pooling
 from ctl_jax.training.optimizer import learning_rate
@@ -125,12 +126,15 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Returns the pure step `train_step(state, batch) -> (state, metrics)` (not yet jitted).
 
-    `batch` holds `images` (N, H, W, 3) float32, `labels` (N,) int32, `valid` (N,) bool; N is
-    the global batch P * M. Under `jax.jit` with the batch sharded over a device mesh, batch
+    `batch` holds `images` (N, H, W, 3), `labels` (N,) int32, `valid` (N,) bool; N is
+    the global batch P * M. Images are uint8 with `erase` (N, 4) int32 as the training
+    pipeline yields them (normalised and erased here, `ctl_jax.data.on_device`), or float32
+    already normalised. Under `jax.jit` with the batch sharded over a device mesh, batch
     norm statistics, hard-example mining and the centroids all see the global batch.
     """
     loss_cfg, solver_cfg = config.loss, config.solver
     num_instances = config.data.num_instances
+    erasing_fill = config.data.get("erasing_fill", "original")
     check_loss_config(loss_cfg)
     if getattr(model, "classifier", "softmax") != loss_cfg.get("classifier", "softmax"):
         raise ValueError(
@@ -139,10 +143,12 @@ def make_train_step(
         )
 
     def train_step(state: TrainState, batch: Batch):
+        images = on_device.train_images(batch, erasing_fill)
+
         def loss_fn(params, centers):
             outputs, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
-                batch["images"],
+                images,
                 train=True,
                 valid=batch["valid"],
                 mutable=["batch_stats"],
