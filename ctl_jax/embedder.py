@@ -147,6 +147,25 @@ class Embedder:
             return feature_dim(self.config.model.arch)
         return int(self(np.zeros((1, self.height, self.width, 3), np.uint8)).shape[1])
 
+    def fingerprint(self) -> str:
+        """ "sha256:<16 hex digits>" of what decides the embeddings: the weights (every
+        variable's path, dtype, shape and bytes), the input size and the flip test. The
+        embeddings file records it (`model`), so that files embedded by different models
+        are not joined (`ctl_jax.retrieval.shards.merge`). Not the batch size, the layer
+        set or the config's file paths, which do not change what a model computes."""
+        import hashlib
+
+        import jax
+
+        digest = hashlib.sha256(
+            f"{type(self.model).__name__};{self.height}x{self.width};flip={self.flip}".encode()
+        )
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.variables):
+            array = np.asarray(leaf)
+            digest.update(f"{jax.tree_util.keystr(path)};{array.dtype};{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return "sha256:" + digest.hexdigest()[:16]
+
     def __call__(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
         """Embeds a batch of images.
 

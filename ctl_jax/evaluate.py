@@ -29,7 +29,9 @@ flags.adopt_module_key_flags(distributed)  # --help lists the multi-process flag
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training work directory or converted checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _QUERY = flags.DEFINE_string("query", None, "Query embeddings .npz (instead of --workdir).")
-_GALLERY = flags.DEFINE_string("gallery", None, "Gallery embeddings .npz (with --query).")
+_GALLERY = flags.DEFINE_string(
+    "gallery", None, "Gallery embeddings .npz (with --query; a,b,...: joined)."
+)
 _MODES = flags.DEFINE_list(
     "modes", None, "Evaluation modes (default: the config's eval.modes, or all for .npz input)."
 )
@@ -139,9 +141,10 @@ def evaluate_embedding_files(
     from ctl_jax import evaluation
     from ctl_jax.evaluation.query_centroids import evaluate_query_centroids
     from ctl_jax.retrieval.embedding_file import Embeddings
+    from ctl_jax.retrieval.shards import load_joined
 
     def load(path):
-        embeddings = Embeddings.load(path)
+        embeddings = load_joined(path)  # a.npz or a.npz,b.npz,... (shards)
         if len(embeddings) == 0:
             raise FileContentError(f"embeddings file {path} has no rows; nothing to evaluate")
         return embeddings if whitening is None else whitening.apply_to(embeddings)
