@@ -56,6 +56,7 @@ def rank_metrics(
     chunk_size: int | None = None,
     backend: str = "auto",
     cmc_curve: int = 0,
+    on_scores=None,
 ) -> dict:
     """mAP and CMC of queries against a gallery (Market-1501 protocol).
 
@@ -74,6 +75,10 @@ def rank_metrics(
         embedding files never imports JAX (~1 s of start-up, more than XLA's faster matmul
         saves).
       cmc_curve: also return the CMC curve up to this rank (0: no).
+      on_scores: called as on_scores(start, sim) with each chunk's (n, G) float32 cosine
+        similarities of queries start .. start + n - 1, in order (e.g.
+        `verification.VerificationPairs.add`, so that the matmul serves both); the buffer
+        is reused after the call returns.
 
     Returns:
       {"mAP": float, "mINP": float, "rank<k>": float for k in ranks, "num_query": int}.
@@ -101,7 +106,7 @@ def rank_metrics(
     def make_ranker(chunk):
         return _ChunkRanker(g_emb, g_pids, g_masks, chunk, use_jax)
 
-    return _rank(make_ranker, q_emb, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve)
+    return _rank(make_ranker, q_emb, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve, on_scores)
 
 
 def rank_scores(
@@ -160,7 +165,9 @@ def _check_labels(num_q, num_g, query_pids, query_cams, gallery_pids, gallery_ma
     return q_pids, q_cams, g_pids, g_masks
 
 
-def _rank(make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve) -> dict:
+def _rank(
+    make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve, on_scores=None
+) -> dict:
     """The metrics of queries whose (Q, ...) `rows` (embeddings or scores) a ranker takes."""
     ranks = tuple(int(k) for k in ranks)
     if any(k < 1 for k in ranks):
@@ -183,6 +190,8 @@ def _rank(make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve
             ap[sl], inp[sl], first_pos[sl], counted[sl] = ranker.finish(
                 pending, q_pids[sl], q_cams[sl]
             )
+            if on_scores is not None:
+                on_scores(sl.start, ranker.sim[: sl.stop - sl.start])
             pending = upcoming
 
     num_counted = int(counted.sum())
