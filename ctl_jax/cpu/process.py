@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import importlib.abc
+import importlib.util
 import sys
 
 from ctl_jax.cpu.malloc import tune_malloc
@@ -11,15 +12,14 @@ from ctl_jax.cpu.malloc import tune_malloc
 JAX_SETTINGS = {"jax_cpu_enable_async_dispatch": False}
 
 
-def apply_jax_settings(settings: dict, environ=None) -> None:
-    """Sets JAX options now if JAX is imported, else through the environment variables JAX
-    reads when it is first imported (`JAX_<OPTION>`), so that a command line that never
-    needs JAX (evaluate or search on .npz files) does not import it (~1 s).
+def apply_jax_settings(settings: dict) -> None:
+    """Sets JAX options now if JAX is imported, else right after it is first imported, so
+    that a command line that never needs JAX (evaluate or search on .npz files) does not
+    import it (~1 s). JAX reads its options' environment variables only for some options
+    (not `jax_cpu_enable_async_dispatch`), hence the import hook.
 
     Args:
-      settings: {"jax_<option>": value} with bool, int, float or str values.
-      environ: the environment to write (default `os.environ`; inherited by child
-        processes, which then start with the same settings).
+      settings: {"jax_<option>": value}; later calls add to or override earlier ones.
     """
     if "jax" in sys.modules:
         import jax
@@ -27,9 +27,35 @@ def apply_jax_settings(settings: dict, environ=None) -> None:
         for name, value in settings.items():
             jax.config.update(name, value)
         return
-    environ = os.environ if environ is None else environ
-    for name, value in settings.items():
-        environ[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    _PENDING.update(settings)
+    if not any(isinstance(f, _AfterJaxImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterJaxImport())
+
+
+_PENDING: dict = {}
+
+
+class _AfterJaxImport(importlib.abc.MetaPathFinder):
+    """Finds `jax` through the other finders and applies `_PENDING` once its module has
+    run (removes itself on first use)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "jax":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_configure(module):
+            exec_module(module)
+            for name, value in _PENDING.items():
+                module.config.update(name, value)
+            _PENDING.clear()
+
+        spec.loader.exec_module = exec_and_configure
+        return spec
 
 
 def configure_process() -> bool:
