@@ -15,7 +15,6 @@ gallery embeddings (and distractors) before any protocol, query expansion or re-
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import time
 
@@ -157,8 +156,8 @@ def evaluate_embedding_files(
         # From the labels alone (as `Embeddings.concatenate` numbers them), without copying
         # the embeddings (768 MB at MSMT17 scale).
         joint = pids_for_labels(np.concatenate([query.labels, gallery.labels]))
-        query = dataclasses.replace(query, pids=joint[: len(query)])
-        gallery = dataclasses.replace(gallery, pids=joint[len(query) :])
+        query = query.with_joint_pids(joint[: len(query)])
+        gallery = gallery.with_joint_pids(joint[len(query) :])
     # Whether the files hold flip-test embeddings was decided when they were embedded.
     meta = {"query": str(query_path), "gallery": str(gallery_path), "flip": None}
     if protocol != "market":

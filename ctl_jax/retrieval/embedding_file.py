@@ -9,6 +9,7 @@ Files are written atomically and read with allow_pickle=False.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import pathlib
@@ -157,6 +158,17 @@ class Embeddings:
             )
         except ValueError as e:  # arrays of the wrong shape or type: the file is at fault
             raise FileContentError(str(e)) from e
+
+    def with_joint_pids(self, pids: np.ndarray) -> Embeddings:
+        """A copy with `pids` (N,) int64 from `labels.pids_for_labels` of a label set that
+        includes this file's labels (so still one pid per label), without validating the
+        arrays again (a pass over the embeddings)."""
+        pids = np.asarray(pids, np.int64)
+        if pids.shape != self.pids.shape or not np.array_equal(pids < 0, self.pids < 0):
+            raise ValueError(f"pids of shape {pids.shape} do not fit these {len(self)} rows")
+        renumbered = copy.copy(self)
+        object.__setattr__(renumbered, "pids", pids)
+        return renumbered
 
     def select(self, index) -> Embeddings:
         """The rows `index` (a mask, indices or slice) as new Embeddings (same model; no
