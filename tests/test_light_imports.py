@@ -1,5 +1,5 @@
 """Commands and APIs that work on embedding arrays never import the model stack: evaluate,
-search and whiten on .npz files, `import ctl_jax.evaluation` and `ctl_jax.Index` (JAX, Flax,
+search, whiten and merge on .npz files, `import ctl_jax.evaluation` and `ctl_jax.Index` (JAX, Flax,
 Orbax, grain and TFDS are ~1 s of start-up, more than evaluating Market-1501 takes)."""
 
 import json
@@ -46,7 +46,7 @@ def files(tmp_path_factory):
             rng.standard_normal((n, 8)).astype(np.float32),
             pids,
             rng.integers(0, 3, n),
-            np.array([f"{p:04d}_c1_{i}.jpg" for i, p in enumerate(pids)]),
+            np.array([f"{name}/{p:04d}_c1_{i}.jpg" for i, p in enumerate(pids)]),
         ).save(folder / f"{name}.npz")
     return folder
 
@@ -64,6 +64,7 @@ def test_evaluate_search_whiten_on_npz_import_no_model_stack(files, tmp_path):
         "evaluate": ["--query", q, "--gallery", g, "--output", tmp_path / "m.json"],
         "search": ["--query", q, "--gallery", g, "--output", tmp_path / "s.json"],
         "whiten": ["--embeddings", g, "--output", tmp_path / "w.npz", "--dim", "4"],
+        "merge": ["--inputs", f"{q},{g}", "--output", tmp_path / "all.npz"],
     }
     for command, args in commands.items():
         heavy, result = imported_heavy(["-m", f"ctl_jax.{command}", *map(str, args)])
