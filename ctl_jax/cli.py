@@ -18,35 +18,56 @@ import signal
 import sys
 from collections.abc import Callable
 
-import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ctl_jax import config_schema
 from ctl_jax import configs as config_lib
-from ctl_jax.cpu import configure_process
-from ctl_jax.errors import (
-    DEBUG_ENV,
-    ConfigError,
-    UserError,
-    debug_requested,
-    report_user_error,
-)
+from ctl_jax.cpu.process import apply_jax_settings, configure_process
+from ctl_jax.errors import DEBUG_ENV, ConfigError, UserError, debug_requested, report_user_error
 
 _DEBUG = flags.DEFINE_bool(
     "debug", False, f"Show the traceback of user errors too (same as {DEBUG_ENV}=1)."
 )
 
 
-def enable_compilation_cache() -> None:
-    """Persists compiled XLA programs, so a second run skips the 20-40 s of compilation."""
+CACHE_ENV = "CTL_JAX_COMPILATION_CACHE"
+_OFF = ("off", "0", "false", "no", "none")
+# Programs that compile faster than this are not cached (JAX's default): reading an entry
+# costs a file read and deserialisation, which for tiny programs is not worth it.
+_CACHE_MIN_COMPILE_SECONDS = 1.0
 
-    cache = os.environ.get("CTL_JAX_COMPILATION_CACHE") or str(
-        pathlib.Path.home() / ".cache" / "ctl_jax" / "xla"
+
+def compilation_cache_dir(environ=None) -> str | None:
+    """The persistent compilation cache folder: `CTL_JAX_COMPILATION_CACHE` if set (`off`
+    turns the cache off: None), else `$XDG_CACHE_HOME/ctl_jax/jax`, else
+    `~/.cache/ctl_jax/jax`."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(CACHE_ENV, "").strip()
+    if value.lower() in _OFF:
+        return None
+    if value:
+        return value
+    base = environ.get("XDG_CACHE_HOME", "").strip()
+    # The XDG spec: a relative $XDG_CACHE_HOME is invalid and is ignored.
+    root = pathlib.Path(base) if base and os.path.isabs(base) else pathlib.Path.home() / ".cache"
+    return str(root / "ctl_jax" / "jax")
+
+
+def enable_compilation_cache() -> None:
+    """Persists compiled XLA programs (see `compilation_cache_dir`), so a second run skips
+    the 20-40 s of compilation. Does not import JAX (`apply_jax_settings`)."""
+    cache = compilation_cache_dir()
+    if cache is None:
+        apply_jax_settings({"jax_enable_compilation_cache": False})
+        return
+    apply_jax_settings(
+        {
+            "jax_compilation_cache_dir": cache,
+            "jax_persistent_cache_min_compile_time_secs": _CACHE_MIN_COMPILE_SECONDS,
+        }
     )
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def fail(message: str, code: int = 2) -> None:

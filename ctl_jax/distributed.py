@@ -26,8 +26,8 @@ others to join. A single-process run needs none of this.
 from __future__ import annotations
 
 import os
+import sys
 
-import jax
 from absl import flags
 
 from ctl_jax.errors import DistributedSetupError
@@ -166,11 +166,16 @@ def maybe_initialize(environ=None) -> bool:
     Raises:
       DistributedSetupError: bad settings, or the processes did not find each other in time.
     """
-    if jax.distributed.is_initialized():
-        return jax.process_count() > 1
+    if "jax" in sys.modules:
+        import jax
+
+        if jax.distributed.is_initialized():
+            return jax.process_count() > 1
     kwargs = resolve_settings(environ)
-    if kwargs is None:
+    if kwargs is None:  # one process: JAX is not needed (nor imported) for that
         return False
+    import jax
+
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # jax raises RuntimeError / XlaRuntimeError with long messages
@@ -189,12 +194,19 @@ def maybe_initialize(environ=None) -> bool:
 
 
 def is_primary() -> bool:
-    """True in process 0, the one that writes logs, metrics and reports."""
+    """True in process 0, the one that writes logs, metrics and reports. Without JAX
+    imported this is a single process (`maybe_initialize` imports it for several)."""
+    if "jax" not in sys.modules:
+        return True
+    import jax
+
     return jax.process_index() == 0
 
 
 def describe() -> str:
     """One line: process, process count, local and global devices."""
+    import jax
+
     return (
         f"process {jax.process_index()}/{jax.process_count()}: "
         f"{jax.local_device_count()} local of {jax.device_count()} "

@@ -10,10 +10,17 @@ each image shows (`labels` and `pids` in the file): `market` (Market-style names
 `path,identity[,camera]`); by default Market names when every file follows them, else the
 folder (`ctl_jax.retrieval.identities`). The camera comes from Market-style names (or the
 CSV), -1 otherwise.
+
+`--shard=K/N` embeds only the K-th (0-based) of N parts of the sorted image list, for array
+jobs on many machines; `python -m ctl_jax.merge` joins the parts into the file one process
+would have written (`ctl_jax.retrieval.shards`, docs/formats.md 'Sharded embedding'). The
+file records the model's fingerprint (`model`), which the merge compares.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import pathlib
 import time
 
@@ -37,6 +44,12 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _IDENTITY = flags.DEFINE_string("identity", None, FLAG_HELP)
 _FLIP = flags.DEFINE_bool(
     "flip", False, "Flip test: average each image's embedding with its mirror's (2x time)."
+)
+_SHARD = flags.DEFINE_string(
+    "shard",
+    None,
+    "K/N: embed only the K-th (0-based) of N equal parts of the sorted images (array jobs; "
+    "join the parts with python -m ctl_jax.merge).",
 )
 _WHITENING = flags.DEFINE_string(
     "whitening",
@@ -65,8 +78,10 @@ def main(argv):
     from ctl_jax.embedder import Embedder
     from ctl_jax.retrieval.identities import IdentitySource, assign_identities
     from ctl_jax.retrieval.images import embed_images, list_images
+    from ctl_jax.retrieval.shards import parse_shard
 
-    # A bad --images, --identity or --whitening fails before the model is loaded.
+    # A bad --images, --identity, --shard or --whitening fails before the model is loaded.
+    shard = parse_shard(_SHARD.value)
     identity = IdentitySource.parse(_IDENTITY.value)
     assign_identities(list_images(_IMAGES.value).paths, _IMAGES.value, identity)
     whitening = _load_whitening(_WHITENING.value)
@@ -77,13 +92,19 @@ def main(argv):
     if whitening is not None:  # fail before embedding, not after
         whitening.check_input_dim(embedder.dim, f"{directory}'s model")
     embeddings, report = embed_images(
-        embedder, _IMAGES.value, progress=_PROGRESS.value, identity=identity
+        embedder, _IMAGES.value, progress=_PROGRESS.value, identity=identity, shard=shard
     )
+    model = embedder.fingerprint()
     if whitening is not None:
         embeddings = whitening.apply_to(embeddings)
+        # Whitened vectors are another model's output: the whitening file is part of it.
+        whitened = hashlib.sha256(model.encode() + pathlib.Path(_WHITENING.value).read_bytes())
+        model = "sha256:" + whitened.hexdigest()[:16]
+    embeddings = dataclasses.replace(embeddings, model=model)
     embeddings.save(output, overwrite=_OVERWRITE.value)
+    part = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     print(
-        f"{report.summary()}{' (flip test)' if _FLIP.value else ''} with {directory} "
+        f"{report.summary()}{part}{' (flip test)' if _FLIP.value else ''} with {directory} "
         f"(step {embedder.step}) in "
         f"{time.time() - start:.1f} s; {embeddings.dim}-d embeddings written to {output}"
     )

@@ -33,6 +33,15 @@ from ctl_jax.errors import InvalidValueError, UnreadableImageError
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
+def small_batch(batch_size: int, num_images: int) -> int:
+    """The batch for `num_images` images: `batch_size`, or for fewer images the next power
+    of two (a few query images are not padded to a batch of 128: at ResNet-50 256x128 that
+    padding was most of a 10-image command's time). Powers of two keep the compiled
+    programs few (8 at most below 128), and each is in the persistent cache after its
+    first use."""
+    return max(1, min(int(batch_size), 1 << max(0, int(num_images) - 1).bit_length()))
+
+
 class Embedder:
     """Images in, (N, D) float32 BNNeck embeddings out, with a restored model.
 
@@ -147,6 +156,25 @@ class Embedder:
             return feature_dim(self.config.model.arch)
         return int(self(np.zeros((1, self.height, self.width, 3), np.uint8)).shape[1])
 
+    def fingerprint(self) -> str:
+        """ "sha256:<16 hex digits>" of what decides the embeddings: the weights (every
+        variable's path, dtype, shape and bytes), the input size and the flip test. The
+        embeddings file records it (`model`), so that files embedded by different models
+        are not joined (`ctl_jax.retrieval.shards.merge`). Not the batch size, the layer
+        set or the config's file paths, which do not change what a model computes."""
+        import hashlib
+
+        import jax
+
+        digest = hashlib.sha256(
+            f"{type(self.model).__name__};{self.height}x{self.width};flip={self.flip}".encode()
+        )
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.variables):
+            array = np.asarray(leaf)
+            digest.update(f"{jax.tree_util.keystr(path)};{array.dtype};{array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return "sha256:" + digest.hexdigest()[:16]
+
     def __call__(self, images: np.ndarray | Sequence[ImageLike]) -> np.ndarray:
         """Embeds a batch of images.
 
@@ -217,7 +245,7 @@ class Embedder:
             FileImageReader(split.paths),
             self.height,
             self.width,
-            self.batch_size,
+            small_batch(self.batch_size, len(paths)),
             self.mesh,
             skip_unreadable=skip_unreadable,
             progress=progress,

@@ -44,7 +44,9 @@ from absl import flags
 from ctl_jax import cli
 from ctl_jax.retrieval.identities import FLAG_HELP
 
-_GALLERY = flags.DEFINE_string("gallery", None, "Gallery embeddings .npz to build the index from.")
+_GALLERY = flags.DEFINE_string(
+    "gallery", None, "Gallery embeddings .npz to build the index from (a,b,...: joined)."
+)
 _INDEX = flags.DEFINE_string("index", None, "Index file saved earlier with --save_index.")
 _CENTROIDS = flags.DEFINE_bool(
     "centroids", False, "Search identity centroids instead of gallery images."
@@ -183,6 +185,7 @@ def _load_or_build_index():
     --remove applied."""
     from ctl_jax import Index
     from ctl_jax.retrieval.embedding_file import Embeddings
+    from ctl_jax.retrieval.shards import load_joined
 
     if _INDEX.value:
         index = Index.load(_INDEX.value, **_faiss_params())
@@ -195,7 +198,7 @@ def _load_or_build_index():
         described = f"{index.items.describe()} from index {_INDEX.value} ({index.method})"
         exact = None
     else:
-        embeddings = Embeddings.load(_GALLERY.value)
+        embeddings = load_joined(_GALLERY.value)  # a.npz or a.npz,b.npz,... (shards)
         kind = "centroid" if _CENTROIDS.value else "instance"
         options = _faiss_params() if _METHOD.value != "exact" else {}
         source = str(_GALLERY.value)

@@ -453,3 +453,17 @@ def test_evaluate_with_a_dataset_config_needs_no_training_images(checkpoint_dir,
     for mode in ("instance", "centroid_camera"):
         assert partial[mode]["num_query"] == full[mode]["num_query"] > 0
         assert partial[mode]["mAP"] == pytest.approx(full[mode]["mAP"], abs=1e-6)
+
+
+def test_compilation_cache_folder_defaults_to_xdg_and_can_be_turned_off():
+    from ctl_jax.cli import compilation_cache_dir
+
+    home = pathlib.Path.home()
+    assert compilation_cache_dir({}) == str(home / ".cache" / "ctl_jax" / "jax")
+    assert compilation_cache_dir({"XDG_CACHE_HOME": "/x/cache"}) == "/x/cache/ctl_jax/jax"
+    # A relative XDG_CACHE_HOME is invalid (XDG base directory spec) and ignored.
+    assert compilation_cache_dir({"XDG_CACHE_HOME": "rel"}) == str(home / ".cache/ctl_jax/jax")
+    given = {"XDG_CACHE_HOME": "/x/cache", "CTL_JAX_COMPILATION_CACHE": "/y"}
+    assert compilation_cache_dir(given) == "/y"
+    for off in ("off", "OFF", "0", "false", "none"):
+        assert compilation_cache_dir({"CTL_JAX_COMPILATION_CACHE": off}) is None

@@ -332,3 +332,33 @@ def test_embed_with_whitening(checkpoint, image_folder, tmp_path):
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the whitening was learned on 64-d embeddings"), last
     assert not pathlib.Path(f"{out}.3").exists()
+
+
+def test_sharded_embedding_merges_into_the_single_process_file(checkpoint, image_folder, tmp_path):
+    """Two array-job parts (folder identity "a" is numbered by each part on its own; the
+    unreadable image falls in one) joined by `ctl_jax.merge` give the single-process file
+    row for row."""
+    directory, _, _ = checkpoint
+    root, _ = image_folder
+    common = [f"--checkpoint={directory}", f"--images={root}", "--batch_size=2"]
+    single = tmp_path / "single.npz"
+    assert run_cli("ctl_jax.embed", *common, f"--output={single}").returncode == 0
+    parts = []
+    for k in (1, 0):
+        part = tmp_path / f"part{k}.npz"
+        done = run_cli("ctl_jax.embed", *common, f"--output={part}", f"--shard={k}/2")
+        assert done.returncode == 0 and f"(shard {k}/2)" in done.stdout, done.stderr
+        parts.append(part)
+    assert Embeddings.load(parts[0]).shard == (1, 2)
+    merged = tmp_path / "merged.npz"
+    done = run("ctl_jax.merge", f"--inputs={parts[0]},{parts[1]}", f"--output={merged}")
+    assert done.returncode == 0, done.stderr
+    want, got = Embeddings.load(single), Embeddings.load(merged)
+    assert want.model.startswith("sha256:") and got.model == want.model
+    for key in ("pids", "camids", "paths", "labels"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(want, key), err_msg=key)
+    # Each image is embedded alone in the network: rows agree to float rounding (a batch of
+    # another size may run other XLA kernels).
+    np.testing.assert_allclose(got.embeddings, want.embeddings, rtol=1e-5, atol=1e-6)
+    bad = run_cli("ctl_jax.embed", *common, f"--output={tmp_path / 'x.npz'}", "--shard=2/2")
+    assert bad.returncode == 1 and "error: --shard=2/2: expected K/N" in bad.stderr

@@ -114,3 +114,15 @@ def test_load_prints_nothing_and_writes_nothing(model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and result.stdout == ""
     assert sorted((str(p), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
+
+
+def test_small_batches_for_few_images():
+    """Few images are not padded to the configured batch: the smallest power of two that
+    holds them (never above the batch size)."""
+    from ctl_jax.embedder import small_batch
+
+    for batch_size in (1, 4, 6, 128):
+        for n in range(1, 300):
+            got = small_batch(batch_size, n)
+            want = batch_size if n >= batch_size else min(batch_size, 2 ** (n - 1).bit_length())
+            assert got == want and got >= min(n, batch_size), (batch_size, n)

@@ -17,7 +17,7 @@ from ctl_jax.evaluation import (
 )
 from ctl_jax.evaluation.plots import write_plots
 from ctl_jax.evaluation.report import format_verification, write_metrics_json
-from ctl_jax.evaluation.verification import FPR_TARGETS, fpr_key
+from ctl_jax.evaluation.verification import FPR_TARGETS, VerificationPairs, fpr_key
 from ctl_jax.retrieval.open_set import apply_min_score, calibrated_min_score, parse_min_score
 
 
@@ -124,6 +124,25 @@ def test_verification_sampling_keeps_every_strided_query():
     )
     assert sampled.pop("queries_used") == len(q_emb[::3])
     assert sampled == full
+
+
+@pytest.mark.parametrize("block", [1, 4, 7, 20])
+def test_pairs_fed_by_blocks_of_all_queries_equal_the_sampled_computation(block):
+    """What `evaluate` does: the ranking's similarity blocks of every query, in blocks of
+    any size, of which the pairs keep every stride-th query."""
+    q_emb, q_pids, q_cams, g_emb, g_pids, g_cams = data(3)
+    masks = 1 << g_cams
+    max_pairs = len(q_emb) * len(g_emb) // 3
+    want, _ = verification_metrics(q_emb, q_pids, q_cams, g_emb, g_pids, masks, max_pairs=max_pairs)
+    pairs = VerificationPairs(q_pids, q_cams, g_pids, masks, max_pairs)
+    sims = l2_normalize(q_emb) @ l2_normalize(g_emb).T
+    for start in range(0, len(q_emb), block):
+        pairs.add(start, sims[start : start + block])
+    got, _ = pairs.finish()
+    assert got.pop("queries_used") == want.pop("queries_used") == len(q_emb[::3])
+    for key in ("tpr_at_fpr", "threshold_at_fpr"):  # float rounding of other matmul shapes
+        assert got.pop(key) == pytest.approx(want.pop(key), abs=1e-6)
+    assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_verification_without_positives_or_negatives_is_nan():

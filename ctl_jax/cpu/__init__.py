@@ -18,19 +18,35 @@ is here only changes how the same computation runs:
   synchronous CPU dispatch, which every command line applies first.
 
 docs/performance.md has the measurements behind each choice.
+
+JAX and the layers are imported on first use (module `__getattr__`), so that a command line
+that never runs a model (`evaluate`/`search` on .npz files) can apply the process settings
+without importing JAX.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import importlib
+from typing import TYPE_CHECKING
 
-from ctl_jax.cpu.layers import CPU_LAYERS, cpu_layers
-from ctl_jax.cpu.process import configure_process
 from ctl_jax.errors import ConfigError
-from ctl_jax.models.layers import REFERENCE_LAYERS, Layers
+
+if TYPE_CHECKING:
+    from ctl_jax.models.layers import Layers
 
 SETTINGS = ("auto", "on", "off")
+
+_LAZY = {
+    "CPU_LAYERS": "ctl_jax.cpu.layers",
+    "cpu_layers": "ctl_jax.cpu.layers",
+    "configure_process": "ctl_jax.cpu.process",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ctl_jax.cpu' has no attribute {name!r}")
 
 
 def use_cpu_layers(setting: str, dtype: str, platform: str | None = None) -> bool:
@@ -48,6 +64,9 @@ def use_cpu_layers(setting: str, dtype: str, platform: str | None = None) -> boo
         )
     if setting != "auto":
         return setting == "on"
+    import jax
+    import jax.numpy as jnp
+
     platform = platform if platform is not None else jax.default_backend()
     return platform == "cpu" and jnp.dtype(dtype) == jnp.float32
 
@@ -61,6 +80,9 @@ def model_layers(
 ) -> Layers:
     """The CPU layers (`cpu_layers(recompute, winograd_tile)`, see there) or
     `REFERENCE_LAYERS`, see `use_cpu_layers`."""
+    from ctl_jax.cpu.layers import CPU_LAYERS, cpu_layers
+    from ctl_jax.models.layers import REFERENCE_LAYERS
+
     if not use_cpu_layers(setting, dtype, platform):
         return REFERENCE_LAYERS
     if recompute and winograd_tile == 4:

@@ -10,7 +10,7 @@ from ctl_jax.evaluation.centroids import build_search_gallery
 from ctl_jax.evaluation.query_expansion import QueryExpansionParams, expand_queries
 from ctl_jax.evaluation.ranking import DEFAULT_RANKS, rank_metrics, rank_scores
 from ctl_jax.evaluation.rerank import RerankParams, fit_rerank_params, rerank_distances
-from ctl_jax.evaluation.verification import verification_metrics
+from ctl_jax.evaluation.verification import MAX_PAIRS, VerificationPairs, verification_metrics
 
 MODES = ("instance", "centroid", "centroid_camera", "centroid_camera_reference")
 DEFAULT_MODES = ("instance", "centroid_camera")
@@ -80,6 +80,7 @@ def evaluate(
         if query_expansion is not None:
             queries, items = expand_queries(queries, items, query_expansion)
         q_cams_seen, g_pids_mode, g_masks = gallery.query_cams, gallery.pids, gallery.cam_masks
+        pairs = None
         if rerank is not None:
             params = fit_rerank_params(rerank, len(items), f"{mode} gallery")
             scores = rerank_distances(queries, items, params, gallery=f"{mode} gallery")
@@ -94,6 +95,10 @@ def evaluate(
                 cmc_curve=curve_ranks,
             )
         else:
+            # Verification scores the plain cosine of these same embeddings: the ranking's
+            # similarity blocks serve it, one matmul for both.
+            if verification and query_expansion is None:
+                pairs = VerificationPairs(q_pids, q_cams_seen, g_pids_mode, g_masks, MAX_PAIRS)
             metrics = rank_metrics(
                 queries,
                 q_pids,
@@ -103,11 +108,14 @@ def evaluate(
                 g_masks,
                 ranks=ranks,
                 cmc_curve=curve_ranks,
+                on_scores=pairs.add if pairs is not None else None,
             )
         metrics["num_gallery"] = len(gallery)
         curves[mode] = {"cmc": metrics.pop("cmc", None), "roc": None}
         results[mode] = metrics
-        if verification:
+        if verification and pairs is not None:
+            verified[mode], curves[mode]["roc"] = pairs.finish()
+        elif verification:
             verified[mode], curves[mode]["roc"] = verification_metrics(
                 q_emb, q_pids, q_cams_seen, gallery.embeddings, g_pids_mode, g_masks
             )

@@ -6,21 +6,19 @@ from query q's ranking iff it has q's pid and its camera bitmask contains q's ca
 `pid_j == pid_q and (mask_j >> cam_q) & 1`. One rule thus serves plain images
 (mask = 1 << camid) and centroids built from several cameras (mask = OR of their cameras).
 
-There is no Python loop over queries or gallery items. Queries are processed in chunks
-(bounded memory); inside a chunk the work is a matmul, one sort per row and sparse
+There is no Python loop over gallery items. Queries are processed in chunks (bounded
+memory); inside a chunk the work is a float32 BLAS matmul, one sort per row and sparse
 bookkeeping over the few same-pid items of each query (correct matches and removed items,
-the only ones the metrics depend on). At Market-1501 size the float32 matmul (3,368 x
-15,913 x 2,048) is most of the time; XLA's runs ~1.5x faster than NumPy's BLAS on a 2-core
-CPU and asynchronously (the next chunk is multiplied while this one is sorted), so large
-problems use it (`backend`); small ones avoid its compilation.
+the only ones the metrics depend on). At Market-1501 size the matmul (3,368 x 15,913 x
+2,048) is most of the time. The computation is NumPy only: evaluating embedding files must
+not import JAX (its import alone is ~1 s of a command that should take about that long).
 
-* Each similarity becomes a uint64 key `row << (32 + b) | sortable(-similarity) << b | j`
-  (b = bits of a gallery index j, sortable = order-preserving uint32 image of a float).
-  Keys are unique, so a fast unstable sort is deterministic and ties are broken by gallery
-  index (lowest first); and with the row in the top bits the row-sorted chunk is sorted as
-  one flat array.
-* The rank of a same-pid item is then one `np.searchsorted` of its key in that flat array,
-  so all ranks come from the sparse set without gathering the sorted matrix.
+* Each row of similarities is copied and sorted (float32, which NumPy sorts with AVX-512);
+  the rank of a same-pid item is then two binary searches of its score in its sorted row:
+  the scores above it, plus the equal scores at a lower gallery index (counted in the
+  unsorted row, only for the rare scores that are not unique). So equal scores are ordered
+  by gallery index, lowest first, deterministically.
+* Only those ranks are needed: the sorted rows are never gathered or argsorted.
 
 `rank_scores` ranks by a precomputed (Q, G) score matrix instead (e.g. re-ranked distances,
 negated), with the same keys, filter and metrics.
@@ -32,16 +30,12 @@ import functools
 
 import numpy as np
 
-from ctl_jax.errors import InvalidValueError
-
 DEFAULT_RANKS = (1, 5, 10, 20, 50)
 
 # Elements of a (chunk, gallery) matrix processed at once: the buffers take 16-24 bytes per
 # element (uint64 keys plus float32 similarities or XLA's two-word output), ~100 MB. Larger
 # chunks were slower on a 2-core CPU (cache misses), smaller ones too (per-chunk overhead).
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
-# Query x gallery x dim multiply-adds from which "auto" computes similarities with XLA.
-_JAX_MIN_MACS = 2**31
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -62,6 +56,7 @@ def rank_metrics(
     chunk_size: int | None = None,
     backend: str = "auto",
     cmc_curve: int = 0,
+    on_scores=None,
 ) -> dict:
     """mAP and CMC of queries against a gallery (Market-1501 protocol).
 
@@ -75,10 +70,15 @@ def rank_metrics(
       gallery_cam_masks: (G,) int64 bitmasks of the cameras each gallery item comes from.
       ranks: the k of the reported CMC@k.
       chunk_size: queries per chunk; default keeps chunk x G around 4M elements.
-      backend: where the similarities are computed: "numpy" (BLAS), "jax" (XLA, on the
-        default device, full float32 precision; faster on CPU too) or "auto" (jax for
-        problems big enough to repay the one-off compilation).
+      backend: where the similarities are computed: "numpy" (BLAS) or "jax" (XLA, on the
+        default device, full float32 precision); "auto" is numpy, so that evaluating
+        embedding files never imports JAX (~1 s of start-up, more than XLA's faster matmul
+        saves).
       cmc_curve: also return the CMC curve up to this rank (0: no).
+      on_scores: called as on_scores(start, sim) with each chunk's (n, G) float32 cosine
+        similarities of queries start .. start + n - 1, in order (e.g.
+        `verification.VerificationPairs.add`, so that the matmul serves both); the buffer
+        is reused after the call returns.
 
     Returns:
       {"mAP": float, "mINP": float, "rank<k>": float for k in ranks, "num_query": int}.
@@ -101,14 +101,12 @@ def rank_metrics(
         )
     if backend not in ("auto", "numpy", "jax"):
         raise ValueError(f"backend must be 'auto', 'numpy' or 'jax', got {backend!r}")
-    use_jax = backend == "jax" or (
-        backend == "auto" and num_q * num_g * q_emb.shape[1] >= _JAX_MIN_MACS
-    )
+    use_jax = backend == "jax"
 
     def make_ranker(chunk):
         return _ChunkRanker(g_emb, g_pids, g_masks, chunk, use_jax)
 
-    return _rank(make_ranker, q_emb, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve)
+    return _rank(make_ranker, q_emb, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve, on_scores)
 
 
 def rank_scores(
@@ -167,7 +165,9 @@ def _check_labels(num_q, num_g, query_pids, query_cams, gallery_pids, gallery_ma
     return q_pids, q_cams, g_pids, g_masks
 
 
-def _rank(make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve) -> dict:
+def _rank(
+    make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve, on_scores=None
+) -> dict:
     """The metrics of queries whose (Q, ...) `rows` (embeddings or scores) a ranker takes."""
     ranks = tuple(int(k) for k in ranks)
     if any(k < 1 for k in ranks):
@@ -180,9 +180,7 @@ def _rank(make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve
     if num_q and num_g:
         if chunk_size is None:
             chunk_size = max(1, _CHUNK_ELEMENTS // num_g)
-        # The row number must fit in the bits the keys leave free.
-        max_rows = 2 ** (32 - _index_bits(num_g))
-        chunk_size = int(min(max(1, chunk_size), num_q, max_rows))
+        chunk_size = int(min(max(1, chunk_size), num_q))
         ranker = make_ranker(chunk_size)
         chunks = [slice(s, min(s + chunk_size, num_q)) for s in range(0, num_q, chunk_size)]
         pending = ranker.start(rows[chunks[0]])
@@ -192,6 +190,8 @@ def _rank(make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve
             ap[sl], inp[sl], first_pos[sl], counted[sl] = ranker.finish(
                 pending, q_pids[sl], q_cams[sl]
             )
+            if on_scores is not None:
+                on_scores(sl.start, ranker.sim[: sl.stop - sl.start])
             pending = upcoming
 
     num_counted = int(counted.sum())
@@ -210,34 +210,14 @@ def _rank(make_ranker, rows, q_pids, q_cams, num_g, ranks, chunk_size, cmc_curve
     return metrics
 
 
-def _index_bits(num_g: int) -> int:
-    """Bits needed for a gallery index 0..num_g-1."""
-    if num_g >= 2**31:
-        raise InvalidValueError(f"gallery too large for ranking keys: {num_g} items")
-    return max(1, int(num_g - 1).bit_length())
-
-
 @functools.cache
-def _jax_rank_keys(chunk_size: int, bits: int):
-    """Jitted (q (chunk, D), g (G, D)) -> (chunk, G, 2) uint32: the little-endian halves of
-    the uint64 keys `row << (32 + bits) | sortable(-(q @ g.T)) << bits | index`
-    (XLA on CPU has no 64-bit integers unless enabled globally, hence two words)."""
+def _jax_similarities():
+    """Jitted (q (chunk, D), g (G, D)) -> (chunk, G) float32 q @ g.T at full precision
+    (`backend="jax"` only: the default is NumPy, so that evaluation never imports JAX)."""
     import jax
     import jax.numpy as jnp
 
-    @jax.jit
-    def fn(q, g):
-        sim = jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST)
-        neg = jnp.where(sim == 0, jnp.float32(0), -sim)  # no -0.0: equal values tie exactly
-        b = jax.lax.bitcast_convert_type(neg, jnp.int32)
-        sortable = jax.lax.bitcast_convert_type(b ^ ((b >> 31) | jnp.int32(-(2**31))), jnp.uint32)
-        index = jnp.arange(g.shape[0], dtype=jnp.uint32)
-        row = jnp.arange(chunk_size, dtype=jnp.uint32)[:, None]
-        low = (sortable << bits) | index
-        high = (row << bits) | (sortable >> (32 - bits))
-        return jnp.stack([low, high], axis=-1)
-
-    return fn
+    return jax.jit(lambda q, g: jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST))
 
 
 class _ChunkRanker:
@@ -252,23 +232,19 @@ class _ChunkRanker:
         num_g = len(g_pids)
         self.num_g, self.chunk_size = num_g, chunk_size
         self.g_masks = g_masks
-        self.bits = _index_bits(num_g)
         # Gallery grouped by pid: the same-pid items of a query are one contiguous range.
         self.by_pid = np.argsort(g_pids, kind="stable")
         self.sorted_pids = g_pids[self.by_pid]
-        self.keys = np.empty((chunk_size, num_g), np.uint64)
+        self.sim = np.empty((chunk_size, num_g), np.float32)
+        self.sorted = np.empty((chunk_size, num_g), np.float32)
         if use_jax:
             import jax
 
-            self.jax_fn = _jax_rank_keys(chunk_size, self.bits)
+            self.jax_fn = _jax_similarities()
             self.g_emb_device = jax.device_put(g_emb)
         else:
             self.jax_fn = None
             self.g_emb_t = None if g_emb is None else g_emb.T  # BLAS reads it in place
-            self.sim = np.empty((chunk_size, num_g), np.float32)
-            self.tmp = np.empty((chunk_size, num_g), np.int32)
-            rows = np.arange(chunk_size, dtype=np.uint64)[:, None] << np.uint64(32 + self.bits)
-            self.row_and_index = rows | np.arange(num_g, dtype=np.uint64)
 
     def start(self, q_emb):
         """Starts the similarities of a chunk of queries; returns what `finish` takes.
@@ -283,40 +259,26 @@ class _ChunkRanker:
         padded[: len(q_emb)] = q_emb  # one shape for every chunk: compiled once
         return len(q_emb), self.jax_fn(padded, self.g_emb_device)
 
-    def unsorted_keys(self, pending) -> np.ndarray:
-        """The (n, G) uint64 keys of a chunk, unsorted, in the reusable key buffer."""
+    def similarities(self, pending) -> np.ndarray:
+        """The (n, G) float32 scores of a chunk, in the reusable buffer."""
         if self.jax_fn is not None:
             n, result = pending
-            keys = self.keys[:n]
-            words = np.asarray(result)[:n]  # (n, G, 2) uint32, little-endian halves
-            np.copyto(keys, words.view("<u8").reshape(keys.shape))
-            return keys
+            sim = self.sim[:n]
+            np.copyto(sim, np.asarray(result)[:n])
+            return sim
         q_emb = pending
-        n = len(q_emb)
-        sim, tmp, keys = self.sim[:n], self.tmp[:n], self.keys[:n]
+        sim = self.sim[: len(q_emb)]
         if self.g_emb_t is None:
             np.copyto(sim, q_emb)  # precomputed scores
         else:
             np.matmul(q_emb, self.g_emb_t, out=sim)
-        # sortable(-sim): flip all bits of negative floats, only the sign bit of the others;
-        # as uint32 these order like the floats. -0.0 becomes +0.0 first so that equal
-        # similarities tie exactly.
-        np.negative(sim, out=sim)
-        sim += np.float32(0.0)
-        bits = sim.view(np.int32)
-        np.right_shift(bits, 31, out=tmp)
-        tmp |= np.int32(-(2**31))
-        bits ^= tmp
-        np.copyto(keys, sim.view(np.uint32))
-        keys <<= np.uint64(self.bits)
-        keys |= self.row_and_index[:n]
-        return keys
+        return sim
 
     def finish(self, pending, q_pids, q_cams):
         """(AP (n,), INP (n,), 1-based kept position of the first correct match (n,),
         counted (n,))."""
-        keys = self.unsorted_keys(pending)
-        n, num_g = len(keys), self.num_g
+        sim = self.similarities(pending)
+        n, num_g = len(sim), self.num_g
 
         # Same-pid items of each query (sparse): rows, gallery items, removed flags.
         lo = np.searchsorted(self.sorted_pids, q_pids, side="left")
@@ -327,12 +289,10 @@ class _ChunkRanker:
         items = self.by_pid[np.repeat(lo, counts) + offsets]
         is_removed = ((self.g_masks[items] >> q_cams[rows]) & 1).astype(bool)
 
-        # Their keys (read before sorting), in rank order, and their 0-based rank in the row.
-        item_keys = keys[rows, items]
-        keys.sort(axis=1)
-        order = np.argsort(item_keys)
-        rows, is_removed, item_keys = rows[order], is_removed[order], item_keys[order]
-        rank = np.searchsorted(keys.ravel(), item_keys) - rows * num_g
+        rank = _ranks_in_rows(sim, self.sorted[:n], rows, items)
+        # Items in rank order within each row (ranks in a row are distinct).
+        order = np.argsort(rows * np.int64(num_g) + rank, kind="stable")
+        rows, is_removed, rank = rows[order], is_removed[order], rank[order]
 
         # Kept position (1-based) of each correct match: rank + 1 minus removed items above.
         row_start = np.searchsorted(rows, rows, side="left")
@@ -358,3 +318,38 @@ class _ChunkRanker:
         inp = np.zeros(n, np.float64)
         inp[g_rows[last]] = num_good[g_rows[last]] / kept_pos[last]
         return ap, inp, first_pos, counted
+
+
+def _ranks_in_rows(sim, sorted_buffer, rows, items) -> np.ndarray:
+    """0-based rank of gallery item `items[i]` in row `rows[i]` of `sim`, ordered by score
+    descending with equal scores ordered by gallery index (lowest first).
+
+    Args:
+      sim: (n, G) float32 scores (finite); left unchanged.
+      sorted_buffer: (n, G) float32 scratch space.
+      rows, items: (M,) int, rows ascending (the few same-pid items of each query).
+
+    Returns:
+      (M,) int64 ranks.
+
+    Only these M ranks are needed, so each row is sorted (float32: AVX-512 sorts 16 at a
+    time) and searched, instead of ordering every item: rank = (scores above) + (equal
+    scores at a lower index), the latter counted in the unsorted row only where an item's
+    score is not unique (rare).
+    """
+    num_g = sim.shape[1]
+    np.copyto(sorted_buffer, sim)
+    sorted_buffer.sort(axis=1)
+    values = sim[rows, items]
+    above = np.empty(len(rows), np.int64)
+    equal = np.empty(len(rows), np.int64)
+    bounds = np.searchsorted(rows, np.arange(len(sim) + 1))
+    for r in np.flatnonzero(np.diff(bounds)):  # rows with items: a few calls per query
+        b, e = bounds[r], bounds[r + 1]
+        right = np.searchsorted(sorted_buffer[r], values[b:e], side="right")
+        above[b:e] = num_g - right
+        equal[b:e] = right - np.searchsorted(sorted_buffer[r], values[b:e], side="left")
+    rank = above
+    for i in np.flatnonzero(equal > 1):  # ties: the equal ones at lower gallery indices
+        rank[i] += np.count_nonzero(sim[rows[i], : items[i]] == values[i])
+    return rank

@@ -80,74 +80,117 @@ def verification_metrics(
       {key: threshold}} plus "queries_used" when sampled, RocCurve). AUC, TPRs and
       thresholds are NaN without positives or negatives.
     """
+    check_fpr_targets(fpr_targets)
     q = l2_normalize(query_emb)
     g = l2_normalize(gallery_emb)
-    q_pids = np.asarray(query_pids, np.int64)
-    q_cams = np.asarray(query_cams, np.int64)
-    g_pids = np.asarray(gallery_pids, np.int64)
-    g_masks = np.asarray(gallery_cam_masks, np.int64)
+    pairs = VerificationPairs(query_pids, query_cams, gallery_pids, gallery_cam_masks, max_pairs)
+    q = q[:: pairs.stride]  # only the sampled queries' similarities are computed
+    chunk = max(1, _CHUNK_ELEMENTS // max(len(g), 1))
+    block = np.empty((min(chunk, len(q)), len(g)), np.float32)
+    for s in range(0, len(q), chunk):
+        rows = block[: min(chunk, len(q) - s)]
+        np.matmul(q[s : s + len(rows)], g.T, out=rows)
+        pairs.add_sampled(s, rows)
+    return pairs.finish(fpr_targets)
+
+
+def check_fpr_targets(fpr_targets) -> None:
     for target in fpr_targets:
         if not 0 < target < 1:
             raise ValueError(f"FPR targets must lie in (0, 1), got {target}")
-    stride = max(1, -(-len(q) * len(g) // max_pairs))
-    if stride > 1:
-        q, q_pids, q_cams = q[::stride], q_pids[::stride], q_cams[::stride]
-    num_q, num_g = len(q), len(g)
 
-    # Same-pid pairs (sparse): positives, or removed by the camera rule.
-    by_pid = np.argsort(g_pids, kind="stable")
-    sorted_pids = g_pids[by_pid]
-    lo = np.searchsorted(sorted_pids, q_pids, side="left")
-    hi = np.searchsorted(sorted_pids, q_pids, side="right")
-    counts = hi - lo
-    pair_q = np.repeat(np.arange(num_q), counts)
-    offsets = np.arange(len(pair_q)) - np.repeat(np.cumsum(counts) - counts, counts)
-    pair_g = by_pid[np.repeat(lo, counts) + offsets]
-    removed = ((g_masks[pair_g] >> q_cams[pair_q]) & 1).astype(bool)
 
-    # All scores chunk by chunk; same-pid pairs set to +inf, so that after one sort the
-    # negatives are the first `num_neg` entries.
-    all_scores = np.empty(num_q * num_g, np.float32)
-    positives = np.empty(int((~removed).sum()), np.float32)
-    chunk = max(1, _CHUNK_ELEMENTS // max(num_g, 1))
-    pos_seen = 0
-    for s in range(0, num_q, chunk):
-        e = min(s + chunk, num_q)
-        block = all_scores[s * num_g : e * num_g].reshape(e - s, num_g)
-        np.matmul(q[s:e], g.T, out=block)
-        in_chunk = slice(*np.searchsorted(pair_q, [s, e]))
-        rows, cols, gone = pair_q[in_chunk] - s, pair_g[in_chunk], removed[in_chunk]
+class VerificationPairs:
+    """The scores of every query-gallery pair, given block by block (`add`), then the
+    metrics (`finish`). `evaluate` feeds it the similarity blocks the ranking computes
+    anyway, so the (Q, G) matmul runs once for both.
+
+    Args:
+      query_pids, query_cams: (Q,) identities and camera ids as the filter sees them.
+      gallery_pids, gallery_cam_masks: (G,) identities and camera bitmasks.
+      max_pairs: above Q * G = max_pairs, every s-th query is used.
+    """
+
+    def __init__(self, query_pids, query_cams, gallery_pids, gallery_cam_masks, max_pairs):
+        q_pids = np.asarray(query_pids, np.int64)
+        q_cams = np.asarray(query_cams, np.int64)
+        g_pids = np.asarray(gallery_pids, np.int64)
+        g_masks = np.asarray(gallery_cam_masks, np.int64)
+        num_q, num_g = len(q_pids), len(g_pids)
+        self.stride = stride = max(1, -(-num_q * num_g // max_pairs))
+        q_pids, q_cams = q_pids[::stride], q_cams[::stride]
+        self.num_q, self.num_g = len(q_pids), num_g
+
+        # Same-pid pairs (sparse): positives, or removed by the camera rule.
+        by_pid = np.argsort(g_pids, kind="stable")
+        sorted_pids = g_pids[by_pid]
+        lo = np.searchsorted(sorted_pids, q_pids, side="left")
+        hi = np.searchsorted(sorted_pids, q_pids, side="right")
+        counts = hi - lo
+        self.pair_q = np.repeat(np.arange(self.num_q), counts)
+        offsets = np.arange(len(self.pair_q)) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.pair_g = by_pid[np.repeat(lo, counts) + offsets]
+        self.removed = ((g_masks[self.pair_g] >> q_cams[self.pair_q]) & 1).astype(bool)
+        # All scores; same-pid pairs set to +inf, so that after one sort the negatives are
+        # the first `num_neg` entries.
+        self.all_scores = np.empty(self.num_q * num_g, np.float32)
+        self.positives = np.empty(int((~self.removed).sum()), np.float32)
+        self.pos_seen = 0
+
+    def add(self, start: int, block: np.ndarray) -> None:
+        """Scores (n, G) of queries start .. start + n - 1 (the queries' own numbering;
+        blocks in increasing order; the rows the sampling skips are ignored). `block` is
+        not changed."""
+        first = -(-start // self.stride)  # first used query at or after `start`
+        if first * self.stride < start + len(block):
+            self.add_sampled(first, block[first * self.stride - start :: self.stride])
+
+    def add_sampled(self, first: int, block: np.ndarray) -> None:
+        """Scores (n, G) of the sampled queries first .. first + n - 1 (every stride-th)."""
+        last = first + len(block)
+        scores = self.all_scores[first * self.num_g : last * self.num_g].reshape(-1, self.num_g)
+        np.copyto(scores, block)
+        in_chunk = slice(*np.searchsorted(self.pair_q, [first, last]))
+        rows, cols = self.pair_q[in_chunk] - first, self.pair_g[in_chunk]
+        gone = self.removed[in_chunk]
         n_pos = int((~gone).sum())
-        positives[pos_seen : pos_seen + n_pos] = block[rows[~gone], cols[~gone]]
-        pos_seen += n_pos
-        block[rows, cols] = np.inf
-    num_pos = len(positives)
-    num_neg = num_q * num_g - len(pair_q)
-    all_scores.sort()
-    negatives = all_scores[:num_neg]
-    positives.sort()
+        self.positives[self.pos_seen : self.pos_seen + n_pos] = scores[rows[~gone], cols[~gone]]
+        self.pos_seen += n_pos
+        scores[rows, cols] = np.inf
 
-    summary = {"pairs": num_pos + num_neg, "positives": num_pos}
-    if stride > 1:
-        summary["queries_used"] = num_q
-    nan = float("nan")
-    if num_pos and num_neg:
-        # Per positive: negatives strictly below it plus half of those equal to it.
-        below = np.searchsorted(negatives, positives, side="left")
-        equal = np.searchsorted(negatives, positives, side="right") - below
-        summary["auc"] = float((below.sum() + 0.5 * equal.sum()) / (num_pos * num_neg))
-    else:
-        summary["auc"] = nan
-    tpr, threshold = _tpr_at_fpr(positives, negatives, np.asarray(fpr_targets, np.float64))
-    summary["tpr_at_fpr"] = {fpr_key(f): float(t) for f, t in zip(fpr_targets, tpr)}
-    summary["threshold_at_fpr"] = {fpr_key(f): float(t) for f, t in zip(fpr_targets, threshold)}
+    def finish(self, fpr_targets=FPR_TARGETS) -> tuple[dict, RocCurve]:
+        """The metrics of `verification_metrics`, once every query's block was added."""
+        check_fpr_targets(fpr_targets)
+        positives = self.positives
+        num_pos = len(positives)
+        num_neg = self.num_q * self.num_g - len(self.pair_q)
+        all_scores = self.all_scores
+        all_scores.sort()
+        negatives = all_scores[:num_neg]
+        positives.sort()
 
-    if num_pos and num_neg:
-        grid = np.logspace(math.log10(1.0 / num_neg), 0.0, _CURVE_POINTS)
-        curve = RocCurve(grid, _tpr_at_fpr(positives, negatives, grid)[0])
-    else:
-        curve = RocCurve(np.zeros(0), np.zeros(0))
-    return summary, curve
+        summary = {"pairs": num_pos + num_neg, "positives": num_pos}
+        if self.stride > 1:
+            summary["queries_used"] = self.num_q
+        nan = float("nan")
+        if num_pos and num_neg:
+            # Per positive: negatives strictly below it plus half of those equal to it.
+            below = np.searchsorted(negatives, positives, side="left")
+            equal = np.searchsorted(negatives, positives, side="right") - below
+            summary["auc"] = float((below.sum() + 0.5 * equal.sum()) / (num_pos * num_neg))
+        else:
+            summary["auc"] = nan
+        tpr, threshold = _tpr_at_fpr(positives, negatives, np.asarray(fpr_targets, np.float64))
+        summary["tpr_at_fpr"] = {fpr_key(f): float(t) for f, t in zip(fpr_targets, tpr)}
+        summary["threshold_at_fpr"] = {fpr_key(f): float(t) for f, t in zip(fpr_targets, threshold)}
+
+        if num_pos and num_neg:
+            grid = np.logspace(math.log10(1.0 / num_neg), 0.0, _CURVE_POINTS)
+            curve = RocCurve(grid, _tpr_at_fpr(positives, negatives, grid)[0])
+        else:
+            curve = RocCurve(np.zeros(0), np.zeros(0))
+        self.all_scores = self.positives = None  # the memory goes with the caller's reference
+        return summary, curve
 
 
 def _tpr_at_fpr(positives, negatives, targets) -> tuple[np.ndarray, np.ndarray]:

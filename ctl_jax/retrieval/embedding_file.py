@@ -9,6 +9,7 @@ Files are written atomically and read with allow_pickle=False.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import pathlib
@@ -41,6 +42,8 @@ class Embeddings:
       paths: (N,) unicode.
       labels: (N,) unicode identity names, "" where unknown; one label per pid and one pid
         per label. None (the default) derives them from the pids ("2" for pid 2).
+      model: fingerprint of the model that embedded the rows ("" when unknown).
+      shard: (K, N) when the rows are the K-th (0-based) of N parts of one run, else None.
     """
 
     embeddings: np.ndarray
@@ -48,6 +51,8 @@ class Embeddings:
     camids: np.ndarray
     paths: np.ndarray
     labels: np.ndarray | None = None
+    model: str = ""
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self):
         arrays = _validated(
@@ -62,6 +67,12 @@ class Embeddings:
         )
         for key, value in arrays.items():
             object.__setattr__(self, key, value)
+        object.__setattr__(self, "model", str(self.model))
+        if self.shard is not None:
+            k, n = (int(v) for v in self.shard)
+            if not 0 <= k < n:
+                raise ValueError(f"Embeddings: shard must be (K, N) with 0 <= K < N, got {k}/{n}")
+            object.__setattr__(self, "shard", (k, n))
 
     def __len__(self) -> int:
         return len(self.pids)
@@ -77,6 +88,11 @@ class Embeddings:
           FileExistsError: `path` exists and `overwrite` is False.
         """
         path = files.refuse_overwrite(path, overwrite)
+        extra = {}
+        if self.model:
+            extra["model"] = np.asarray(self.model)
+        if self.shard is not None:
+            extra["shard"] = np.asarray(self.shard, np.int64)
         with files.atomic_open(path) as f:
             np.savez(
                 f,
@@ -85,6 +101,7 @@ class Embeddings:
                 camids=self.camids,
                 paths=self.paths,
                 labels=self.labels,
+                **extra,
             )
         return path
 
@@ -125,28 +142,51 @@ class Embeddings:
             try:
                 arrays = {k: data[k] for k in REQUIRED_KEYS}
                 arrays["labels"] = data["labels"] if "labels" in data.files else None
+                model = data["model"] if "model" in data.files else np.asarray("")
+                shard = data["shard"] if "shard" in data.files else None
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
                 raise FileContentError(f"embeddings file {path} is not a readable .npz: {e}") from e
         try:
-            return cls(**_validated(arrays, source=f"embeddings file {path}"))
+            if model.ndim != 0 or model.dtype.kind not in "US":
+                raise ValueError(f"embeddings file {path}: 'model' must be a string scalar")
+            if shard is not None and (shard.shape != (2,) or shard.dtype.kind not in "iu"):
+                raise ValueError(f"embeddings file {path}: 'shard' must be 2 integers [K, N]")
+            return cls(
+                **_validated(arrays, source=f"embeddings file {path}"),
+                model=str(model),
+                shard=None if shard is None else tuple(shard.tolist()),
+            )
         except ValueError as e:  # arrays of the wrong shape or type: the file is at fault
             raise FileContentError(str(e)) from e
 
+    def with_joint_pids(self, pids: np.ndarray) -> Embeddings:
+        """A copy with `pids` (N,) int64 from `labels.pids_for_labels` of a label set that
+        includes this file's labels (so still one pid per label), without validating the
+        arrays again (a pass over the embeddings)."""
+        pids = np.asarray(pids, np.int64)
+        if pids.shape != self.pids.shape or not np.array_equal(pids < 0, self.pids < 0):
+            raise ValueError(f"pids of shape {pids.shape} do not fit these {len(self)} rows")
+        renumbered = copy.copy(self)
+        object.__setattr__(renumbered, "pids", pids)
+        return renumbered
+
     def select(self, index) -> Embeddings:
-        """The rows `index` (a mask, indices or slice) as new Embeddings."""
+        """The rows `index` (a mask, indices or slice) as new Embeddings (same model; no
+        longer a shard)."""
         return Embeddings(
             self.embeddings[index],
             self.pids[index],
             self.camids[index],
             self.paths[index],
             self.labels[index],
+            model=self.model,
         )
 
     @classmethod
     def concatenate(cls, parts) -> Embeddings:
         """The rows of several Embeddings one after the other. The pids are renumbered from
         the labels (`labels.pids_for_labels`), since files with named identities number them
-        independently."""
+        independently. The result records the parts' model when they all share one."""
         parts = list(parts)
         dims = sorted({p.dim for p in parts if len(p)})
         if len(dims) > 1:
@@ -161,6 +201,7 @@ class Embeddings:
             np.concatenate([p.camids for p in parts]),
             np.concatenate([p.paths for p in parts]).astype(str),
             labels,
+            model=parts[0].model if len({p.model for p in parts}) == 1 else "",
         )
 
 

@@ -130,12 +130,16 @@ def embed_images(
     images: str | os.PathLike,
     progress: bool = True,
     identity: IdentitySource | str | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[Embeddings, EmbedReport]:
     """Embeds one image or a folder tree with an `ctl_jax.embedder.Embedder` (its batch
     size and flip test apply); `identity` (`--identity`: market, folder, csv:FILE, default
     auto) names each image's identity (`identities.py`).
 
     Non-image files are skipped and counted; so are images that cannot be decoded.
+    `shard` (K, N) embeds only the K-th of N contiguous parts of the sorted image list
+    (`shards.shard_range`), with identities assigned from the whole list; the result
+    records the shard.
 
     Returns:
       (Embeddings in sorted path order, EmbedReport).
@@ -145,6 +149,17 @@ def embed_images(
     """
     listing = list_images(images)
     found = assign_identities(listing.paths, images, identity)
+    if shard is not None:
+        from ctl_jax.retrieval.shards import shard_range
+
+        rows = shard_range(len(listing.paths), shard)
+        if rows.start == rows.stop:
+            raise OptionError(
+                f"--shard={shard[0]}/{shard[1]}: that part of the {len(listing.paths)} image(s) "
+                f"under {images} is empty; use at most {len(listing.paths)} shards"
+            )
+        listing = dataclasses.replace(listing, paths=listing.paths[rows])
+        found = dataclasses.replace(found, labels=found.labels[rows], camids=found.camids[rows])
     with warnings.catch_warnings():
         # Each unreadable image is reported once in the summary instead.
         warnings.simplefilter("ignore", UnreadableImageWarning)
@@ -158,7 +173,12 @@ def embed_images(
         )
     labels = found.labels[valid]
     result = Embeddings(
-        embeddings[valid], pids_for_labels(labels), found.camids[valid], paths[valid], labels
+        embeddings[valid],
+        pids_for_labels(labels),
+        found.camids[valid],
+        paths[valid],
+        labels,
+        shard=shard,
     )
     embedded = dataclasses.replace(found, labels=labels, camids=found.camids[valid])
     report = EmbedReport(int(valid.sum()), listing, unreadable, embedded.summary())

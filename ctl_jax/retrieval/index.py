@@ -6,13 +6,13 @@ or one per identity centroid, as evaluation computes them. Every item is searche
 similarity: vectors are stored L2-normalised and queries are normalised before the inner
 product.
 
-`ExactIndex` is an exact search written in JAX: one jitted program per chunk of queries that
-walks the gallery in fixed-size chunks (`lax.fori_loop`), keeps a running top-k and never
-materialises more than a (query chunk x gallery chunk) similarity block, so memory stays
-bounded whatever the gallery size. On a 2-core CPU this is ~2.5x faster than a NumPy matmul
-plus `argpartition` (XLA's matmul is faster and the top-k is fused), and faster than
-faiss's flat index on batches of queries (see `benchmarks/retrieval.py`). Ties are broken by
-gallery position (lowest first). The approximate faiss indexes live in `approximate.py`.
+`ExactIndex` is an exact search in NumPy: per chunk of queries it walks the gallery in
+fixed-size chunks, a float32 BLAS matmul and `argpartition` per block, and keeps a running
+top-k, never materialising more than a (query chunk x gallery chunk) similarity block, so
+memory stays bounded whatever the gallery size. It was written in JAX (XLA's matmul is
+faster on a 2-core CPU), but searching embedding files must not import JAX: its import is
+~1 s, more than a Market-1501-sized search takes. Ties are broken by gallery position
+(lowest first). The approximate faiss indexes live in `approximate.py`.
 
 Index file (`.npz`, read with allow_pickle=False):
   format: str scalar "ctl_jax.index"; version: int scalar (2; version 1 files, written before
@@ -39,7 +39,6 @@ Index file (`.npz`, read with allow_pickle=False):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -82,17 +81,14 @@ class ExactIndex:
     method: str = dataclasses.field(default="exact", init=False)
 
     def __post_init__(self):
-        import jax
-
         vectors = np.asarray(self.vectors, np.float32)
         if vectors.ndim != 2 or len(vectors) != len(self.items):
             raise ValueError(
                 f"index vectors must be ({len(self.items)}, D), got shape {vectors.shape}"
             )
-        device = jax.device_put(vectors)
-        object.__setattr__(self, "_device", device)
-        # Zero-copy on CPU: drop the host copy so the gallery is held once.
-        object.__setattr__(self, "vectors", np.asarray(device))
+        vectors = vectors.view()
+        vectors.flags.writeable = False  # searched as stored: no one changes it under us
+        object.__setattr__(self, "vectors", vectors)
 
     @classmethod
     def from_embeddings(cls, embeddings: Embeddings, centroids: bool = False, source: str = ""):
@@ -141,79 +137,55 @@ class ExactIndex:
         qc = query_chunk or min(_MAX_QUERY_CHUNK, 1 << (num_q - 1).bit_length())
         gc = gallery_chunk or _CHUNK_BYTES // (4 * (qc + self.dim))
         gc = int(min(max(gc, k), num_g))
-        fn = _topk_fn(k, gc)
 
         scores = np.empty((num_q, k), np.float32)
         indices = np.empty((num_q, k), np.int64)
         starts = range(0, num_q, qc)
-
-        def dispatch(start):
-            rows = queries[start : start + qc]
-            # Every chunk padded to one shape: compiled once. A fresh buffer per chunk, as
-            # the previous one may still be in flight.
-            padded = np.zeros((qc, self.dim), np.float32)
-            padded[: len(rows)] = rows
-            return start, len(rows), fn(padded, self._device)
-
-        # XLA runs asynchronously: chunk i+1 is dispatched before chunk i is fetched.
-        pending = dispatch(0)
         bar = progress_bar(
             starts, desc="searching", enabled=progress and len(starts) > 1, leave=False
         )
-        for i, _ in enumerate(bar):
-            current = pending
-            if i + 1 < len(starts):
-                pending = dispatch(starts[i + 1])
-            start, n, (s, j) = current
-            scores[start : start + n] = np.asarray(s)[:n]
-            indices[start : start + n] = np.asarray(j)[:n]
+        block = np.empty((qc, gc), np.float32)  # reused: fresh ones would be page-faulted
+        for start in bar:
+            rows = queries[start : start + qc]
+            best_s = best_i = None
+            for g0 in range(0, num_g, gc):
+                gallery = self.vectors[g0 : g0 + gc]
+                sim = block[: len(rows), : len(gallery)]
+                np.matmul(rows, gallery.T, out=sim)
+                s, i = _block_topk(sim, k)
+                i += g0
+                best_s, best_i = (s, i) if best_s is None else _merge_topk(best_s, best_i, s, i, k)
+            scores[start : start + len(rows)] = best_s
+            indices[start : start + len(rows)] = best_i
         return scores, indices
 
 
-@functools.cache
-def _topk_fn(k: int, gallery_chunk: int):
-    """Jitted (queries (q, D), gallery (N, D)) -> (scores (q, k), indices (q, k) int32).
+def _block_topk(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The min(k, B) best columns of each row of `sim` (n, B), best first, equal scores
+    ordered by column (lowest first): (scores (n, kk) float32, columns (n, kk) int64)."""
+    n, width = sim.shape
+    kk = min(k, width)
+    if kk < width:
+        part = np.argpartition(sim, width - kk, axis=1)[:, width - kk :]
+        # argpartition picks among scores equal to the k-th best arbitrarily: rows where
+        # such a tie straddles the cut are taken again, stably (rare with float scores).
+        kth = np.take_along_axis(sim, part, axis=1).min(axis=1)
+        ties = np.count_nonzero(sim == kth[:, None], axis=1) > 1
+        for r in np.flatnonzero(ties):
+            part[r] = np.argsort(-sim[r], kind="stable")[:kk]
+    else:
+        part = np.broadcast_to(np.arange(width), (n, width)).copy()
+    values = np.take_along_axis(sim, part, axis=1)
+    order = np.lexsort((part, -values), axis=1)
+    return np.take_along_axis(values, order, axis=1), np.take_along_axis(part, order, axis=1)
 
-    The gallery is walked in `gallery_chunk`-row blocks (a remainder block at the end);
-    each block's top-k is merged into the running top-k. `lax.top_k` puts the lower index
-    first on ties and the running top-k (earlier, lower rows) precedes each new block in
-    the merge, so ties resolve to the lowest gallery row.
-    """
-    import jax
-    import jax.numpy as jnp
 
-    def block_topk(q, block, offset):
-        sim = jnp.matmul(q, block.T, precision=jax.lax.Precision.HIGHEST)
-        kk = min(k, block.shape[0])
-        s, i = jax.lax.top_k(sim, kk)
-        if kk < k:  # a remainder block smaller than k: pad with never-chosen entries
-            s = jnp.pad(s, ((0, 0), (0, k - kk)), constant_values=-jnp.inf)
-            i = jnp.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
-        return s, i + offset
-
-    def merge(best, new):
-        s = jnp.concatenate([best[0], new[0]], axis=1)
-        i = jnp.concatenate([best[1], new[1]], axis=1)
-        top, pos = jax.lax.top_k(s, k)
-        return top, jnp.take_along_axis(i, pos, axis=1)
-
-    @jax.jit
-    def fn(q, g):
-        num_g = g.shape[0]
-        full = num_g // gallery_chunk
-
-        def body(c, best):
-            block = jax.lax.dynamic_slice_in_dim(g, c * gallery_chunk, gallery_chunk)
-            return merge(best, block_topk(q, block, c * gallery_chunk))
-
-        best = block_topk(q, g[:gallery_chunk], 0)
-        best = jax.lax.fori_loop(1, full, body, best)
-        if num_g % gallery_chunk:
-            tail = full * gallery_chunk
-            best = merge(best, block_topk(q, g[tail:], tail))
-        return best
-
-    return fn
+def _merge_topk(s1, i1, s2, i2, k):
+    """The k best of two top-k lists per row (scores, gallery rows), ties by lower row."""
+    s = np.concatenate([s1, s2], axis=1)
+    i = np.concatenate([i1, i2], axis=1)
+    order = np.lexsort((i, -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(i, order, axis=1)
 
 
 # --- files ---------------------------------------------------------------------------------
