@@ -7,7 +7,8 @@ Every other config starts from this one and changes a few visible lines. Field g
 
 Variants (`--config=configs/default.py:<variant>`), each the demo with one change, to compare
 retrieval heads on the synthetic set: `gem`, `max`, `rmac` (pooling), `cosface`, `arcface`
-(classifier), `contrastive` (instead of the batch-hard triplet loss).
+(classifier), `contrastive` (instead of the batch-hard triplet loss), `vit` (a small ViT,
+`vit_mini8`: 8x8 patches, 4 blocks of width 192, instead of the ResNet-18).
 """
 
 import ml_collections
@@ -15,7 +16,7 @@ from ml_collections import config_dict
 
 from ctl_jax.errors import ConfigError
 
-VARIANTS = ("gem", "max", "rmac", "cosface", "arcface", "contrastive")
+VARIANTS = ("gem", "max", "rmac", "cosface", "arcface", "contrastive", "vit")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -97,6 +98,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     model.gem_p = 3.0
     model.gem_learnable = False
     model.rmac_levels = 3
+    # ViTs only (model.arch vit_*; ctl_jax/models/vit.py): the patch embedding's stride
+    # (None = the patch size, no overlap; 12 with 16x16 patches is TransReID's overlapping
+    # embedding, a 21x10 grid at 256x128) and the stochastic depth rate of the last block.
+    # A ViT's feature is its class token: `pooling` must stay "avg" (unused).
+    model.vit_stride = config_dict.placeholder(int)
+    model.drop_path = 0.0
 
     config.loss = loss = ml_collections.ConfigDict()
     loss.triplet_weight = 1.0  # weight of the metric loss (`metric`: triplet or contrastive)
@@ -121,6 +128,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     loss.easy_margin = False
 
     config.solver = solver = ml_collections.ConfigDict()
+    # "adam" (with L2 decay, as the original) or "sgd" (with `momentum`); schedule "step"
+    # (warm-up, then x gamma at each milestone) or "cosine" (warm-up, then a cosine from
+    # base_lr to min_lr_factor x base_lr over num_epochs); ctl_jax/training/optimizer.py.
+    solver.optimizer = "adam"
+    solver.momentum = 0.9
+    solver.schedule = "step"
+    solver.min_lr_factor = 0.0
     solver.base_lr = 3.5e-4
     solver.weight_decay = 5e-4
     solver.beta1 = 0.9
@@ -159,6 +173,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str | None):
         config.model.gem_learnable = variant == "gem"
     elif variant in ("cosface", "arcface"):
         config.loss.classifier = variant
+    elif variant == "vit":
+        config.model.arch = "vit_mini8"
     else:
         config.loss.metric = variant
     return config

@@ -14,7 +14,7 @@ from ctl_jax.models.reid import init_variables
 from ctl_jax.training.state import TrainState, create_train_state
 
 # `converted_from` values of `ctl_jax.convert` checkpoints that hold ImageNet backbones.
-IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a")
+IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a", "timm_vit")
 
 
 def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
