@@ -11,6 +11,7 @@ from flax import traverse_util
 
 from ctl_jax.checkpoints import CheckpointError, CheckpointStore, model_variables
 from ctl_jax.models.reid import init_variables
+from ctl_jax.training import vit_checkpoints
 from ctl_jax.training.state import TrainState, create_train_state
 
 # `converted_from` values of `ctl_jax.convert` checkpoints that hold ImageNet backbones.
@@ -19,6 +20,12 @@ IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a", "timm_vit")
 
 def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
     """{"params", "batch_stats"} of the latest checkpoint in a ctl_jax work/checkpoint dir."""
+    return load_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str | pathlib.Path) -> tuple[dict, dict]:
+    """(variables, meta) of the latest checkpoint: see `load_checkpoint_variables`; `meta`
+    holds the checkpoint's `config` (a dict) among others."""
     path = pathlib.Path(path)
     if not (path / "checkpoints").is_dir():
         raise CheckpointError(
@@ -32,7 +39,7 @@ def load_checkpoint_variables(path: str | pathlib.Path) -> dict:
         # An ImageNet classifier (1000 classes) is never a re-ID classifier, even for a
         # dataset that happens to have 1000 identities.
         variables["params"] = {k: v for k, v in variables["params"].items() if k != "classifier"}
-    return variables
+    return variables, meta
 
 
 def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str], list[str]]:
@@ -76,18 +83,30 @@ def init_train_state(
     return create_train_state(variables, tx, num_classes, feature_dim, rng_centers)
 
 
-def with_init_checkpoint(state: TrainState, model_cfg, log=print) -> TrainState:
+def with_init_checkpoint(
+    state: TrainState, model_cfg, log=print, image_size: tuple[int, int] | None = None
+) -> TrainState:
     """`state` with the arrays of `model_cfg.init_checkpoint` where names and shapes match.
 
     Shapes and dtypes stay those of `state`, so the optimiser state (zero moments) fits the
-    new parameters as it is. Nothing changes when `init_checkpoint` is empty.
+    new parameters as it is. Nothing changes when `init_checkpoint` is empty. A ViT's
+    position embeddings saved for another patch grid are resampled to the grid of
+    `image_size` (height, width) and `model_cfg.vit_stride` (`vit_checkpoints.py`).
 
     Raises:
-      CheckpointError: not a checkpoint directory, or no parameter in common.
+      CheckpointError: not a checkpoint directory, no parameter in common, or a ViT
+        checkpoint of another shape than `model_cfg.arch` (or a ViT for a ResNet, or the
+        reverse).
     """
     if not model_cfg.init_checkpoint:
         return state
-    pretrained = load_checkpoint_variables(model_cfg.init_checkpoint)
+    pretrained, meta = load_checkpoint(model_cfg.init_checkpoint)
+    saved_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    vit_checkpoints.check_same_backbone(saved_cfg, model_cfg)
+    if image_size is not None:
+        pretrained, note = vit_checkpoints.regrid(pretrained, saved_cfg, model_cfg, image_size)
+        if note:
+            log(note)
     fresh = jax.device_get(model_variables(state))
     merged, taken, kept = merge_pretrained(fresh, pretrained)
     if not taken:
