@@ -8,7 +8,7 @@ Every other config starts from this one and changes a few visible lines. Field g
 Variants (`--config=configs/default.py:<variant>`), each the demo with one change, to compare
 retrieval heads on the synthetic set: `gem`, `max`, `rmac` (pooling), `cosface`, `arcface`
 (classifier), `contrastive` (instead of the batch-hard triplet loss), `vit` (a small ViT,
-`vit_mini8`: 8x8 patches, 4 blocks of width 192, instead of the ResNet-18).
+`vit_mini8`: 8x8 patches, 4 blocks of width 192, instead of the ResNet-18; learning rate 1e-3).
 """
 
 import ml_collections
@@ -175,6 +175,9 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str | None):
         config.loss.classifier = variant
     elif variant == "vit":
         config.model.arch = "vit_mini8"
+        # A ViT from scratch learns faster here with a larger rate (10 epochs on the demo
+        # set: centroid_camera mAP 9.1 at 1e-3, 5.5 at the ResNet's 3.5e-4).
+        config.solver.base_lr = 1e-3
     else:
         config.loss.metric = variant
     return config
