@@ -8,7 +8,8 @@ Every other config starts from this one and changes a few visible lines. Field g
 Variants (`--config=configs/default.py:<variant>`), each the demo with one change, to compare
 retrieval heads on the synthetic set: `gem`, `max`, `rmac` (pooling), `cosface`, `arcface`
 (classifier), `contrastive` (instead of the batch-hard triplet loss), `vit` (a small ViT,
-`vit_mini8`: 8x8 patches, 4 blocks of width 192, instead of the ResNet-18; learning rate 1e-3).
+`vit_mini8`: 8x8 patches, 4 blocks of width 192, instead of the ResNet-18; learning rate
+1e-3), `osnet` (OSNet x1.0 instead of the ResNet-18).
 """
 
 import ml_collections
@@ -16,7 +17,7 @@ from ml_collections import config_dict
 
 from ctl_jax.errors import ConfigError
 
-VARIANTS = ("gem", "max", "rmac", "cosface", "arcface", "contrastive", "vit")
+VARIANTS = ("gem", "max", "rmac", "cosface", "arcface", "contrastive", "vit", "osnet")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -128,7 +129,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     loss.easy_margin = False
 
     config.solver = solver = ml_collections.ConfigDict()
-    # "adam" (with L2 decay, as the original) or "sgd" (with `momentum`); schedule "step"
+    # "adam" (with L2 decay, as the original), "amsgrad" (Adam's AMSGrad variant, L2 decay)
+    # or "sgd" (with `momentum`); schedule "step"
     # (warm-up, then x gamma at each milestone) or "cosine" (warm-up, then a cosine from
     # base_lr to min_lr_factor x base_lr over num_epochs); ctl_jax/training/optimizer.py.
     solver.optimizer = "adam"
@@ -178,6 +180,8 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str | None):
         # A ViT from scratch learns faster here with a larger rate (10 epochs on the demo
         # set: centroid_camera mAP 9.1 at 1e-3, 5.5 at the ResNet's 3.5e-4).
         config.solver.base_lr = 1e-3
+    elif variant == "osnet":
+        config.model.arch = "osnet_x1_0"
     else:
         config.loss.metric = variant
     return config

@@ -427,7 +427,8 @@ def test_non_resnet_state_dict_is_rejected(tmp_path, base_config):
     path = tmp_path / "vgg.pth"
     torch.save({"features." + k: v for k, v in vgg_like.state_dict().items()}, path)
     with pytest.raises(
-        torch_pickle.TorchFileError, match="neither a ResNet nor a timm ViT state dict"
+        torch_pickle.TorchFileError,
+        match="neither a ResNet, a timm ViT nor a torchreid OSNet state dict",
     ):
         conversion.convert_checkpoint(path, tmp_path / "out", base_config)
     assert not (tmp_path / "out").exists()

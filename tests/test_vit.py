@@ -15,9 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch_reference_vit as rv  # noqa: E402
-
 import ctl_jax  # noqa: E402
+from benchmarks import torch_reference_vit as rv  # noqa: E402
 from ctl_jax import configs as config_lib  # noqa: E402
 from ctl_jax.build import build_model  # noqa: E402
 from ctl_jax.checkpoints import CheckpointError, model_variables, restore_model  # noqa: E402

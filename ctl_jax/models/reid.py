@@ -1,9 +1,10 @@
 """Re-ID model: backbone -> global pooling -> BNNeck -> bias-free classifier.
 
-The backbone is a ResNet (`resnet.py`), whose feature map is pooled, or a ViT (`vit.py`),
-whose feature is its class token (no pooling).
+The backbone is a ResNet (`resnet.py`) or an OSNet (`osnet.py`), whose feature map is
+pooled, or a ViT (`vit.py`), whose feature is its class token (no pooling).
 
-Parameter tree (a contract for weight import): `backbone/...` (see `resnet.py`, `vit.py`),
+Parameter tree (a contract for weight import): `backbone/...` (`resnet.py`, `osnet.py`,
+`vit.py`),
 `bnneck/scale` (no `bias`: the BNNeck shift is zero by construction), `classifier/kernel`
 of shape (C, num_classes) whatever the classifier head, and `pooling/p` (1,) only for a
 learnable GeM exponent; batch statistics under `batch_stats` with the same paths. The layer
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 
 from ctl_jax import margin_losses
 from ctl_jax.errors import ConfigError
-from ctl_jax.models import pooling, resnet, vit
+from ctl_jax.models import osnet, pooling, resnet, vit
 from ctl_jax.models.classifier import CosineClassifier
 from ctl_jax.models.layers import REFERENCE_LAYERS, Layers
 
@@ -35,16 +36,18 @@ _ARCHS: dict[str, Callable[..., resnet.ResNet]] = {
     "resnet50_ibn_a": resnet.ResNet50IBNa,
     "resnet101_ibn_a": resnet.ResNet101IBNa,
 }
-ARCH_NAMES: tuple[str, ...] = tuple(_ARCHS) + tuple(vit.VIT_SPECS)
+ARCH_NAMES: tuple[str, ...] = tuple(_ARCHS) + tuple(vit.VIT_SPECS) + tuple(osnet.OSNET_SPECS)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def feature_dim(arch: str) -> int:
     """Width C of the feature f for `arch` (512 for ResNet-18/34, 2048 for the other
-    ResNets, the width of a ViT)."""
+    ResNets, the width of a ViT, the last stage's width of an OSNet)."""
     _check_arch(arch)
     if arch in vit.VIT_SPECS:
         return vit.VIT_SPECS[arch].width
+    if arch in osnet.OSNET_SPECS:
+        return osnet.OSNET_SPECS[arch].channels[-1]
     return 512 if arch in ("resnet18", "resnet34") else 2048
 
 
@@ -161,6 +164,8 @@ def model_from_config(
         )
     if is_vit(arch):
         backbone = _vit_backbone(model_cfg)
+    elif arch in osnet.OSNET_SPECS:
+        backbone = osnet.osnet(arch)
     else:
         kwargs: dict[str, Any] = {"last_stride": int(model_cfg.last_stride)}
         if model_cfg.stem_relu is not None:

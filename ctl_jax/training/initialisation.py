@@ -15,7 +15,7 @@ from ctl_jax.training import vit_checkpoints
 from ctl_jax.training.state import TrainState, create_train_state
 
 # `converted_from` values of `ctl_jax.convert` checkpoints that hold ImageNet backbones.
-IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a", "timm_vit")
+IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a", "timm_vit", "torchreid_osnet")
 
 
 def load_checkpoint_variables(path: str | pathlib.Path) -> dict:

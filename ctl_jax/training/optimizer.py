@@ -19,7 +19,7 @@ import optax
 
 from ctl_jax.errors import ConfigError
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "amsgrad", "sgd")
 SCHEDULES = ("step", "cosine")
 
 
@@ -59,8 +59,8 @@ def learning_rate(epoch, solver_cfg):
 
 
 def make_optimizer(solver_cfg) -> optax.GradientTransformation:
-    """Adam (or SGD with momentum, `solver.optimizer = "sgd"`) + L2 decay *without* the
-    learning-rate scaling.
+    """Adam (or AMSGrad, `solver.optimizer = "amsgrad"`, or SGD with momentum, "sgd") + L2
+    decay *without* the learning-rate scaling.
 
     The returned transformation produces the update direction; the train step multiplies it
     by `-learning_rate(epoch)` itself because the learning rate depends on the epoch held in
@@ -75,6 +75,11 @@ def make_optimizer(solver_cfg) -> optax.GradientTransformation:
         return optax.chain(
             optax.add_decayed_weights(solver_cfg.weight_decay),
             optax.trace(decay=float(solver_cfg.momentum), nesterov=False),
+        )
+    if name == "amsgrad":  # torchreid's OSNet recipe: torch.optim.Adam(amsgrad=True)
+        return optax.chain(
+            optax.add_decayed_weights(solver_cfg.weight_decay),
+            optax.scale_by_amsgrad(b1=solver_cfg.beta1, b2=solver_cfg.beta2, eps=solver_cfg.eps),
         )
     return optax.chain(
         optax.add_decayed_weights(solver_cfg.weight_decay),

@@ -1,12 +1,12 @@
-"""A ViT checkpoint as the start of a training (`model.init_checkpoint`): the same backbone
-shape, and position embeddings on the patch grid of the new run.
+"""A ViT (or OSNet) checkpoint as the start of a training (`model.init_checkpoint`): the
+same backbone shape, and position embeddings on the patch grid of the new run.
 
 A ResNet checkpoint shares its parameters by name and shape with the model being trained
 (another ResNet may share a part of them on purpose). A ViT checkpoint of another patch
-size, width or depth shares almost nothing and would train from scratch in all but name, so
-it is refused with what differs. Its position embeddings, a parameter of the patch grid,
-are resampled when the image size or stride differs (timm's bicubic rule,
-`ctl_jax.weights.resample`).
+size, width or depth, an OSNet of another width, or either for another family shares almost
+nothing and would train from scratch in all but name, so it is refused with what differs.
+A ViT's position embeddings, a parameter of the patch grid, are resampled when the image
+size or stride differs (timm's bicubic rule, `ctl_jax.weights.resample`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ctl_jax.checkpoints import CheckpointError
-from ctl_jax.models import vit
+from ctl_jax.models import osnet, vit
 from ctl_jax.weights import resample
 
 
@@ -29,12 +29,14 @@ def _describe(arch: str) -> str:
 
 def check_same_backbone(saved_cfg: dict, model_cfg: Any) -> None:
     """Raises CheckpointError when the checkpoint's `model.arch` (from its saved config) and
-    `model_cfg.arch` differ and either is a ViT; the message names the shapes that differ."""
+    `model_cfg.arch` differ and either is a ViT or an OSNet (two ResNets may share part of
+    their parameters on purpose); the message names the shapes that differ."""
     saved = (saved_cfg.get("model") or {}).get("arch")
     wanted = model_cfg.arch
     if saved is None or saved == wanted:
         return
-    if saved not in vit.VIT_SPECS and wanted not in vit.VIT_SPECS:
+    others = {**vit.VIT_SPECS, **osnet.OSNET_SPECS}  # not ResNets
+    if saved not in others and wanted not in others:
         return
     if saved in vit.VIT_SPECS and wanted in vit.VIT_SPECS:
         a, b = vit.VIT_SPECS[saved], vit.VIT_SPECS[wanted]

@@ -252,6 +252,8 @@ def format_report(report: ConversionReport) -> str:
     """A short multi-line summary of a conversion."""
     if report.grid is not None:
         shape = f"patch grid {report.grid[0]}x{report.grid[1]}"
+    elif report.layout == "torchreid_osnet":
+        shape = "conv5 map average-pooled (torchreid's fc layer left out)"
     else:
         shape = (
             f"stem ReLU {_stem(report.stem_relu, report.arch)}, last stride {report.last_stride}"

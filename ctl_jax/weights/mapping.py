@@ -9,7 +9,9 @@ Three layouts are understood:
     `center_loss.centers`;
   - `timm_vit`: timm's VisionTransformer, `patch_embed.proj.*`, `cls_token`, `pos_embed`,
     `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`, `head.*`
-    (`vit_mapping.py`); the position embeddings are resampled to the model's patch grid.
+    (`vit_mapping.py`); the position embeddings are resampled to the model's patch grid;
+  - `torchreid_osnet`: torchreid's OSNet, `conv1.{conv,bn}`, `conv{2-4}.{j}.*`, `conv5.*`,
+    then `fc.*` and `classifier.*`, which are not the backbone (`osnet_mapping.py`).
 A common `module.` prefix (DataParallel) is removed first.
 
 Names map mechanically because the Flax model mirrors torchvision: `layer1_0` <-> `layer1.0`,
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ctl_jax.weights import resample, vit_mapping
+from ctl_jax.weights import osnet_mapping, resample, vit_mapping
 from ctl_jax.weights.torch_pickle import OpaqueObject, TorchFileError, as_mapping
 
 # (blocks per stage, bottleneck blocks, IBN-a) -> ctl_jax architecture name.
@@ -173,6 +175,8 @@ def read_source(root: Any, source: str) -> SourceModel:
     layout = detect_layout(tensors, source)
     if layout.name == vit_mapping.LAYOUT:
         architecture = vit_mapping.infer_architecture(tensors, source, Architecture)
+    elif layout.name == osnet_mapping.LAYOUT:
+        architecture = osnet_mapping.infer_architecture(tensors, source, Architecture)
     else:
         architecture = infer_architecture(tensors, layout.backbone_prefix, source)
     num_classes = 1
@@ -184,6 +188,9 @@ def read_source(root: Any, source: str) -> SourceModel:
 
 def detect_layout(tensors: dict[str, np.ndarray], source: str) -> Layout:
     """Which of the known layouts the keys follow (see the module docstring)."""
+    if osnet_mapping.is_osnet_layout(tensors):
+        # torchreid's classifier acts on its `fc` embedding, not on the backbone feature.
+        return Layout(osnet_mapping.LAYOUT, "", None, None, None, None)
     if vit_mapping.is_vit_layout(tensors):
         return Layout(
             name=vit_mapping.LAYOUT,
@@ -220,8 +227,9 @@ def detect_layout(tensors: dict[str, np.ndarray], source: str) -> Layout:
             "not know (known: torchvision/IBN-a state dicts, original CTL Lightning checkpoints)"
         )
     raise TorchFileError(
-        f"{source}: neither a ResNet nor a timm ViT state dict (no conv1.weight and layer1.* "
-        "keys, no patch_embed.proj.weight and cls_token; its "
+        f"{source}: neither a ResNet, a timm ViT nor a torchreid OSNet state dict (no "
+        "conv1.weight and layer1.* keys, no patch_embed.proj.weight and cls_token, no "
+        "conv1.conv.weight and conv2.0.* keys; its "
         f"{len(tensors)} tensors are named like {_examples(tensors)})"
     )
 
@@ -297,8 +305,8 @@ def torch_key(name: str, layout: Layout) -> str | None:
     if module == "backbone":
         parts = []
         for part in rest[:-1]:
-            if m := re.fullmatch(r"(layer\d|blocks)_(\d+)", part):
-                parts += [m.group(1), m.group(2)]
+            if re.search(r"_\d", part):  # a Sequential index: layer1_0, blocks_3, conv2_2_0
+                parts += re.sub(r"_(\d+)", r".\1", part).split(".")
             elif part == "downsample_conv":
                 parts += ["downsample", "0"]
             elif part == "downsample_bn":
