@@ -14,6 +14,9 @@ schedule (`solver.schedule = "cosine"`). Configs without these keys are Adam wit
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -79,9 +82,42 @@ def make_optimizer(solver_cfg) -> optax.GradientTransformation:
     if name == "amsgrad":  # torchreid's OSNet recipe: torch.optim.Adam(amsgrad=True)
         return optax.chain(
             optax.add_decayed_weights(solver_cfg.weight_decay),
-            optax.scale_by_amsgrad(b1=solver_cfg.beta1, b2=solver_cfg.beta2, eps=solver_cfg.eps),
+            scale_by_torch_amsgrad(solver_cfg.beta1, solver_cfg.beta2, solver_cfg.eps),
         )
     return optax.chain(
         optax.add_decayed_weights(solver_cfg.weight_decay),
         optax.scale_by_adam(b1=solver_cfg.beta1, b2=solver_cfg.beta2, eps=solver_cfg.eps),
     )
+
+
+class AmsgradState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    nu_max: optax.Updates
+
+
+def scale_by_torch_amsgrad(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """AMSGrad as `torch.optim.Adam(amsgrad=True)` computes it: the running maximum is taken
+    of the *uncorrected* second moment and bias-corrected afterwards, direction =
+    (mu / (1 - b1^t)) / (sqrt(max nu) / sqrt(1 - b2^t) + eps). (optax's `scale_by_amsgrad`
+    keeps the maximum of the corrected moments, which differs in the first steps.)"""
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return AmsgradState(jnp.zeros((), jnp.int32), zeros, zeros, zeros)
+
+    def update(updates, state, params=None):
+        del params
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+        nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
+        t = count.astype(jnp.float32)
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        direction = jax.tree.map(
+            lambda m, v: (m / c1) / (jnp.sqrt(v) / jnp.sqrt(c2) + eps), mu, nu_max
+        )
+        return direction, AmsgradState(count, mu, nu, nu_max)
+
+    return optax.GradientTransformation(init, update)
