@@ -110,27 +110,28 @@ def _backbone(arch: str, image_size: tuple[int, int]) -> tuple[nn.Module, int]:
         vit = torch_reference_vit.VisionTransformer(
             image_size, spec.patch, spec.width, spec.depth, spec.heads
         )
-        return _ClassToken(vit), spec.width
+        return _ClassToken(vit, spec.width), spec.width
     if arch.startswith("osnet_"):
         osnet = torch_reference_osnet.OSNet(arch)
-        return _OSNetMap(osnet), torch_reference_osnet.CHANNELS[arch][-1]
+        dim = torch_reference_osnet.CHANNELS[arch][-1]
+        return _OSNetMap(osnet, dim), dim
     resnet = ResNet(arch)
     return resnet, resnet.out_dim
 
 
 class _ClassToken(nn.Module):
-    def __init__(self, vit):
+    def __init__(self, vit, out_dim):
         super().__init__()
-        self.vit = vit
+        self.vit, self.out_dim = vit, out_dim
 
     def forward(self, x):
         return self.vit.forward_features(x)
 
 
 class _OSNetMap(nn.Module):
-    def __init__(self, osnet):
+    def __init__(self, osnet, out_dim):
         super().__init__()
-        self.osnet = osnet
+        self.osnet, self.out_dim = osnet, out_dim
 
     def forward(self, x):
         o = self.osnet
