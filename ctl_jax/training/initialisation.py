@@ -11,7 +11,7 @@ from flax import traverse_util
 
 from ctl_jax.checkpoints import CheckpointError, CheckpointStore, model_variables
 from ctl_jax.models.reid import init_variables
-from ctl_jax.training import vit_checkpoints
+from ctl_jax.training import backbone_checkpoints
 from ctl_jax.training.state import TrainState, create_train_state
 
 # `converted_from` values of `ctl_jax.convert` checkpoints that hold ImageNet backbones.
@@ -91,7 +91,7 @@ def with_init_checkpoint(
     Shapes and dtypes stay those of `state`, so the optimiser state (zero moments) fits the
     new parameters as it is. Nothing changes when `init_checkpoint` is empty. A ViT's
     position embeddings saved for another patch grid are resampled to the grid of
-    `image_size` (height, width) and `model_cfg.vit_stride` (`vit_checkpoints.py`).
+    `image_size` (height, width) and `model_cfg.vit_stride` (`backbone_checkpoints.py`).
 
     Raises:
       CheckpointError: not a checkpoint directory, no parameter in common, or a ViT
@@ -102,9 +102,9 @@ def with_init_checkpoint(
         return state
     pretrained, meta = load_checkpoint(model_cfg.init_checkpoint)
     saved_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    vit_checkpoints.check_same_backbone(saved_cfg, model_cfg)
+    backbone_checkpoints.check_same_backbone(saved_cfg, model_cfg)
     if image_size is not None:
-        pretrained, note = vit_checkpoints.regrid(pretrained, saved_cfg, model_cfg, image_size)
+        pretrained, note = backbone_checkpoints.regrid(pretrained, saved_cfg, model_cfg, image_size)
         if note:
             log(note)
     fresh = jax.device_get(model_variables(state))
