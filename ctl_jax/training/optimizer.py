@@ -104,8 +104,12 @@ def scale_by_torch_amsgrad(b1: float, b2: float, eps: float) -> optax.GradientTr
     keeps the maximum of the corrected moments, which differs in the first steps.)"""
 
     def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return AmsgradState(jnp.zeros((), jnp.int32), zeros, zeros, zeros)
+        # Three separate trees: the train state is donated to the step, and one buffer may
+        # not be donated twice.
+        def zeros():
+            return jax.tree.map(jnp.zeros_like, params)
+
+        return AmsgradState(jnp.zeros((), jnp.int32), zeros(), zeros(), zeros())
 
     def update(updates, state, params=None):
         del params
