@@ -9,7 +9,7 @@ Variants (`--config=configs/default.py:<variant>`), each the demo with one chang
 retrieval heads on the synthetic set: `gem`, `max`, `rmac` (pooling), `cosface`, `arcface`
 (classifier), `contrastive` (instead of the batch-hard triplet loss), `vit` (a small ViT,
 `vit_mini8`: 8x8 patches, 4 blocks of width 192, instead of the ResNet-18; learning rate
-1e-3), `osnet` (OSNet x1.0 instead of the ResNet-18).
+1e-3), `osnet` (OSNet x1.0 instead of the ResNet-18; AMSGrad, learning rate 1.5e-3).
 """
 
 import ml_collections
@@ -182,6 +182,10 @@ def apply_variant(config: ml_collections.ConfigDict, variant: str | None):
         config.solver.base_lr = 1e-3
     elif variant == "osnet":
         config.model.arch = "osnet_x1_0"
+        # torchreid's optimiser for OSNet (10 epochs on the demo set: centroid_camera mAP
+        # 22.8 with it, 6.6 with the demo's Adam 3.5e-4).
+        config.solver.optimizer = "amsgrad"
+        config.solver.base_lr = 1.5e-3
     else:
         config.loss.metric = variant
     return config
