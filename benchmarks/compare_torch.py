@@ -40,6 +40,9 @@ SETTINGS = {
     "resnet18_256x128": ("resnet18", 256, 128, 16, 4, 128),
     # The fashion recipe's input and batch (configs/street2shop.py: 320x320, P12 x M4).
     "resnet50_320x320": ("resnet50", 320, 320, 12, 4, 64),
+    # The other backbones at the re-ID size (docs/backbones.md; no CPU kernels for them).
+    "vit_s16_256x128": ("vit_s16", 256, 128, 16, 4, 128),
+    "osnet_x1_0_256x128": ("osnet_x1_0", 256, 128, 16, 4, 128),
 }
 DEFAULT_SETTINGS = "resnet50_128x64,resnet50_256x128,resnet18_64x32"
 PROTOCOL = "@@ "  # prefix of the worker's protocol lines on stdout (anything else is ignored)

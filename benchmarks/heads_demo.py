@@ -32,7 +32,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = ("avg", "max", "gem", "rmac", "cosface", "arcface", "contrastive")
+VARIANTS = ("avg", "max", "gem", "rmac", "cosface", "arcface", "contrastive", "vit", "osnet")
 MODES = ("instance", "centroid_camera")
 WHITENINGS = ("none", "pca", "supervised")
 

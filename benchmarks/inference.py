@@ -79,7 +79,7 @@ def build_torch(args) -> common.Bench:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = ReidNet(args.arch, args.num_classes).eval()
+    model = ReidNet(args.arch, args.num_classes, (args.height, args.width)).eval()
     if args.torch_channels_last:
         model = model.to(memory_format=torch.channels_last)
     host_images = fake_images(args)

@@ -1,6 +1,7 @@
 """A straightforward PyTorch implementation of the CTL training step, for speed comparisons.
 
-The same model (torchvision-layout ResNet, last stride 1, BNNeck, bias-free classifier), the
+The same model (torchvision-layout ResNet, last stride 1, or the timm-layout ViT / torchreid
+OSNet of `torch_reference_vit.py` / `torch_reference_osnet.py`; BNNeck, bias-free classifier), the
 same four losses (batch-hard triplet, label-smoothed CE, center, centroid triplet) and the same
 optimisers (Adam with L2 decay; SGD for the centers) as ctl_jax, written the way a PyTorch user
 would: eager mode, NCHW, float32, no padding slots (every identity has M images).
@@ -11,6 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    from . import torch_reference_osnet, torch_reference_vit
+except ImportError:  # run as a file: benchmarks/ is on sys.path (see common.py)
+    import torch_reference_osnet
+    import torch_reference_vit
 
 
 class Bottleneck(nn.Module):
@@ -93,18 +100,57 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-class ReidNet(nn.Module):
-    def __init__(self, arch, num_classes):
+def _backbone(arch: str, image_size: tuple[int, int]) -> tuple[nn.Module, int]:
+    """(module returning a feature map or, for a ViT, the class token; feature width); a
+    ViT's position embeddings are made for `image_size`."""
+    if arch.startswith("vit_"):
+        from ctl_jax.models.vit import VIT_SPECS
+
+        spec = VIT_SPECS[arch]
+        vit = torch_reference_vit.VisionTransformer(
+            image_size, spec.patch, spec.width, spec.depth, spec.heads
+        )
+        return _ClassToken(vit, spec.width), spec.width
+    if arch.startswith("osnet_"):
+        osnet = torch_reference_osnet.OSNet(arch)
+        dim = torch_reference_osnet.CHANNELS[arch][-1]
+        return _OSNetMap(osnet, dim), dim
+    resnet = ResNet(arch)
+    return resnet, resnet.out_dim
+
+
+class _ClassToken(nn.Module):
+    def __init__(self, vit, out_dim):
         super().__init__()
-        self.backbone = ResNet(arch)
-        dim = self.backbone.out_dim
+        self.vit, self.out_dim = vit, out_dim
+
+    def forward(self, x):
+        return self.vit.forward_features(x)
+
+
+class _OSNetMap(nn.Module):
+    def __init__(self, osnet, out_dim):
+        super().__init__()
+        self.osnet, self.out_dim = osnet, out_dim
+
+    def forward(self, x):
+        o = self.osnet
+        x = F.max_pool2d(o.conv1(x), 3, stride=2, padding=1)
+        return o.conv5(o.conv4(o.conv3(o.conv2(x))))
+
+
+class ReidNet(nn.Module):
+    def __init__(self, arch, num_classes, image_size=(256, 128)):
+        super().__init__()
+        self.backbone, dim = _backbone(arch, tuple(image_size))
         self.bn = nn.BatchNorm1d(dim)
         self.bn.bias.requires_grad_(False)
         self.fc_query = nn.Linear(dim, num_classes, bias=False)
         nn.init.normal_(self.fc_query.weight, std=0.001)
 
     def forward(self, x):
-        f = self.backbone(x).mean(dim=(2, 3))
+        f = self.backbone(x)
+        f = f.mean(dim=(2, 3)) if f.ndim == 4 else f
         bn = self.bn(f)
         return f, bn, self.fc_query(bn)
 

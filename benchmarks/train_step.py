@@ -150,7 +150,7 @@ def build_torch(args) -> common.Bench:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = ReidNet(args.arch, args.num_classes).train()
+    model = ReidNet(args.arch, args.num_classes, (args.height, args.width)).train()
     images, labels = fake_batch(args, np.random.default_rng(0))
     images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     if args.torch_channels_last:

@@ -65,12 +65,16 @@ IDENTITY_FIELDS = (
     "model.gem_p",
     "model.gem_learnable",
     "model.rmac_levels",
+    "model.vit_stride",
+    "model.drop_path",
     "loss",
     "solver.base_lr",
     "solver.weight_decay",
     "solver.warmup_epochs",
     "solver.milestones",
     "solver.gamma",
+    "solver.optimizer",
+    "solver.schedule",
 )
 
 
@@ -88,6 +92,12 @@ ADDED_DEFAULTS = {
     "loss.scale": 30.0,
     "loss.classifier_margin": None,
     "loss.easy_margin": False,
+    "model.vit_stride": None,
+    "model.drop_path": 0.0,
+    "solver.optimizer": "adam",
+    "solver.momentum": 0.9,
+    "solver.schedule": "step",
+    "solver.min_lr_factor": 0.0,
 }
 
 

@@ -13,6 +13,11 @@ that platform. Each must lower, and the program must hold none of the CPU rewrit
 - no custom call at all, hence no host callback (`jax.export` also refuses to serialise
   custom calls without a compatibility guarantee, which host callbacks are).
 The same functions lowered with the CPU layers fail these checks: the checks can fail.
+
+The ViT recipe (`configs/vit_market1501.py`: ViT-B/16, 256x128, overlapping stride 12) lowers
+the same way: its one convolution (the patch embedding) is XLA's, its attention plain
+matrix products (no fused-attention custom call), nothing of the CPU layers; so does the
+OSNet recipe (`configs/osnet_market1501.py`).
 """
 
 import re
@@ -140,3 +145,40 @@ def test_the_checks_find_the_cpu_layers(config, function):
     assert any("name scope" in f for f in found), found
     assert any("XLA convolutions" in f for f in found), found
     assert any("max pool" in f for f in found), found
+
+
+@pytest.fixture(scope="module")
+def vit_config():
+    config = load_config("configs/vit_market1501.py")
+    config.model.dtype = "bfloat16"
+    return config
+
+
+@pytest.mark.parametrize("function", LOWERINGS)
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_vit_lowers_for_accelerators_as_plain_xla(vit_config, platform, function):
+    # (The test's name must not hold the words searched for: the lowered text carries the
+    # Python call stack in its locations.)
+    model = build_model(vit_config, NUM_CLASSES, platform=platform)
+    assert model.layers is REFERENCE_LAYERS
+    text, convolutions = LOWERINGS[function](vit_config, model, platform)
+    found = _cpu_rewrites_in(text, convolutions, function == "train_step")
+    # A ViT has no max pool; everything else must hold.
+    assert [f for f in found if "max pool" not in f] == []
+    assert "stablehlo.dot_general" in text and "bf16" in text
+
+
+@pytest.mark.parametrize("function", LOWERINGS)
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_osnet_lowers_for_accelerators_as_plain_xla(platform, function):
+    config = load_config("configs/osnet_market1501.py")
+    config.model.dtype = "bfloat16"
+    model = build_model(config, NUM_CLASSES, platform=platform)
+    assert model.layers is REFERENCE_LAYERS
+    text, convolutions = LOWERINGS[function](config, model, platform)
+    found = _cpu_rewrites_in(text, convolutions, function == "train_step")
+    # Each block's one gate is applied to four streams: more XLA convolutions than kernels,
+    # so the count does not apply; the rest (no CPU layers, XLA's max pool, no custom call)
+    # must hold.
+    assert [f for f in found if "XLA convolutions" not in f] == []
+    assert len(re.findall(r"\bstablehlo\.convolution\b", text)) >= convolutions

@@ -461,7 +461,10 @@ def test_non_resnet_state_dict_is_rejected(tmp_path, base_config):
     vgg_like = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     path = tmp_path / "vgg.pth"
     torch.save({"features." + k: v for k, v in vgg_like.state_dict().items()}, path)
-    with pytest.raises(torch_pickle.TorchFileError, match="not a ResNet state dict"):
+    with pytest.raises(
+        torch_pickle.TorchFileError,
+        match="neither a ResNet, a timm ViT nor a torchreid OSNet state dict",
+    ):
         conversion.convert_checkpoint(path, tmp_path / "out", base_config)
     assert not (tmp_path / "out").exists()
 

@@ -229,7 +229,15 @@ def test_benchmarks_readme_has_one_row_per_script():
     text = (REPO / "benchmarks" / "README.md").read_text()
     rows = re.findall(r"^\| `(\w+)\.py` \|", text, re.M)
     scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"__init__"}
-    helpers = {"common", "tasks", "torch_reference", "torchvision_chain", "reference_evaluation"}
+    helpers = {
+        "common",
+        "tasks",
+        "torch_reference",
+        "torchvision_chain",
+        "reference_evaluation",
+        "torch_reference_vit",
+        "torch_reference_osnet",
+    }
     assert sorted(rows) == sorted(scripts - helpers)
     for helper in helpers:
         assert f"`{helper}.py`" in text

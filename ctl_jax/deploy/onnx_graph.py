@@ -170,7 +170,8 @@ def _backbone_spec(model) -> resnet.ResNet:
     backbone = model.backbone(dtype=jnp.float32, layers=REFERENCE_LAYERS, name="backbone")
     if not isinstance(backbone, resnet.ResNet):
         raise InvalidValueError(
-            f"ONNX export knows the ResNet backbones of ctl_jax.models, not {type(backbone)}"
+            f"ONNX export knows the ResNet backbones of ctl_jax.models, not "
+            f"{type(backbone).__name__}; use --format=stablehlo for this model"
         )
     return backbone
 

@@ -12,15 +12,17 @@ from flax import traverse_util
 
 from ctl_jax.checkpoints import CheckpointError, CheckpointStore, model_variables
 from ctl_jax.models.reid import init_variables
+from ctl_jax.training import backbone_checkpoints
 from ctl_jax.training.state import TrainState, create_train_state
 
 # `converted_from` values of `ctl_jax.convert` checkpoints that hold ImageNet backbones.
-IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a")
+IMAGENET_LAYOUTS = ("torchvision_resnet", "resnet_ibn_a", "timm_vit", "torchreid_osnet")
 
 
-def load_checkpoint_variables(path: str | pathlib.Path) -> tuple[dict, np.ndarray | None]:
-    """({"params", "batch_stats"}, centers) of the newest readable checkpoint in a ctl_jax
-    work or checkpoint directory; centers (num_classes, D) or None when it has none (a
+def load_checkpoint(path: str | pathlib.Path) -> tuple[dict, dict, np.ndarray | None]:
+    """(variables, meta, centers) of the newest readable checkpoint in a ctl_jax work or
+    checkpoint directory: variables {"params", "batch_stats"}; meta holds the checkpoint's
+    `config` (a dict) among others; centers (num_classes, D), or None when it has none (a
     converted ImageNet backbone)."""
     path = pathlib.Path(path)
     if not (path / "checkpoints").is_dir():
@@ -39,7 +41,7 @@ def load_checkpoint_variables(path: str | pathlib.Path) -> tuple[dict, np.ndarra
         # dataset that happens to have 1000 identities.
         variables["params"] = {k: v for k, v in variables["params"].items() if k != "classifier"}
     centers = state.get("centers")
-    return variables, (None if centers is None else np.asarray(centers))
+    return variables, meta, (None if centers is None else np.asarray(centers))
 
 
 def merge_pretrained(fresh: dict, pretrained: dict) -> tuple[dict, list[str], list[str]]:
@@ -83,19 +85,31 @@ def init_train_state(
     return create_train_state(variables, tx, num_classes, feature_dim, rng_centers)
 
 
-def with_init_checkpoint(state: TrainState, model_cfg, log=print) -> TrainState:
+def with_init_checkpoint(
+    state: TrainState, model_cfg, log=print, image_size: tuple[int, int] | None = None
+) -> TrainState:
     """`state` with the arrays of `model_cfg.init_checkpoint` where names and shapes match,
     and with its centers when it has them for this run's classes (see `_with_centers`).
 
     Shapes and dtypes stay those of `state`, so the optimiser state (zero moments) fits the
-    new parameters as it is. Nothing changes when `init_checkpoint` is empty.
+    new parameters as it is. Nothing changes when `init_checkpoint` is empty. A ViT's
+    position embeddings saved for another patch grid are resampled to the grid of
+    `image_size` (height, width) and `model_cfg.vit_stride` (`backbone_checkpoints.py`).
 
     Raises:
-      CheckpointError: not a checkpoint directory, or no parameter in common.
+      CheckpointError: not a checkpoint directory, no parameter in common, or a ViT
+        checkpoint of another shape than `model_cfg.arch` (or a ViT for a ResNet, or the
+        reverse).
     """
     if not model_cfg.init_checkpoint:
         return state
-    pretrained, centers = load_checkpoint_variables(model_cfg.init_checkpoint)
+    pretrained, meta, centers = load_checkpoint(model_cfg.init_checkpoint)
+    saved_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    backbone_checkpoints.check_same_backbone(saved_cfg, model_cfg)
+    if image_size is not None:
+        pretrained, note = backbone_checkpoints.regrid(pretrained, saved_cfg, model_cfg, image_size)
+        if note:
+            log(note)
     fresh = jax.device_get(model_variables(state))
     merged, taken, kept = merge_pretrained(fresh, pretrained)
     if not taken:

@@ -181,7 +181,10 @@ def _train_and_evaluate(config, workdir: pathlib.Path, log) -> dict:
         position = DataPosition.from_json(data)
         log(f"resumed from {store.directory} at step {int(state.step)}")
     else:
-        state = parallel.replicate(with_init_checkpoint(init_state(), config.model, log), mesh)
+        initial = with_init_checkpoint(
+            init_state(), config.model, log, image_size=(config.data.height, config.data.width)
+        )
+        state = parallel.replicate(initial, mesh)
         position = DataPosition()
     ahead.release_compiler_memory()  # of the initialiser or the restoring
     save_config(config, workdir)

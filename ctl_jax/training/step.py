@@ -142,8 +142,14 @@ def make_train_step(
             f"(ctl_jax.build.build_model(config, ...) builds it)"
         )
 
+    seed = int(config.get("seed", 0))
+
     def train_step(state: TrainState, batch: Batch):
         images = on_device.train_images(batch, erasing_fill)
+        # The random stream of a ViT's stochastic depth: a function of the seed and the
+        # step, so a resumed run draws what the uninterrupted one would have (a ResNet
+        # draws nothing from it).
+        dropout_rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
         def loss_fn(params, centers):
             outputs, updates = model.apply(
@@ -152,6 +158,7 @@ def make_train_step(
                 train=True,
                 valid=batch["valid"],
                 mutable=["batch_stats"],
+                rngs={"dropout": dropout_rng},
             )
             total, metrics = compute_losses(outputs, batch, centers, loss_cfg, num_instances)
             return total, (metrics, updates["batch_stats"])

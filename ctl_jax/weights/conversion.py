@@ -16,6 +16,10 @@ What each source becomes:
     (and the identity BNNeck); the classifier starts fresh because the class count differs.
     `model.stem_relu` is True for torchvision ResNets (they have the stem ReLU), so embedding
     with the converted checkpoint reproduces the torchvision network.
+  - timm ViT weights: the backbone, with the position embeddings resampled from the file's
+    square grid to the grid of the base config's image size and `model.vit_stride` (timm's
+    bicubic, antialiased resampling); an identity BNNeck; `head.weight` as the classifier
+    (`head.bias` unused). The embedding is the class token after the final LayerNorm.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class ConversionReport:
     last_stride: int
     image_size: tuple[int, int]
     num_classes: int
+    grid: tuple[int, int] | None
     has_centers: bool
     mapped: int
     unused: list[str]
@@ -99,13 +104,16 @@ def resolve_config(
     return config, notes
 
 
-def abstract_variable_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Flat `params/...` and `batch_stats/...` names -> shapes, without computing anything."""
+def abstract_variable_shapes(
+    model, image_shape: tuple[int, int, int] = (64, 64, 3)
+) -> dict[str, tuple[int, ...]]:
+    """Flat `params/...` and `batch_stats/...` names -> shapes, without computing anything
+    (a ViT's position embeddings depend on `image_shape`, a ResNet's variables do not)."""
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
 
-    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     tree = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
     flat = traverse_util.flatten_dict(tree, sep="/")
     return {name: tuple(leaf.shape) for name, leaf in flat.items()}
@@ -162,7 +170,18 @@ def convert_checkpoint(
     source_model = mapping.read_source(torch_file.root, str(source))
     resolved, notes = resolve_config(config, source_model)
     model = build_model(resolved, source_model.num_classes)
-    weights = mapping.map_state_dict(source_model, abstract_variable_shapes(model), str(source))
+    image_shape = (int(resolved.data.height), int(resolved.data.width), 3)
+    grid = _vit_grid(resolved, str(source))
+    weights = mapping.map_state_dict(
+        source_model, abstract_variable_shapes(model, image_shape), str(source), grid
+    )
+    if grid is not None:
+        stored = source_model.state_dict["pos_embed"].shape[1] - 1
+        if stored != grid[0] * grid[1]:
+            notes.append(
+                f"position embeddings resampled from {stored} patches to the {grid[0]}x"
+                f"{grid[1]} grid of the config's {image_shape[0]}x{image_shape[1]} images"
+            )
 
     state = {"params": weights.params, "batch_stats": weights.batch_stats}
     if weights.centers is not None:
@@ -196,6 +215,7 @@ def convert_checkpoint(
         last_stride=int(resolved.model.last_stride),
         image_size=(int(resolved.data.height), int(resolved.data.width)),
         num_classes=source_model.num_classes,
+        grid=grid,
         has_centers=weights.centers is not None,
         mapped=len(weights.used),
         unused=weights.unused,
@@ -206,6 +226,24 @@ def convert_checkpoint(
     )
 
 
+def _vit_grid(config: ml_collections.ConfigDict, source: str) -> tuple[int, int] | None:
+    """A ViT's patch grid at the config's image size and stride; None for a ResNet."""
+    from ctl_jax.models import vit
+
+    spec = vit.VIT_SPECS.get(config.model.arch)
+    if spec is None:
+        return None
+    stride = config.model.get("vit_stride", None) or spec.patch
+    height, width = int(config.data.height), int(config.data.width)
+    grid = vit.grid_size(height, width, spec.patch, stride)
+    if min(grid) < 1:
+        raise torch_pickle.TorchFileError(
+            f"{source}: the config's {height}x{width} images are smaller than one "
+            f"{spec.patch}x{spec.patch} patch of {config.model.arch}"
+        )
+    return grid
+
+
 def _stem(stem_relu: bool | None, arch: str) -> str:
     if stem_relu is None:
         return "on (automatic for IBN-a)" if "ibn" in arch else "off (automatic, as the original)"
@@ -214,10 +252,17 @@ def _stem(stem_relu: bool | None, arch: str) -> str:
 
 def format_report(report: ConversionReport) -> str:
     """A short multi-line summary of a conversion."""
+    if report.grid is not None:
+        shape = f"patch grid {report.grid[0]}x{report.grid[1]}"
+    elif report.layout == "torchreid_osnet":
+        shape = "conv5 map average-pooled (torchreid's fc layer left out)"
+    else:
+        shape = (
+            f"stem ReLU {_stem(report.stem_relu, report.arch)}, last stride {report.last_stride}"
+        )
     lines = [
         f"converted {report.source} ({report.file_format} file, {report.layout} layout)",
-        f"  model: {report.arch}, stem ReLU {_stem(report.stem_relu, report.arch)}, last stride "
-        f"{report.last_stride}, input {report.image_size[0]}x{report.image_size[1]}, "
+        f"  model: {report.arch}, {shape}, input {report.image_size[0]}x{report.image_size[1]}, "
         f"{report.num_classes} classes{', center-loss centers' if report.has_centers else ''}",
         f"  tensors mapped: {report.mapped}; num_batches_tracked ignored: {len(report.ignored)}",
         f"  unused: {', '.join(report.unused) or 'none'}",
@@ -263,8 +308,7 @@ def inspect_source(source: str | pathlib.Path) -> str:
     lines += [
         f"state dict: {len(tensors)} tensors, {count:,} values",
         f"layout: {source_model.layout.name}; architecture: {arch.arch} "
-        f"(blocks {arch.stage_sizes}, {'bottleneck' if arch.bottleneck else 'basic'}"
-        f"{', IBN-a' if arch.ibn else ''}); classes: {source_model.num_classes}",
+        f"({arch.describe()}); classes: {source_model.num_classes}",
     ]
     if source_model.settings:
         lines.append(f"pickled training config: {source_model.settings}")

@@ -6,7 +6,12 @@ Three layouts are understood:
   - `resnet_ibn_a`: the same with `layer{1-3}.{j}.bn1.{IN,BN}.*` (IBN-Net's ResNet-IBN-a);
   - `ctl_lightning`: the original CTL code's Lightning checkpoints, the backbone under
     `backbone.base.`, then `bn.*` (BNNeck), `fc_query.weight` (classifier, no bias) and
-    `center_loss.centers`.
+    `center_loss.centers`;
+  - `timm_vit`: timm's VisionTransformer, `patch_embed.proj.*`, `cls_token`, `pos_embed`,
+    `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*`, `norm.*`, `head.*`
+    (`vit_mapping.py`); the position embeddings are resampled to the model's patch grid;
+  - `torchreid_osnet`: torchreid's OSNet, `conv1.{conv,bn}`, `conv{2-4}.{j}.*`, `conv5.*`,
+    then `fc.*` and `classifier.*`, which are not the backbone (`osnet_mapping.py`).
 A common `module.` prefix (DataParallel) is removed first.
 
 Names map mechanically because the Flax model mirrors torchvision: `layer1_0` <-> `layer1.0`,
@@ -23,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ctl_jax.weights import osnet_mapping, resample, vit_mapping
 from ctl_jax.weights.torch_pickle import OpaqueObject, TorchFileError, as_mapping
 
 # (blocks per stage, bottleneck blocks, IBN-a) -> ctl_jax architecture name.
@@ -63,16 +69,27 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """A ResNet variant inferred from state-dict keys (`arch` is a ctl_jax ARCH_NAMES entry)."""
+    """A ResNet or ViT variant inferred from state-dict keys (`arch` is a ctl_jax ARCH_NAMES
+    entry); a ViT has no stages and its `width`, `patch`, `depth` set."""
 
     arch: str
     stage_sizes: tuple[int, ...]
     bottleneck: bool
     ibn: bool
+    width: int = 0
+    patch: int = 0
+    depth: int = 0
 
     @property
     def feature_dim(self) -> int:
-        return 512 * (4 if self.bottleneck else 1)
+        return self.width or 512 * (4 if self.bottleneck else 1)
+
+    def describe(self) -> str:
+        """E.g. `blocks (3, 4, 6, 3), bottleneck` or `16x16 patches, width 768, depth 12`."""
+        if self.width:
+            return f"{self.patch}x{self.patch} patches, width {self.width}, depth {self.depth}"
+        kind = "bottleneck" if self.bottleneck else "basic"
+        return f"blocks {self.stage_sizes}, {kind}{', IBN-a' if self.ibn else ''}"
 
 
 @dataclasses.dataclass
@@ -156,7 +173,12 @@ def read_source(root: Any, source: str) -> SourceModel:
     if all(k.startswith("module.") for k in tensors):  # saved from nn.DataParallel
         tensors = {k[len("module.") :]: v for k, v in tensors.items()}
     layout = detect_layout(tensors, source)
-    architecture = infer_architecture(tensors, layout.backbone_prefix, source)
+    if layout.name == vit_mapping.LAYOUT:
+        architecture = vit_mapping.infer_architecture(tensors, source, Architecture)
+    elif layout.name == osnet_mapping.LAYOUT:
+        architecture = osnet_mapping.infer_architecture(tensors, source, Architecture)
+    else:
+        architecture = infer_architecture(tensors, layout.backbone_prefix, source)
     num_classes = 1
     if layout.classifier and f"{layout.classifier}.weight" in tensors:
         num_classes = int(tensors[f"{layout.classifier}.weight"].shape[0])
@@ -166,6 +188,18 @@ def read_source(root: Any, source: str) -> SourceModel:
 
 def detect_layout(tensors: dict[str, np.ndarray], source: str) -> Layout:
     """Which of the known layouts the keys follow (see the module docstring)."""
+    if osnet_mapping.is_osnet_layout(tensors):
+        # torchreid's classifier acts on its `fc` embedding, not on the backbone feature.
+        return Layout(osnet_mapping.LAYOUT, "", None, None, None, None)
+    if vit_mapping.is_vit_layout(tensors):
+        return Layout(
+            name=vit_mapping.LAYOUT,
+            backbone_prefix="",
+            bnneck=None,
+            classifier="head" if "head.weight" in tensors else None,
+            centers=None,
+            stem_relu=None,
+        )
     if "backbone.base.conv1.weight" in tensors:
         return Layout(
             name="ctl_lightning",
@@ -193,7 +227,9 @@ def detect_layout(tensors: dict[str, np.ndarray], source: str) -> Layout:
             "not know (known: torchvision/IBN-a state dicts, original CTL Lightning checkpoints)"
         )
     raise TorchFileError(
-        f"{source}: not a ResNet state dict (no conv1.weight and layer1.* keys; its "
+        f"{source}: neither a ResNet, a timm ViT nor a torchreid OSNet state dict (no "
+        "conv1.weight and layer1.* keys, no patch_embed.proj.weight and cls_token, no "
+        "conv1.conv.weight and conv2.0.* keys; its "
         f"{len(tensors)} tensors are named like {_examples(tensors)})"
     )
 
@@ -258,7 +294,9 @@ def torch_key(name: str, layout: Layout) -> str | None:
     """
     collection, module, *rest = name.split("/")
     leaf = rest[-1]
-    if leaf == "kernel":
+    if leaf in ("cls_token", "pos_embed"):  # ViT parameters, named as in timm
+        torch_leaf = leaf
+    elif leaf == "kernel":
         torch_leaf = "weight"
     elif collection == "batch_stats" or leaf in ("scale", "bias"):
         torch_leaf = _BN_LEAVES[leaf]
@@ -267,8 +305,8 @@ def torch_key(name: str, layout: Layout) -> str | None:
     if module == "backbone":
         parts = []
         for part in rest[:-1]:
-            if m := re.fullmatch(r"layer(\d)_(\d+)", part):
-                parts += [f"layer{m.group(1)}", m.group(2)]
+            if re.search(r"_\d", part):  # a Sequential index: layer1_0, blocks_3, conv2_2_0
+                parts += re.sub(r"_(\d+)", r".\1", part).split(".")
             elif part == "downsample_conv":
                 parts += ["downsample", "0"]
             elif part == "downsample_bn":
@@ -300,7 +338,10 @@ def _default(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def map_state_dict(
-    source_model: SourceModel, targets: dict[str, tuple[int, ...]], source: str
+    source_model: SourceModel,
+    targets: dict[str, tuple[int, ...]],
+    source: str,
+    grid: tuple[int, int] | None = None,
 ) -> MappedWeights:
     """Fills every Flax variable from the state dict.
 
@@ -309,6 +350,8 @@ def map_state_dict(
       targets: flat Flax variable name (`params/...` or `batch_stats/...`) -> shape, for the
         model built from the inferred architecture and `num_classes`.
       source: the file name, for error messages.
+      grid: a ViT's patch grid (rows, columns) for the configured image size and stride; the
+        file's (square) position embeddings are resampled to it (`resample.py`).
 
     Raises:
       TorchFileError: a backbone tensor is missing, a shape does not fit, a value is not
@@ -327,6 +370,8 @@ def map_state_dict(
             missing.append(key)
             continue
         value = _to_flax(tensors[key], shape)
+        if key == "pos_embed" and grid is not None and value.shape != tuple(shape):
+            value = _resampled_pos_embed(value, grid, source)
         if value.shape != tuple(shape):
             mismatched.append(f"{key} {tensors[key].shape} -> {name} {tuple(shape)}")
             continue
@@ -375,6 +420,16 @@ def map_state_dict(
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return MappedWeights(params, batch_stats, centers, sorted(used), unused, ignored, filled)
+
+
+def _resampled_pos_embed(value: np.ndarray, grid: tuple[int, int], source: str) -> np.ndarray:
+    """The file's position embeddings on `grid`, from the square grid timm stores."""
+    stored = resample.source_grid(value.shape[1])
+    if value.ndim != 3 or stored is None:
+        raise TorchFileError(
+            f"{source}: pos_embed has shape {value.shape}, not a class token and a square grid"
+        )
+    return resample.resample_pos_embed(value, stored, grid)
 
 
 def _examples(items, n: int = 4) -> str:
