@@ -161,6 +161,7 @@ def run_reference(reference, query, gallery, num_query, folder):
         check=True,
         capture_output=True,
         text=True,
+        env=dict(os.environ, PYTHONPATH=os.path.abspath(reference)),
     )
     wall = time.perf_counter() - start
     with open(out) as f:

@@ -1,11 +1,11 @@
 """The original centroids-reid evaluation of two embeddings files, as one command (a leaf).
 
-    python benchmarks/reference_evaluation.py --reference=DIR --query=Q.npz --gallery=G.npz
-        [--num_query=N] [--output=FILE.json]
+    PYTHONPATH=DIR python benchmarks/reference_evaluation.py --reference=DIR --query=Q.npz \
+        --gallery=G.npz [--num_query=N] [--output=FILE.json]
 
-DIR is a checkout of the original code (github.com/mikwieczorek/centroids-reid; it is not
-part of this repository: `git clone` it anywhere). Its `utils/reid_metric.py` `R1_mAP.compute`
-runs unchanged on the files' embeddings, as its test loop calls it (feat_norm on, Euclidean
+(`benchmarks/evaluate.py --reference=DIR` runs it so.) DIR is a checkout of the original code
+(github.com/mikwieczorek/centroids-reid; it is not part of this repository: `git clone` it
+anywhere). Its `utils/reid_metric.py` `R1_mAP.compute` runs unchanged on the files' embeddings, as its test loop calls it (feat_norm on, Euclidean
 distance, instance mode: the config defaults): the torch distance matrix, `np.argsort` of it,
 and `utils/eval_reid.py` `eval_func`. `R1_mAP.__init__` needs a PyTorch Lightning module, so
 its attributes are set directly; `utils/visrank.py` (needs OpenCV and the datasets package,
@@ -43,7 +43,9 @@ def main():
     parser.add_argument("--output")
     args = parser.parse_args()
 
-    sys.path.insert(0, os.path.abspath(args.reference))
+    # The checkout's packages (utils/, ...) come from PYTHONPATH=DIR, set by the caller.
+    if not os.path.isfile(os.path.join(args.reference, "utils", "reid_metric.py")):
+        sys.exit(f"error: --reference={args.reference}: no utils/reid_metric.py (not a checkout)")
     stub = types.ModuleType("utils.visrank")
     stub.visualize_ranked_results = None  # only used with TEST.VISUALIZE == "yes"
     sys.modules["utils.visrank"] = stub

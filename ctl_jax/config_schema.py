@@ -150,6 +150,15 @@ SCHEMA: dict[str, Field] = {
     "model.gem_p": _positive("GeM pooling exponent (its start value when learnable)"),
     "model.gem_learnable": Field("GeM pooling: train the exponent"),
     "model.rmac_levels": _count("R-MAC pooling: number of region scales"),
+    "model.vit_stride": Field(
+        "ViT: patch embedding stride (None: the patch size, no overlap; 12: TransReID's)",
+        low=1,
+        integer=True,
+        nullable=True,
+    ),
+    "model.drop_path": Field(
+        "ViT: stochastic depth rate of the last block", low=0.0, high=1.0, high_open=True
+    ),
     # loss
     "loss.triplet_weight": _non_negative("weight of the metric loss (triplet or contrastive)"),
     "loss.ce_weight": _non_negative("weight of the identity classification loss"),
@@ -170,7 +179,11 @@ SCHEMA: dict[str, Field] = {
     ),
     "loss.easy_margin": Field("ArcFace: margin only where the cosine is positive"),
     # solver
-    "solver.base_lr": _positive("peak learning rate of Adam"),
+    "solver.optimizer": Field("'adam', 'amsgrad' or 'sgd' (with momentum)"),
+    "solver.momentum": Field("SGD momentum", low=0.0, high=1.0, high_open=True),
+    "solver.schedule": Field("learning-rate schedule: 'step' (milestones) or 'cosine'"),
+    "solver.min_lr_factor": _probability("cosine schedule: final learning rate / base_lr"),
+    "solver.base_lr": _positive("peak learning rate of the optimiser"),
     "solver.weight_decay": _non_negative("L2 weight decay"),
     "solver.beta1": Field("Adam's first-moment decay", low=0.0, high=1.0, high_open=True),
     "solver.beta2": Field("Adam's second-moment decay", low=0.0, high=1.0, high_open=True),
