@@ -5,13 +5,14 @@
 
 (`benchmarks/evaluate.py --reference=DIR` runs it so.) DIR is a checkout of the original code
 (github.com/mikwieczorek/centroids-reid; it is not part of this repository: `git clone` it
-anywhere). Its `utils/reid_metric.py` `R1_mAP.compute` runs unchanged on the files' embeddings, as its test loop calls it (feat_norm on, Euclidean
-distance, instance mode: the config defaults): the torch distance matrix, `np.argsort` of it,
-and `utils/eval_reid.py` `eval_func`. `R1_mAP.__init__` needs a PyTorch Lightning module, so
-its attributes are set directly; `utils/visrank.py` (needs OpenCV and the datasets package,
-only for drawing) is replaced by a stub. Needs torch and tqdm. Writes {"mAP", "rank1",
-"num_query", "seconds", "peak_rss_mb"} as JSON (`--output`, else stdout); `--num_query`
-evaluates only the first N queries (for extrapolating what does not fit in memory).
+anywhere). Its `utils/reid_metric.py` `R1_mAP.compute` runs unchanged on the files' embeddings,
+as its test loop calls it (feat_norm on, Euclidean distance, instance mode: the config
+defaults): the torch distance matrix, `np.argsort` of it, and `utils/eval_reid.py` `eval_func`.
+`R1_mAP.__init__` needs a PyTorch Lightning module, so its attributes are set directly;
+`utils/visrank.py` (needs OpenCV and the datasets package, only for drawing) is replaced by a
+stub. Needs torch and tqdm. Writes {"mAP", "rank1", "num_query", "seconds", "peak_rss_mb"} as
+JSON (`--output`, else stdout); `--num_query` evaluates only the first N queries (for
+extrapolating what does not fit in memory).
 """
 
 from __future__ import annotations
