@@ -158,6 +158,24 @@ def test_eval_transform():
     np.testing.assert_array_equal(out, normalize(resize(image, 16, 8)))
 
 
+def test_host_geometry_of_a_pil_image_is_that_of_its_array():
+    """The pipeline hands PIL images to `geometry_into` (mirrored by PIL): same pixels and
+    erasing draws as for the numpy array, flipped or not."""
+    augment = TrainAugment(pad=4, erasing_prob=0.7)
+    flips = 0
+    for seed in range(16):
+        image = _image(16, 8, seed)
+        from_array, from_pil = np.zeros_like(image), np.zeros_like(image)
+        box = augment.geometry_into(image, np.random.default_rng(seed), from_array)
+        pil_box = augment.geometry_into(
+            Image.fromarray(image), np.random.default_rng(seed), from_pil
+        )
+        np.testing.assert_array_equal(from_pil, from_array)
+        assert pil_box == box
+        flips += np.random.default_rng(seed).random() < augment.flip_prob
+    assert 3 <= flips <= 13
+
+
 @pytest.mark.parametrize("fill", ["original", "zero"])
 @pytest.mark.parametrize("pad", [0, 3, 10])
 def test_host_geometry_then_device_finish_is_the_float_chain(fill, pad):

@@ -36,6 +36,7 @@ import dataclasses
 import grain
 import numpy as np
 from absl import flags
+from PIL import Image
 
 from ctl_jax.data import image_io, sampler, transforms
 from ctl_jax.data.records import Split
@@ -211,13 +212,18 @@ class _Decoder:
     def __call__(self, index: int) -> np.ndarray | None:
         """(height, width, 3) uint8 image of dataset index ``index``; None for padding
         (index < 0) and, with ``skip_unreadable``, for unreadable images."""
+        image = self.pil(index)
+        return None if image is None else np.asarray(image)
+
+    def pil(self, index: int) -> Image.Image | None:
+        """`__call__` as an RGB PIL image."""
         if index < 0:
             return None
         path = str(self.paths[index])
         try:
             data = self.reader.read(index)
             decoded = image_io.decode_pil(data, path)
-            return transforms.resize_pil(decoded, self.height, self.width)
+            return transforms.resize_pil_image(decoded, self.height, self.width)
         except OSError as e:
             if not self.skip_unreadable:
                 message = e.args[0] if isinstance(e, image_io.UnreadableImageError) else (
@@ -260,7 +266,7 @@ class _LoadBatch:
         erase = np.zeros((b, 4), np.int32)
         valid = np.zeros(b, np.bool_)
         for i in range(b):
-            image = self.decoder(int(indices[i]))
+            image = self.decoder.pil(int(indices[i]))
             if image is None:
                 continue
             rng = augment_rng(self.seed, row["epoch"], int(row["slots"][i]))
