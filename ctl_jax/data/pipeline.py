@@ -226,8 +226,10 @@ class _Decoder:
             return transforms.resize_pil_image(decoded, self.height, self.width)
         except OSError as e:
             if not self.skip_unreadable:
-                message = e.args[0] if isinstance(e, image_io.UnreadableImageError) else (
-                    f"cannot read image {path!r}: {e}"
+                message = (
+                    e.args[0]
+                    if isinstance(e, image_io.UnreadableImageError)
+                    else (f"cannot read image {path!r}: {e}")
                 )
                 raise image_io.UnreadableImageError(
                     f"{message} (training skips such images with data.skip_unreadable=True)"
@@ -310,6 +312,12 @@ def _to_iterator(
     )
     iter_dataset = dataset.to_iter_dataset(read_options)
     if worker_count > 0:
+        # Only the images go through shared memory: a segment per array costs its creation,
+        # resource-tracker messages and unlinking, more than pickling the four small arrays
+        # (children's CPU -6% at one worker on 1,344-image epochs).
+        iter_dataset = grain.experimental.WithOptionsIterDataset(
+            iter_dataset, grain.experimental.DatasetOptions(min_shm_size=1 << 16)
+        )
         # grain reads its absl flags when it starts workers. Under absl.app.run they are
         # parsed; elsewhere (tests, notebooks) use the defaults instead of failing with
         # UnparsedFlagAccessError.
