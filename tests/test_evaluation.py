@@ -419,3 +419,16 @@ def test_degenerate_inputs_count_no_query(case):
     if case == "all one camera":  # nothing left to build a camera-aware centroid from
         assert res["centroid_camera"]["num_gallery"] == 0
         assert res["centroid"]["num_query"] == 2
+
+
+def test_query_chunks_have_enough_rows_for_the_matmul_and_bounded_buffers():
+    """Chunks of at least 256 queries (a chunk's matmul reads the whole gallery), fewer only
+    when the chunk's buffers would pass 256 MB; never zero."""
+    from ctl_jax.evaluation.chunking import MAX_BUFFER_BYTES, query_chunk_rows
+
+    assert query_chunk_rows(15_913, 8) == 263  # Market-1501: 4M elements
+    assert query_chunk_rows(82_161, 8) == 256  # MSMT17: 51 rows before
+    assert query_chunk_rows(10, 8) == 4 * 1024 * 1024 // 10
+    huge = query_chunk_rows(2_000_000, 20)
+    assert 1 <= huge < 256 and huge * 2_000_000 * 20 <= MAX_BUFFER_BYTES
+    assert query_chunk_rows(10**9, 20) == 1 and query_chunk_rows(0, 8) >= 256

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ctl_jax.evaluation.chunking import query_chunk_rows
 from ctl_jax.evaluation.ranking import l2_normalize
-
-_CHUNK_ELEMENTS = 4 * 1024 * 1024  # query x gallery similarities ranked at once
 
 
 def ranked_positions(
@@ -54,7 +53,8 @@ def ranked_positions(
     if not len(rows) or not num_g:
         return out
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // num_g)
+        # float32 similarities, int64 order and inverse
+        chunk_size = query_chunk_rows(num_g, 20)
     by_row = np.argsort(rows, kind="stable")
     bounds = np.searchsorted(rows[by_row], np.arange(0, num_q + chunk_size, chunk_size))
     g_t = g.T

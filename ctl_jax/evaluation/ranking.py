@@ -30,12 +30,12 @@ import functools
 
 import numpy as np
 
+from ctl_jax.evaluation.chunking import query_chunk_rows
+
 DEFAULT_RANKS = (1, 5, 10, 20, 50)
 
-# Elements of a (chunk, gallery) matrix processed at once: the buffers take 16-24 bytes per
-# element (uint64 keys plus float32 similarities or XLA's two-word output), ~100 MB. Larger
-# chunks were slower on a 2-core CPU (cache misses), smaller ones too (per-chunk overhead).
-_CHUNK_ELEMENTS = 4 * 1024 * 1024
+# Bytes per (query, gallery) element of a chunk: the float32 similarities and their sorted copy.
+_CHUNK_BYTES_PER_ELEMENT = 8
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -69,7 +69,7 @@ def rank_metrics(
       gallery_pids: (G,) int identities.
       gallery_cam_masks: (G,) int64 bitmasks of the cameras each gallery item comes from.
       ranks: the k of the reported CMC@k.
-      chunk_size: queries per chunk; default keeps chunk x G around 4M elements.
+      chunk_size: queries per chunk; default `chunking.query_chunk_rows`.
       backend: where the similarities are computed: "numpy" (BLAS) or "jax" (XLA, on the
         default device, full float32 precision); "auto" is numpy, so that evaluating
         embedding files never imports JAX (~1 s of start-up, more than XLA's faster matmul
@@ -179,7 +179,7 @@ def _rank(
     counted = np.zeros(num_q, bool)
     if num_q and num_g:
         if chunk_size is None:
-            chunk_size = max(1, _CHUNK_ELEMENTS // num_g)
+            chunk_size = query_chunk_rows(num_g, _CHUNK_BYTES_PER_ELEMENT)
         chunk_size = int(min(max(1, chunk_size), num_q))
         ranker = make_ranker(chunk_size)
         chunks = [slice(s, min(s + chunk_size, num_q)) for s in range(0, num_q, chunk_size)]

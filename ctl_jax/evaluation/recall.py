@@ -20,11 +20,11 @@ import numpy as np
 
 from ctl_jax.errors import OptionError
 from ctl_jax.evaluation.average_precision import same_path_pairs
+from ctl_jax.evaluation.chunking import query_chunk_rows
 from ctl_jax.evaluation.ranking import l2_normalize
 
 RECALL_MODES = ("instance", "centroid")
 DEFAULT_RECALL_KS = (1, 10, 20, 30, 40, 50, 100, 1000)
-_CHUNK_ELEMENTS = 4 * 1024 * 1024
 
 
 def recall_at_k(
@@ -102,7 +102,7 @@ def _first_positive_positions(sim, positive, excluded):
 
 def _chunks(num_q, num_g, chunk_size):
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // max(num_g, 1))
+        chunk_size = query_chunk_rows(num_g, 8)  # similarities and comparisons
     return [slice(s, min(s + chunk_size, num_q)) for s in range(0, num_q, chunk_size)]
 
 

@@ -29,10 +29,10 @@ import math
 
 import numpy as np
 
+from ctl_jax.evaluation.chunking import query_chunk_rows
 from ctl_jax.evaluation.ranking import l2_normalize
 
 FPR_TARGETS = (1e-4, 1e-3, 1e-2)
-_CHUNK_ELEMENTS = 4 * 1024 * 1024
 _CURVE_POINTS = 200
 MAX_PAIRS = 2**28
 
@@ -85,7 +85,7 @@ def verification_metrics(
     g = l2_normalize(gallery_emb)
     pairs = VerificationPairs(query_pids, query_cams, gallery_pids, gallery_cam_masks, max_pairs)
     q = q[:: pairs.stride]  # only the sampled queries' similarities are computed
-    chunk = max(1, _CHUNK_ELEMENTS // max(len(g), 1))
+    chunk = query_chunk_rows(len(g), 4)  # one float32 block
     block = np.empty((min(chunk, len(q)), len(g)), np.float32)
     for s in range(0, len(q), chunk):
         rows = block[: min(chunk, len(q) - s)]
