@@ -110,7 +110,7 @@ def measure_ctl_jax(split: Split, workers: int, threads: int, epochs: int) -> di
     images = steady_images = 0
     cpu_start = torchvision_chain.cpu_seconds()
     start = time.perf_counter()
-    first = None
+    first = batch = None
     # One iterator for all epochs, as the training loop runs them: workers start once.
     iterator = make_train_iterator(split, reader, cfg, 0, epochs=epochs)
     for batch in iterator:

@@ -229,7 +229,7 @@ class _Decoder:
                 message = (
                     e.args[0]
                     if isinstance(e, image_io.UnreadableImageError)
-                    else (f"cannot read image {path!r}: {e}")
+                    else f"cannot read image {path!r}: {e}"
                 )
                 raise image_io.UnreadableImageError(
                     f"{message} (training skips such images with data.skip_unreadable=True)"
